@@ -1,0 +1,215 @@
+"""Windowed two-pass attention: plain RoPE near, other positions far.
+
+Queries are taken in chunks of ``query_chunk`` rows.  For each chunk a
+*near* pass attends the plain-rotated keys within the window and a *far*
+pass attends the far-rotated keys beyond it; each pass returns its
+log-sum-exp and the two are merged exactly.  Memory is
+``O(query_chunk * keys)``, linear in the context length.
+
+The fused CPU and CUDA kernels that return log-sum-exp are used where they
+run; ``attend_eager`` is the portable fallback and the decode path.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+log = logging.getLogger(__name__)
+
+NEG_INF = float("-inf")
+
+
+@dataclass
+class AttentionPlan:
+    """Everything the attention layers need for one forward, built once per forward."""
+
+    window: int
+    query_pos: torch.Tensor  # [B, S] global token positions of the new tokens
+    key_pos: torch.Tensor  # [B, T] global token positions of every cached token
+    query_cos: torch.Tensor  # [B, S, D] far turn of the queries
+    query_sin: torch.Tensor
+    key_cos: torch.Tensor  # [B, T, D] far turn of the keys
+    key_sin: torch.Tensor
+    query_chunk: int = 1024
+    blocks: dict = field(default_factory=dict)  # (a, b) -> [KeyBlock], filled by the first layer
+
+    @property
+    def keys_sorted(self) -> bool:
+        k = self.key_pos
+        return k.shape[0] == 1 and bool((k[:, 1:] >= k[:, :-1]).all())
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def turn(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` ``[B, H, T, D]`` by per-token ``cos``/``sin`` ``[B, T, D]``."""
+    cos = cos.unsqueeze(1)
+    sin = sin.unsqueeze(1)
+    return x * cos + rotate_half(x) * sin
+
+
+def attend_eager(q, k, v, allowed, scale):
+    """Reference attention with log-sum-exp.
+
+    q: [B, H, S, D]; k, v: [B, H, T, D]; allowed: bool [B, 1|H, S, T].
+    Returns out [B, H, S, D] (0 for rows with no allowed key) and lse [B, H, S] (-inf there).
+    """
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, NEG_INF)
+    lse = torch.logsumexp(scores, dim=-1)
+    weights = torch.exp(scores - lse.unsqueeze(-1).masked_fill(torch.isinf(lse).unsqueeze(-1), 0.0))
+    if allowed is not None:
+        weights = weights.masked_fill(~allowed, 0.0)
+    out = torch.matmul(weights, v.float()).to(q.dtype)
+    return out, lse
+
+
+_fused_disabled: set[str] = set()
+
+
+def _attend_fused(q, k, v, allowed, scale):
+    mask = None
+    if allowed is not None:
+        mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, NEG_INF)
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=mask, scale=scale)[:2]
+    elif q.device.type == "cuda":
+        if mask is not None:
+            mask = mask.expand(q.shape[0], q.shape[1], -1, -1)
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+            q, k, v, mask, True, 0.0, False, scale=scale
+        )[:2]
+        lse = lse[..., : q.shape[-2]]
+    else:
+        raise NotImplementedError(q.device.type)
+    return out, lse.float()
+
+
+def attend(q, k, v, allowed, scale):
+    """Attention with log-sum-exp over the allowed pairs; rows with none give lse=-inf, out=0.
+
+    ``allowed=None`` means every pair is allowed (no mask is built)."""
+    device = q.device.type
+    if device not in _fused_disabled and q.shape[-2] > 1:
+        try:
+            out, lse = _attend_fused(q, k, v, allowed, scale)
+        except (RuntimeError, NotImplementedError) as err:  # kernel missing for this device/dtype
+            log.warning("fused attention with log-sum-exp unavailable on %s (%s); using the eager path", device, err)
+            _fused_disabled.add(device)
+            out, lse = attend_eager(q, k, v, allowed, scale)
+    else:
+        out, lse = attend_eager(q, k, v, allowed, scale)
+    if allowed is not None:
+        any_key = allowed.any(dim=-1)  # [B, 1|H, S]
+        lse = lse.masked_fill(~any_key, NEG_INF)
+        out = out.masked_fill(~any_key.unsqueeze(-1), 0.0)
+    return out, lse
+
+
+def merge(parts):
+    """Merge attention results over disjoint key sets by their log-sum-exps."""
+    lses = torch.stack([lse for _, lse in parts])  # [P, B, H, S]
+    total = torch.logsumexp(lses, dim=0)
+    safe_total = total.masked_fill(torch.isinf(total), 0.0)
+    out = None
+    for (o, lse) in parts:
+        w = torch.exp(lse - safe_total).unsqueeze(-1)
+        term = o.float() * w
+        out = term if out is None else out + term
+    return out, total
+
+
+@dataclass
+class KeyBlock:
+    """Keys ``[lo, hi)`` attended by one chunk of queries in one pass (near or far)."""
+
+    far: bool
+    lo: int
+    hi: int
+    allowed: torch.Tensor | None  # bool [B, C, hi - lo], None when every pair is allowed
+
+
+def _blocks_from_mask(mask: torch.Tensor, far: bool) -> list[KeyBlock]:
+    """A prefix of columns every row may see (no mask needed), then the rest up to the last allowed column."""
+    idx = mask.any(dim=1).any(dim=0).nonzero()
+    if idx.numel() == 0:
+        return []
+    lo, hi = int(idx[0]), int(idx[-1]) + 1
+    not_full = (~mask[:, :, lo:hi].all(dim=1).all(dim=0)).nonzero()
+    split = lo + (int(not_full[0]) if not_full.numel() else hi - lo)
+    blocks = []
+    if split > lo:
+        blocks.append(KeyBlock(far, lo, split, None))
+    if hi > split:
+        blocks.append(KeyBlock(far, split, hi, mask[:, :, split:hi]))
+    return blocks
+
+
+def chunk_blocks(plan: AttentionPlan, a: int, b: int) -> list[KeyBlock]:
+    """Key blocks for queries ``[a, b)``, shared by every layer of one forward.
+
+    With key positions in order (the usual case) only the band at the window's
+    edge gets a mask; otherwise masks are built over all keys."""
+    cached = plan.blocks.get((a, b))
+    if cached is not None:
+        return cached
+    qpos, kpos, W = plan.query_pos[:, a:b], plan.key_pos, plan.window
+    blocks: list[KeyBlock] = []
+    if plan.keys_sorted:
+        q_lo, q_hi = int(qpos.min()), int(qpos.max())
+        k = kpos[0]
+        # columns that can be near: q_lo - W < kpos <= q_hi ; far: kpos <= q_hi - W
+        near_lo = int(torch.searchsorted(k, q_lo - W + 1))
+        near_hi = int(torch.searchsorted(k, q_hi, right=True))
+        far_hi = int(torch.searchsorted(k, q_hi - W, right=True))
+        far_full = int(torch.searchsorted(k, q_lo - W, right=True))  # far for every query of the chunk
+        if far_full > 0:
+            blocks.append(KeyBlock(True, 0, far_full, None))
+        if far_hi > far_full:
+            dist = qpos[:, :, None] - kpos[:, None, far_full:far_hi]
+            blocks.append(KeyBlock(True, far_full, far_hi, dist >= W))
+        if near_hi > near_lo:
+            dist = qpos[:, :, None] - kpos[:, None, near_lo:near_hi]
+            blocks.append(KeyBlock(False, near_lo, near_hi, (dist >= 0) & (dist < W)))
+    else:
+        dist = qpos[:, :, None] - kpos[:, None, :]
+        blocks = _blocks_from_mask((dist >= 0) & (dist < W), False) + _blocks_from_mask(dist >= W, True)
+    plan.blocks[(a, b)] = blocks
+    return blocks
+
+
+def windowed_attention(query, key, value, plan: AttentionPlan, scale: float) -> torch.Tensor:
+    """Attention output ``[B, S, Hq, D]`` for plain-rotated ``query`` ``[B, Hq, S, D]``,
+    ``key``/``value`` ``[B, Hkv, T, D]``: plain scores within ``plan.window``, far scores beyond."""
+    B, Hq, S, D = query.shape
+    Hkv = key.shape[1]
+    G = Hq // Hkv
+    far_key = turn(key, plan.key_cos, plan.key_sin)
+    far_query = turn(query, plan.query_cos, plan.query_sin)
+    out = torch.empty(B, Hq, S, D, dtype=query.dtype, device=query.device)
+    chunk = max(1, plan.query_chunk // G)
+    for a in range(0, S, chunk):
+        b = min(S, a + chunk)
+        C = b - a
+        # grouped-query attention: the G query heads sharing a key head become rows
+        near_q = query[:, :, a:b].reshape(B, Hkv, G * C, D)
+        far_q = far_query[:, :, a:b].reshape(B, Hkv, G * C, D)
+        parts = []
+        for block in chunk_blocks(plan, a, b):
+            mask = None
+            if block.allowed is not None:
+                mask = block.allowed[:, None].expand(B, G, C, block.hi - block.lo).reshape(B, 1, G * C, -1)
+            q, k = (far_q, far_key) if block.far else (near_q, key)
+            parts.append(attend(q, k[:, :, block.lo : block.hi], value[:, :, block.lo : block.hi], mask, scale))
+        if not parts:
+            raise ValueError("a query has no key to attend to: positions must let every token see itself")
+        merged, _ = merge(parts)
+        out[:, :, a:b] = merged.reshape(B, Hq, C, D).to(query.dtype)
+    return out.transpose(1, 2).contiguous()

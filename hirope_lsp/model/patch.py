@@ -1,0 +1,211 @@
+"""Attach a position method (HiRoPE and the ones it is compared with) to a loaded transformers causal LM.
+
+The model keeps its own rotary module: it rotates queries and keys by the
+global token position exactly as unpatched, and its KV cache stores those
+plain-rotated keys.  The patch swaps only the attention function: far
+(query, key) pairs are turned from the plain rotation to the method's far
+positions at attention time (rotations compose), so the cache can be cut
+back and extended freely and both kinds of score are formed at decode time
+without recomputing the prompt.
+
+    handle = attach(model, RopeMethodConfig(method="hirope", window=512))
+    out = handle.forward(input_ids, positions, past_key_values=cache)
+    handle.detach()
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from .attention import AttentionPlan, windowed_attention
+from .rope import (
+    WINDOW_METHODS,
+    RopeMethodConfig,
+    default_window,
+    delta_rotation,
+    far_positions,
+    theory_split,
+)
+
+ATTN_NAME = "hirope"
+
+
+
+def _hirope_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    plan: AttentionPlan | None = kwargs.get("hirope_plan")
+    if plan is None:
+        raise RuntimeError(
+            "this model has a HiRoPE-style patch attached: call it through the handle's forward() "
+            "(or pass hirope_plan=...) so every token has its hierarchical position"
+        )
+    if scaling is None:
+        scaling = module.head_dim**-0.5
+    return windowed_attention(query, key, value, plan, scaling), None
+
+
+def _no_mask(*args, attention_mask=None, **kwargs):
+    if attention_mask is not None and attention_mask.dtype == torch.bool and not bool(attention_mask.all()):
+        raise ValueError("HiRoPE attention does not support padding masks; run one sequence per batch row without padding")
+    return None
+
+
+AttentionInterface.register(ATTN_NAME, _hirope_attention)
+AttentionMaskInterface.register(ATTN_NAME, _no_mask)
+
+
+def find_rotary(model) -> torch.nn.Module:
+    """The model's shared rotary embedding module (one per model in transformers 5)."""
+    found = [m for name, m in model.named_modules() if name.endswith("rotary_emb") and hasattr(m, "inv_freq")]
+    if not found:
+        kind = getattr(model.config, "model_type", type(model).__name__)
+        raise ValueError(f"model {kind!r} has no rotary position embedding (no rotary_emb with inv_freq); HiRoPE needs RoPE")
+    if len(found) > 1:
+        raise ValueError("model has several rotary embedding modules (per-layer RoPE); not supported")
+    return found[0]
+
+
+def trained_length(config) -> int:
+    params = getattr(config, "rope_parameters", None) or {}
+    return int(params.get("original_max_position_embeddings") or config.max_position_embeddings)
+
+
+class PositionHandle:
+    """A position method attached to a model: ``forward`` with hierarchical positions, ``detach``."""
+
+    def __init__(self, model, cfg: RopeMethodConfig):
+        cfg.validate()
+        self.model = model
+        self.cfg = cfg
+        self.rotary = find_rotary(model)
+        inv_freq = self.rotary.inv_freq
+        head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
+        if inv_freq.numel() * 2 != head_dim:
+            raise ValueError(
+                f"partial rotary embeddings ({inv_freq.numel() * 2} of {head_dim} channels) are not supported"
+            )
+        self.num_pairs = inv_freq.numel()
+        self.train_length = cfg.train_length or trained_length(model.config)
+        base = float((model.config.rope_parameters or {}).get("rope_theta", 10000.0))
+        self.base = base
+        self.split = cfg.split if cfg.split is not None else theory_split(base, self.train_length)
+        self.window = cfg.window if cfg.window is not None else default_window(self.train_length)
+        self._saved_attn = model.config._attn_implementation
+        self._saved_inv_freq = inv_freq.detach().clone()
+        self._saved_scaling = getattr(self.rotary, "attention_scaling", 1.0)
+        self.attached = True
+        if cfg.method in WINDOW_METHODS:
+            model.set_attn_implementation(ATTN_NAME)
+        elif cfg.method in ("ntk", "yarn"):
+            self._rescale(cfg.factor or 1.0)
+
+    @property
+    def windowed(self) -> bool:
+        return self.cfg.method in WINDOW_METHODS
+
+    def _rescale(self, factor: float) -> None:
+        """Static NTK-aware base change, or YaRN through transformers' own init function."""
+        if factor <= 1.0:
+            inv_freq, scaling = self._saved_inv_freq, self._saved_scaling
+        elif self.cfg.method in ("ntk", "dynamic-ntk"):
+            d = 2 * self.num_pairs
+            base = self.base * factor ** (d / (d - 2))
+            idx = torch.arange(0, d, 2, dtype=torch.float64, device=self._saved_inv_freq.device) / d
+            inv_freq, scaling = (1.0 / base**idx).float(), self._saved_scaling
+        else:
+            conf = copy.deepcopy(self.model.config)
+            conf.rope_parameters = dict(conf.rope_parameters or {})
+            conf.rope_parameters.update(
+                rope_type="yarn", factor=float(factor), original_max_position_embeddings=self.train_length
+            )
+            inv_freq, scaling = ROPE_INIT_FUNCTIONS["yarn"](conf, self._saved_inv_freq.device)
+        self.rotary.inv_freq.copy_(inv_freq.to(self.rotary.inv_freq.dtype))
+        self.rotary.attention_scaling = scaling
+
+    def plan(self, positions: torch.Tensor, new_tokens: int) -> AttentionPlan:
+        dtype = next(self.model.parameters()).dtype
+        return make_plan(self.cfg, positions, new_tokens, self.rotary.inv_freq, self.split, self.window, dtype)
+
+    def check_positions(self, input_ids: torch.Tensor, positions: torch.Tensor, past: int) -> None:
+        if positions.dim() != 3:
+            raise ValueError(f"positions must be [batch, tokens, levels], got shape {tuple(positions.shape)}")
+        B, S = input_ids.shape
+        if positions.shape[0] != B or positions.shape[1] != past + S:
+            raise ValueError(
+                f"positions cover {positions.shape[1]} tokens of batch {positions.shape[0]}, but the cache holds "
+                f"{past} and the input adds {S} (batch {B}): give one position per cached and new token"
+            )
+        if self.cfg.method == "hirope" and positions.shape[-1] != self.cfg.levels:
+            raise ValueError(f"positions have {positions.shape[-1]} levels, the configuration says {self.cfg.levels}")
+        if positions.dtype.is_floating_point:
+            raise ValueError("positions must be integers")
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, past_key_values=None, **kwargs):
+        """Run the model on ``input_ids`` ``[B, S]`` whose positions (with the cached ones before) are ``positions``."""
+        if not self.attached:
+            raise RuntimeError("this handle was detached")
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        positions = positions.to(input_ids.device)
+        self.check_positions(input_ids, positions, past)
+        S = input_ids.shape[1]
+        if self.cfg.method == "dynamic-ntk":
+            self._rescale(max(1.0, positions.shape[1] / self.train_length))
+        if self.windowed:
+            kwargs["hirope_plan"] = self.plan(positions, S)
+        return self.model(
+            input_ids=input_ids,
+            position_ids=positions[:, -S:, -1],
+            past_key_values=past_key_values,
+            **kwargs,
+        )
+
+    __call__ = forward
+
+    def detach(self) -> None:
+        if not self.attached:
+            return
+        self.model.set_attn_implementation(self._saved_attn)
+        self.rotary.inv_freq.copy_(self._saved_inv_freq)
+        self.rotary.attention_scaling = self._saved_scaling
+        self.attached = False
+
+
+def make_plan(cfg: RopeMethodConfig, positions: torch.Tensor, new_tokens: int, inv_freq: torch.Tensor,
+              split: float, window: int, dtype: torch.dtype) -> AttentionPlan:
+    """Attention plan for ``positions`` ``[B, T, levels]`` of which the last ``new_tokens`` are queries."""
+    token = positions[..., -1]
+    far = far_positions(cfg, positions, inv_freq.numel(), split, window)
+    kc, ks = delta_rotation(far.key, token, inv_freq, dtype)
+    qc, qs = delta_rotation(far.query[:, -new_tokens:], token[:, -new_tokens:], inv_freq, dtype)
+    return AttentionPlan(
+        window=window,
+        query_pos=token[:, -new_tokens:],
+        key_pos=token,
+        query_cos=qc,
+        query_sin=qs,
+        key_cos=kc,
+        key_sin=ks,
+        query_chunk=cfg.query_chunk,
+    )
+
+
+def attach(model, cfg: RopeMethodConfig | None = None, **overrides) -> PositionHandle:
+    """Attach a position method to ``model`` (``RopeMethodConfig`` fields as keywords also work)."""
+    cfg = cfg or RopeMethodConfig()
+    if overrides:
+        cfg = copy.replace(cfg, **overrides) if hasattr(copy, "replace") else RopeMethodConfig(**{**cfg.__dict__, **overrides})
+    return PositionHandle(model, cfg)
+
+
+def truncate_cache(cache, length: int) -> None:
+    """Cut ``cache`` back to its first ``length`` tokens."""
+    current = cache.get_seq_length()
+    if length < 0 or length > current:
+        raise ValueError(f"cannot cut a cache of {current} tokens to {length}")
+    if length < current:
+        cache.crop(length - current)
+

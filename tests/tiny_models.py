@@ -1,0 +1,32 @@
+"""Tiny random causal LMs of each supported family, built from config (no download)."""
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+FAMILIES = {
+    "llama": LlamaConfig,
+    "qwen2": Qwen2Config,
+    "qwen3": Qwen3Config,
+    "mistral": MistralConfig,
+}
+
+
+def tiny_model(family: str = "llama", *, train_length: int = 64, seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    kwargs = dict(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=train_length,
+        rope_theta=10000.0,
+    )
+    if family == "mistral":
+        kwargs["sliding_window"] = None
+    kwargs.update(overrides)
+    config = FAMILIES[family](**kwargs)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    return model
