@@ -1,0 +1,157 @@
+import random
+import re
+
+import numpy as np
+import pytest
+
+from hirope_lsp.hierarchy.document import Change, Document
+from hirope_lsp.hierarchy.units import build_units, extract_definitions, unit_of_offsets
+
+PYTHON_SOURCE = '''import os\r\n
+X = "héllo wörld"
+
+@decorator
+class Shape:
+    """A shape. 形状"""
+
+    def area(self):
+        return 0  # 😀
+
+    def name(self):
+        def inner():
+            return "名前"
+        return inner()
+
+
+def main(argv):
+    for a in argv:
+        print(a)
+'''
+
+SNIPPETS = ["def f(x):\n    return x\n", "class K:\n    pass\n", "    ", "\n", "\r\n", "\r", "😀", "形状", "é", "(", ")",
+            ":", "x = 1", "# comment 🚀\n", "'''", "if a:\n        b\n", "\t", "", "lambda: 0", "async def g():\n    await h()\n"]
+
+
+def lsp_position(text: str, offset: int, encoding: str) -> tuple[int, int]:
+    """Reference conversion, written independently of Document: split lines the LSP way, count code units."""
+    lines = re.split(r"(?<=\r\n)|(?<=\r)(?!\n)|(?<=\n)", text)
+    line, start = 0, 0
+    for i, piece in enumerate(lines):
+        if start + len(piece) > offset or i == len(lines) - 1:
+            line = i
+            break
+        start += len(piece)
+    prefix = text[start:offset]
+    if encoding == "utf-16":
+        return line, len(prefix.encode("utf-16-le")) // 2
+    if encoding == "utf-8":
+        return line, len(prefix.encode("utf-8"))
+    return line, len(prefix)
+
+
+def random_change(rng: random.Random, text: str, encoding: str) -> tuple[str, Change]:
+    a = rng.randrange(0, len(text) + 1)
+    b = min(len(text), a + rng.choice([0, 0, 1, 2, 5, 20]))
+    if rng.random() < 0.1:
+        a = b = rng.choice([0, len(text)])  # file start and end
+    # never split a CRLF pair's second half from the first in the *client's* view: LSP positions cannot point there
+    if 0 < a < len(text) and text[a - 1] == "\r" and text[a] == "\n":
+        a -= 1
+    if 0 < b < len(text) and text[b - 1] == "\r" and text[b] == "\n":
+        b += 1
+    new = "".join(rng.choice(SNIPPETS) for _ in range(rng.choice([0, 1, 1, 2])))
+    change = Change(new, (lsp_position(text, a, encoding), lsp_position(text, b, encoding)))
+    return text[:a] + new + text[b:], change
+
+
+def assert_matches_fresh(doc: Document, client_text: str) -> None:
+    assert doc.text == client_text
+    assert doc.source == client_text.encode("utf-8")
+    fresh = Document(doc.uri, client_text, language_id=doc.language, encoding=doc.encoding)
+    np.testing.assert_array_equal(doc.line_char, fresh.line_char)
+    np.testing.assert_array_equal(doc.line_byte, fresh.line_byte)
+    if fresh.tree is not None:
+        assert str(doc.tree.root_node) == str(fresh.tree.root_node)
+        scratch = extract_definitions(fresh.grammar, fresh.tree)
+        assert doc.definitions == scratch
+        assert doc.units == build_units(scratch, fresh.source)
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-8", "utf-32"])
+def test_random_edits_keep_text_tree_and_units_current(encoding):
+    rng = random.Random(hash(encoding) % 1000)
+    client = PYTHON_SOURCE
+    doc = Document("file:///w/shape.py", client, version=0, language_id="python", encoding=encoding)
+    edits = 0
+    for version in range(1, 700):
+        changes = []
+        for _ in range(rng.choice([1, 1, 1, 2, 3])):  # multi-change notifications, applied in order
+            client, change = random_change(rng, client, encoding)
+            changes.append(change)
+        doc.apply_changes(changes, version)
+        edits += len(changes)
+        assert doc.version == version
+        assert_matches_fresh(doc, client)
+    assert edits >= 1000
+
+
+@pytest.mark.parametrize("language,source", [
+    ("javascript", "function f(a) {\n  return a;\n}\nclass C {\n  m() { return 1; }\n}\nconst g = () => 2;\n"),
+    ("typescript", "interface I { x: number }\nexport function f(a: I): number {\n  return a.x;\n}\nclass C {\n  m(): void {}\n}\n"),
+    ("c", "#include <stdio.h>\nstruct S { int x; };\nint main(void) {\n  return 0;\n}\n"),
+    ("go", "package main\n\nfunc main() {\n}\n\ntype T struct{}\n\nfunc (t T) M() {}\n"),
+    ("rust", "mod m {\n    pub fn f() {}\n}\nimpl S {\n    fn g(&self) {}\n}\n"),
+])
+def test_random_edits_in_other_languages(language, source):
+    rng = random.Random(7)
+    client = source
+    doc = Document(f"file:///w/x.{language}", client, language_id=language)
+    assert doc.definitions, f"{language}: the tags query finds definitions"
+    for version in range(1, 300):
+        client, change = random_change(rng, client, "utf-16")
+        doc.apply_changes([change], version)
+        assert_matches_fresh(doc, client)
+
+
+def test_full_text_change_replaces_everything():
+    doc = Document("file:///w/a.py", "x = 1\n", language_id="python")
+    doc.apply_changes([Change("def f():\n    pass\n")], 5)
+    assert doc.text == "def f():\n    pass\n" and doc.version == 5
+    assert [d.name for d in doc.definitions] == ["f"]
+
+
+def test_positions_past_the_end_clamp():
+    doc = Document("file:///w/a.py", "ab\ncd", language_id="python")
+    assert doc.offset_at(0, 99) == (2, 2)
+    assert doc.offset_at(99, 0) == (5, 5)
+    with pytest.raises(ValueError):
+        doc.offset_at(-1, 0)
+
+
+def test_units_and_offsets():
+    doc = Document("file:///w/shape.py", PYTHON_SOURCE, language_id="python")
+    names = [d.name for d in doc.definitions]
+    assert names == ["Shape", "area", "name", "inner", "main"]
+    units = doc.units
+    # module code, class header, area, (blank lines join the next unit) name, inner, rest of name, main
+    owners = [doc.definitions[u.owner].name if u.owner >= 0 else "<module>" for u in units]
+    assert owners == ["<module>", "Shape", "area", "name", "inner", "name", "main"]
+    assert [u.top for u in units] == [0, 1, 1, 1, 1, 1, 2]
+    starts = [u.start for u in units]
+    assert starts == sorted(starts)
+    main_at = doc.source.index(b"def main")
+    assert unit_of_offsets(units, [0, main_at, len(doc.source) - 1]) == [0, 6, 6]
+    # decorators belong to their definition
+    assert doc.source[units[1].start:].lstrip().startswith(b"@decorator")
+
+
+def test_plain_text_has_no_units():
+    doc = Document("file:///w/notes.txt", "hello\nworld\n")
+    assert doc.tree is None and doc.units is None and doc.unit_of_bytes([0]) is None
+
+
+def test_oversized_document_is_plain_text():
+    doc = Document("file:///w/big.py", "x = 1\n" * 100, language_id="python", max_parse_bytes=100)
+    assert doc.tree is None and doc.units is None
+    doc.apply_changes([Change("y", ((0, 0), (0, 1)))], 1)
+    assert doc.text.startswith("y = 1")
