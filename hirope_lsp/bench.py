@@ -79,3 +79,107 @@ if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "attention-child":
         method, length, repeats, device = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
         print(json.dumps(_attention_child(method, length, repeats, device)))
+
+
+def _rss_mib() -> float:
+    import os
+
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _ten_thousand_lines(lines: int) -> str:
+    """Real code: standard library modules concatenated up to ``lines`` lines."""
+    from .train import stdlib_files
+
+    parts, count = [], 0
+    for path in stdlib_files():
+        if path.parent.name in ("test", "tests"):
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        parts.append(text)
+        count += text.count("\n")
+        if count >= lines:
+            break
+    return "".join(parts)[: sum(len(p) for p in parts)]
+
+
+def bench_hierarchy(lines: int = 10000, keystrokes: int = 300, index_root=None) -> dict:
+    import statistics
+    import sysconfig
+    from pathlib import Path
+
+    from .hierarchy.document import Change, Document
+    from .workspace.files import FilePolicy
+    from .workspace.index import WorkspaceIndex
+
+    text = _ten_thousand_lines(lines)
+    text = "\n".join(text.split("\n")[:lines]) + "\n"
+    doc = Document("file:///bench/big.py", text, language_id="python")
+    # type statements inside the function in the middle of the file, character by character, as a user does
+    line = doc.line_count // 2
+    while not doc.line_text(line).strip():
+        line += 1
+    content = doc.line_text(line)
+    indent = content[: len(content) - len(content.lstrip())]
+    typed = "".join(f"\n{indent}value_{k} = compute(alpha, beta[{k}])  # typed" for k in range(20))
+    times, catch_up, full = [], [], []
+    ln, col = line, len(content)
+    for i in range(keystrokes):
+        ch = typed[i % len(typed)]
+        start = time.perf_counter()
+        doc.apply_changes([Change(ch, ((ln, col), (ln, col)))], i + 1)
+        times.append(time.perf_counter() - start)
+        ln, col = (ln + 1, 0) if ch == "\n" else (ln, col + 1)
+        if i % 5 == 4:  # a completion request reads the hierarchy (editors debounce ~200 ms: several keys)
+            start = time.perf_counter()
+            doc.units
+            catch_up.append(time.perf_counter() - start)
+        if i % 10 == 0:
+            start = time.perf_counter()
+            Document("file:///bench/full.py", doc.text, language_id="python").units
+            full.append(time.perf_counter() - start)
+    ms = lambda xs: statistics.median(xs) * 1000  # noqa: E731
+    keystroke = {
+        "lines": doc.line_count,
+        "bytes": len(doc.source),
+        "keystrokes": keystrokes,
+        "median_ms": ms(times),
+        "p95_ms": sorted(times)[int(0.95 * len(times))] * 1000,
+        "catch_up_median_ms": ms(catch_up),
+        "catch_up_p95_ms": sorted(catch_up)[int(0.95 * len(catch_up))] * 1000,
+        "full_parse_median_ms": ms(full),
+        "units": len(doc.units),
+    }
+    keystroke["catch_up_speedup_vs_full"] = keystroke["full_parse_median_ms"] / keystroke["catch_up_median_ms"]
+    print(f"{keystroke['lines']}-line file, {keystrokes} keystrokes typed in a function body:\n"
+          f"  keystroke (text, lines, tree edit): median {keystroke['median_ms']:.3f} ms, p95 {keystroke['p95_ms']:.3f} ms\n"
+          f"  catch-up at a request every 5 keys (incremental reparse, definitions, units): median "
+          f"{keystroke['catch_up_median_ms']:.2f} ms, p95 {keystroke['catch_up_p95_ms']:.2f} ms\n"
+          f"  full parse + definitions + units: median {keystroke['full_parse_median_ms']:.1f} ms "
+          f"({keystroke['catch_up_speedup_vs_full']:.0f}x the catch-up)", flush=True)
+
+    root = Path(index_root) if index_root else Path(sysconfig.get_paths()["stdlib"])
+    rss_before = _rss_mib()
+    start = time.perf_counter()
+    policy = FilePolicy(exclude=("site-packages/", "dist-packages/") if index_root is None else ())
+    index = WorkspaceIndex([root], policy)
+    files = index.scan()
+    seconds = time.perf_counter() - start
+    rss_after = _rss_mib()
+    indexing = {
+        "root": str(root),
+        "files": files,
+        "symbols": index.symbol_count(),
+        "seconds": seconds,
+        "rss_mib": rss_after,
+        "rss_growth_mib": rss_after - rss_before,
+        "kib_per_file": (rss_after - rss_before) * 1024 / max(1, files),
+    }
+    print(f"indexed {files} files ({indexing['symbols']} symbols) under {root} in {seconds:.1f} s; "
+          f"process RSS {rss_after:.0f} MiB (+{indexing['rss_growth_mib']:.0f} MiB, "
+          f"{indexing['kib_per_file']:.1f} KiB per file)", flush=True)
+    return {"keystroke": keystroke, "indexing": indexing}

@@ -72,6 +72,8 @@ def assert_matches_fresh(doc: Document, client_text: str) -> None:
     np.testing.assert_array_equal(doc.line_byte, fresh.line_byte)
     if fresh.tree is not None:
         assert str(doc.tree.root_node) == str(fresh.tree.root_node)
+        points = lambda tree: [(n.start_point, n.end_point) for n in tree.root_node.children]  # noqa: E731
+        assert points(doc.tree) == points(fresh.tree)
         scratch = extract_definitions(fresh.grammar, fresh.tree)
         assert doc.definitions == scratch
         assert doc.units == build_units(scratch, fresh.source)
@@ -111,6 +113,20 @@ def test_random_edits_in_other_languages(language, source):
         client, change = random_change(rng, client, "utf-16")
         doc.apply_changes([change], version)
         assert_matches_fresh(doc, client)
+
+
+def test_several_notifications_between_reads_catch_up_at_once():
+    rng = random.Random(11)
+    client = PYTHON_SOURCE.replace("\n", "\r", 3)  # lone CRs too
+    doc = Document("file:///w/shape.py", client, language_id="python")
+    for version in range(1, 400):
+        client, change = random_change(rng, client, "utf-16")
+        doc.apply_changes([change], version)
+        assert doc.text == client
+        if version % 7 == 0:
+            assert doc.stale
+            assert_matches_fresh(doc, client)
+            assert not doc.stale
 
 
 def test_full_text_change_replaces_everything():

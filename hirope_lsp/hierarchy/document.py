@@ -15,6 +15,7 @@ from .units import Definition, Unit, build_units, extract_definitions, unit_of_o
 log = logging.getLogger(__name__)
 
 LINE_BREAK = re.compile(r"\r\n|\r|\n")
+LONE_CR = re.compile(r"\r(?!\n)")
 ENCODINGS = ("utf-16", "utf-8", "utf-32")
 MAX_PARSE_BYTES = 8 * 1024 * 1024
 
@@ -51,9 +52,10 @@ class Document:
         self.max_parse_bytes = max_parse_bytes
         self.grammar: Grammar | None = None
         self._parser = None
-        self.tree = None
-        self.definitions: list[Definition] = []
+        self._tree = None
+        self._definitions: list[Definition] = []
         self._units: list[Unit] | None = None
+        self._pending_edits: list[tuple[int, int, int]] = []  # (start, old_end, new_end) bytes, not yet parsed
         self._set_text(text)
 
     # ---- text and line tables ----
@@ -65,6 +67,7 @@ class Document:
         self.line_char = np.array(starts, dtype=np.int64)
         self.line_byte = np.array([len(text[:s].encode("utf-8")) for s in starts] if not text.isascii() else starts,
                                   dtype=np.int64)
+        self._lone_cr = bool(LONE_CR.search(text))
         self._full_parse()
 
     @property
@@ -113,12 +116,11 @@ class Document:
     # ---- edits ----
 
     def apply_changes(self, changes: list[Change], version: int | None = None) -> None:
-        """Apply LSP content changes in order, then reparse incrementally once."""
-        dirty: tuple[int, int] | None = None
+        """Apply LSP content changes in order.  The text is current at once; the tree and the
+        definitions catch up (one incremental reparse for all pending edits) when next read."""
         for change in changes:
             if change.range is None:
                 self._set_text(change.text)
-                dirty = None
                 continue
             (sl, sc), (el, ec) = change.range
             start_char, start_byte = self.offset_at(sl, sc)
@@ -126,16 +128,8 @@ class Document:
             if end_char < start_char:
                 raise ValueError(f"change range ends before it starts: {change.range}")
             self._splice(start_char, end_char, start_byte, end_byte, change.text)
-            new_end = start_byte + len(change.text.encode("utf-8"))
-            delta = new_end - end_byte
-            dirty = _map_dirty(dirty, start_byte, end_byte, new_end)
-            dropped = self._shift_definitions(start_byte, end_byte, delta)
-            if dropped is not None:
-                dirty = (min(dirty[0], dropped[0]), max(dirty[1], dropped[1]))
         if version is not None:
             self.version = version
-        if dirty is not None:
-            self._reparse(dirty)
 
     def _splice(self, s: int, e: int, sb: int, eb: int, new: str) -> None:
         old_text = self.text
@@ -164,22 +158,34 @@ class Document:
                                          self.line_char[tail:] + delta_char])
         self.line_byte = np.concatenate([self.line_byte[:ls], np.array(bstarts, dtype=np.int64),
                                          self.line_byte[tail:] + delta_byte])
-        if self.tree is not None:
-            self.tree.edit(
-                start_byte=sb, old_end_byte=eb, new_end_byte=sb + len(new_bytes),
-                start_point=_point(self.source, sb), old_end_point=_point(self.source, eb),
-                new_end_point=_point(source, sb + len(new_bytes)),
-            )
+        if self._tree is not None:
+            old_start, old_end = self._point(sb), self._point(eb)
+        if "\r" in new or "\r" in old_text[max(0, s - 1) : e + 1]:
+            self._lone_cr = bool(LONE_CR.search(text))
         self.text, self.source = text, source
         self._units = None
+        if self._tree is not None:
+            new_end = sb + len(new_bytes)
+            self._tree.edit(start_byte=sb, old_end_byte=eb, new_end_byte=new_end,
+                            start_point=old_start, old_end_point=old_end, new_end_point=self._point(new_end))
+            self._pending_edits.append((sb, eb, new_end))
+
+    def _point(self, byte: int) -> tuple[int, int]:
+        """Tree-sitter point (rows counted by LF only) of a byte offset in the current source."""
+        if self._lone_cr:
+            row = self.source.count(b"\n", 0, byte)
+            return row, byte - (self.source.rfind(b"\n", 0, byte) + 1)
+        line = int(np.searchsorted(self.line_byte, byte, side="right")) - 1
+        return line, byte - int(self.line_byte[line])
 
     # ---- syntax ----
 
     def _full_parse(self) -> None:
         self._units = None
+        self._pending_edits = []
         self.grammar = grammar(self.language) if self.language else None
-        self.tree = None
-        self.definitions = []
+        self._tree = None
+        self._definitions = []
         if self.grammar is None:
             return
         if len(self.source) > self.max_parse_bytes:
@@ -188,30 +194,56 @@ class Document:
             self.grammar = None
             return
         self._parser = self.grammar.parser()
-        self.tree = self._parser.parse(self.source)
-        self.definitions = extract_definitions(self.grammar, self.tree)
+        self._tree = self._parser.parse(self.source)
+        self._definitions = extract_definitions(self.grammar, self._tree)
 
-    def _reparse(self, dirty: tuple[int, int]) -> None:
-        if self.grammar is None:
+    @property
+    def tree(self):
+        """The syntax tree of the current text (None for plain text)."""
+        self._catch_up()
+        return self._tree
+
+    @property
+    def definitions(self) -> list[Definition]:
+        self._catch_up()
+        return self._definitions
+
+    @property
+    def stale(self) -> bool:
+        return bool(self._pending_edits)
+
+    def _catch_up(self) -> None:
+        if not self._pending_edits:
             return
+        edits, self._pending_edits = self._pending_edits, []
         if len(self.source) > self.max_parse_bytes:
+            log.warning("%s grew over the parse limit; plain text from now on", self.uri)
             self._full_parse()
             return
-        old_tree = self.tree
-        self.tree = self._parser.parse(self.source, old_tree)
+        dirty: tuple[int, int] | None = None
+        for start, old_end, new_end in edits:
+            dirty = _map_dirty(dirty, start, old_end, new_end)
+            dropped = self._shift_definitions(start, old_end, new_end - old_end)
+            if dropped is not None:
+                dirty = (min(dirty[0], dropped[0]), max(dirty[1], dropped[1]))
+        self._reparse(dirty)
+
+    def _reparse(self, dirty: tuple[int, int]) -> None:
+        old_tree = self._tree
+        self._tree = self._parser.parse(self.source, old_tree)
         lo, hi = dirty
-        for r in old_tree.changed_ranges(self.tree):
+        for r in old_tree.changed_ranges(self._tree):
             lo, hi = min(lo, r.start_byte), max(hi, r.end_byte)
         lo, hi = self._top_level_span(lo, hi)
-        keep_before = [d for d in self.definitions if d.end <= lo]
-        keep_after = [d for d in self.definitions if d.start >= hi]
-        fresh = extract_definitions(self.grammar, self.tree, lo, hi)
-        self.definitions = keep_before + fresh + keep_after
+        keep_before = [d for d in self._definitions if d.end <= lo]
+        keep_after = [d for d in self._definitions if d.start >= hi]
+        fresh = extract_definitions(self.grammar, self._tree, lo, hi)
+        self._definitions = keep_before + fresh + keep_after
         self._units = None
 
     def _top_level_span(self, lo: int, hi: int) -> tuple[int, int]:
         """Widen [lo, hi) to whole top-level nodes, the scope in which definitions can have changed."""
-        cursor = self.tree.root_node.walk()
+        cursor = self._tree.root_node.walk()
         if cursor.goto_first_child_for_byte(lo) is None:
             return lo, hi
         new_lo, new_hi = min(lo, cursor.node.start_byte), hi
@@ -233,7 +265,7 @@ class Document:
             else:
                 end = d.end + delta if d.end >= old_end else old_end + delta
                 dropped = (d.start, end) if dropped is None else (min(dropped[0], d.start), max(dropped[1], end))
-        self.definitions = kept
+        self._definitions = kept
         return dropped
 
     # ---- hierarchy ----
@@ -244,17 +276,12 @@ class Document:
         if self.tree is None:
             return None
         if self._units is None:
-            self._units = build_units(self.definitions, self.source)
+            self._units = build_units(self._definitions, self.source)
         return self._units
 
     def unit_of_bytes(self, offsets: list[int]) -> list[int] | None:
         units = self.units
         return None if units is None else unit_of_offsets(units, offsets)
-
-
-def _point(source: bytes, byte: int) -> tuple[int, int]:
-    row = source.count(b"\n", 0, byte)
-    return row, byte - (source.rfind(b"\n", 0, byte) + 1)
 
 
 def _map_dirty(dirty, start: int, old_end: int, new_end: int):
