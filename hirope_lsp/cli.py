@@ -68,7 +68,97 @@ def _run_bench(args) -> int:
     return 0
 
 
-COMMANDS = {"train": (_add_train, _run_train), "bench": (_add_bench, _run_bench)}
+def _add_model_options(p) -> None:
+    p.add_argument("--model", default=None, help="model directory or hub id (default: the embedded model)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code")
+    p.add_argument("--allow-download", action="store_true", help="fetch a hub model id that is not cached")
+    p.add_argument("--method", default="hirope", help="position method: rope, hirope, hirope-fixed, rerope, ...")
+    p.add_argument("--budget", type=int, default=None, help="prompt budget in tokens")
+
+
+def _settings_from(args):
+    from .config import Settings
+
+    settings = Settings()
+    settings.engine.model = args.model
+    settings.engine.device = args.device
+    settings.engine.dtype = args.dtype
+    settings.engine.trust_remote_code = args.trust_remote_code
+    settings.engine.allow_download = args.allow_download
+    settings.engine.rope.method = args.method
+    if args.budget:
+        settings.context.budget_tokens = args.budget
+    settings.engine.rope.validate()
+    return settings
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="run the language server (stdio unless --tcp)")
+    p.add_argument("--tcp", default=None, metavar="HOST:PORT")
+    _add_model_options(p)
+
+
+def _run_serve(args) -> int:
+    from .server import serve
+
+    serve(args.tcp, _settings_from(args))
+    return 0
+
+
+def _add_complete(sub) -> None:
+    p = sub.add_parser("complete", help="print the completion at a point of a file")
+    p.add_argument("file", type=Path)
+    p.add_argument("--line", type=int, required=True, help="0-based line")
+    p.add_argument("--character", type=int, required=True, help="0-based column (UTF-16 units, as LSP)")
+    p.add_argument("--workspace", type=Path, default=None, help="folder for cross-file context (default: the file's)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--multiline", default="auto", choices=["auto", "always", "never"])
+    _add_model_options(p)
+
+
+def _run_complete(args) -> int:
+    from .completion.context import PromptBuilder
+    from .completion.service import CompletionService
+    from .hierarchy.document import Document
+    from .hierarchy.languages import language_for_path
+    from .model.engine import Engine
+    from .model.loading import ModelLoadError
+    from .workspace.index import WorkspaceIndex
+
+    path = args.file.resolve()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        print(f"hirope-lsp: cannot read {args.file}: {err}", file=sys.stderr)
+        return 2
+    settings = _settings_from(args)
+    try:
+        engine = Engine(settings.engine)
+    except ModelLoadError as err:
+        print(f"hirope-lsp: {err}", file=sys.stderr)
+        return 2
+    index = WorkspaceIndex([args.workspace or path.parent])
+    index.scan()
+    doc = Document(path.as_uri(), text, 0, language_for_path(path))
+    index.open_document(doc)
+    service = CompletionService(engine, index, PromptBuilder(engine.tokenizer, engine.fim, settings.context),
+                                args.max_new_tokens, args.multiline)
+    try:
+        result = service.complete(doc, args.line, args.character)
+    except ValueError as err:
+        print(f"hirope-lsp: {err}", file=sys.stderr)
+        return 2
+    gen = result.generation
+    print(result.text)
+    print(f"[{engine.description}; prompt {len(result.job.prompt.token_ids)} tokens, "
+          f"{gen.seconds * 1000:.0f} ms]", file=sys.stderr)
+    return 0
+
+
+COMMANDS = {"serve": (_add_serve, _run_serve), "complete": (_add_complete, _run_complete),
+            "train": (_add_train, _run_train), "bench": (_add_bench, _run_bench)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv or ["serve"])
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        logging.getLogger("pygls").setLevel(logging.WARNING)
     _, run = COMMANDS[args.command]
     return run(args)
 

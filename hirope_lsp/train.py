@@ -45,6 +45,7 @@ class TrainConfig:
     warmup: int = 150
     weight_decay: float = 0.1
     fim_rate: float = 0.5
+    spm_rate: float = 0.5  # of the FIM samples, the share in suffix-prefix-middle order
     seed: int = 0
     held_out_percent: int = 2
     checkpoint_every: int = 100
@@ -135,7 +136,11 @@ class Samples:
             piece = doc[start : start + L - 3]
             a, b = sorted(rng.randrange(0, len(piece) + 1) for _ in range(2))
             s = self.special
-            tokens = [s[FIM_PREFIX], *piece[:a], s[FIM_SUFFIX], *piece[b:], s[FIM_MIDDLE], *piece[a:b]]
+            if rng.random() < self.cfg.spm_rate:
+                # suffix first: the prefix, which grows while typing, sits last before the middle (cache-friendly)
+                tokens = [s[FIM_SUFFIX], *piece[b:], s[FIM_PREFIX], *piece[:a], s[FIM_MIDDLE], *piece[a:b]]
+            else:
+                tokens = [s[FIM_PREFIX], *piece[:a], s[FIM_SUFFIX], *piece[b:], s[FIM_MIDDLE], *piece[a:b]]
             if b == len(piece):
                 tokens.append(s[EOS])
         else:
@@ -208,7 +213,7 @@ def train(run_dir: Path, cfg: TrainConfig, export: Path | None = None) -> dict:
     config_path = run_dir / "train_config.json"
     if config_path.exists():
         saved = json.loads(config_path.read_text())
-        cfg = TrainConfig(**{**saved, "steps": cfg.steps, "max_minutes": cfg.max_minutes})
+        cfg = TrainConfig(**{**asdict(TrainConfig()), **saved, "steps": cfg.steps, "max_minutes": cfg.max_minutes})
     config_path.write_text(json.dumps(asdict(cfg), indent=2))
     torch.manual_seed(cfg.seed)
     tokenizer, corpus = prepare(run_dir, cfg)

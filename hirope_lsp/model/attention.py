@@ -164,7 +164,7 @@ def chunk_blocks(plan: AttentionPlan, a: int, b: int) -> list[KeyBlock]:
     blocks: list[KeyBlock] = []
     if plan.keys_sorted:
         q_lo, q_hi = int(qpos.min()), int(qpos.max())
-        k = kpos[0]
+        k = kpos[0].contiguous()
         # columns that can be near: q_lo - W < kpos <= q_hi ; far: kpos <= q_hi - W
         near_lo = int(torch.searchsorted(k, q_lo - W + 1))
         near_hi = int(torch.searchsorted(k, q_hi, right=True))

@@ -1,0 +1,216 @@
+"""Turn a document, a cursor and the workspace into prompt tokens with a hierarchical
+position for each.
+
+Layout, so that what changes while typing comes last (KV reuse):
+
+    spm:  [cross-file context] SUF suffix PRE prefix MID      (the embedded model)
+    psm:  PRE [cross-file context] prefix SUF suffix MID      (most code models)
+    none: [cross-file context] prefix                          (no FIM tokens)
+
+Positions: ``(unit, token)``.  ``token`` is the index in the prompt.  ``unit``
+counts changes of syntactic unit along the prompt: tokens of the current file
+take the unit of their byte (tree-sitter units), each cross-file definition is
+a unit, plain-text files get a unit every ``fixed_unit`` tokens, and special
+tokens start a unit of their own.  Counting changes keeps unit indices
+increasing along the prompt even when the suffix comes before the prefix.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..hierarchy.document import Document
+from ..model.loading import FimFormat
+from ..workspace.index import WorkspaceIndex, uri_to_path
+
+IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+KEYWORDS = frozenset("""False None True and as assert async await break class continue def del elif else except finally
+for from global if import in is lambda nonlocal not or pass raise return try while with yield self cls print len range
+str int list dict set tuple const let var function return new this export default interface type struct impl fn pub use
+mod func package void static public private protected""".split())
+
+
+@dataclass(kw_only=True)
+class ContextSettings:
+    budget_tokens: int = 4096  # whole prompt; HiRoPE lets this exceed the model's training length
+    suffix_share: float = 0.15
+    context_share: float = 0.2  # cross-file definitions
+    context_lines: int = 40  # lines of the cursor's neighbourhood scanned for names
+    max_definition_lines: int = 60
+    fixed_unit: int = 128
+    cross_file: bool = True
+
+
+@dataclass
+class PromptPart:
+    kind: str  # special, context, prefix, suffix
+    ids: list[int]
+    units: list[int]  # a key per token; a change of key starts a new unit
+
+
+@dataclass
+class BuiltPrompt:
+    token_ids: list[int]
+    positions: torch.Tensor  # [T, 2]
+    prefix_text: str
+    suffix_text: str
+    context_names: list[str] = field(default_factory=list)
+    prefix_start: int = 0  # char offset where the kept prefix starts
+
+
+class PromptBuilder:
+    def __init__(self, tokenizer, fim: FimFormat, settings: ContextSettings | None = None):
+        self.tokenizer = tokenizer
+        self.fim = fim
+        self.settings = settings or ContextSettings()
+        self._prefix_starts: dict[str, int] = {}  # document uri -> line the kept prefix starts at
+
+    def _special(self, token: str | None) -> list[int]:
+        return [] if token is None else [self.tokenizer.convert_tokens_to_ids(token)]
+
+    def _encode(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return enc["input_ids"], enc["offset_mapping"]
+
+    def _file_part(self, kind: str, doc: Document, text: str, char_base: int) -> PromptPart:
+        ids, offsets = self._encode(text)
+        if doc.units is None:
+            units = [("fixed", kind, i // self.settings.fixed_unit) for i in range(len(ids))]
+        else:
+            # a token belongs to the unit of its last character
+            ends = [char_base + max(s, e - 1) for s, e in offsets]
+            byte_ends = _char_to_byte_offsets(doc.text, ends)
+            units = [("unit", u) for u in doc.unit_of_bytes(byte_ends)]
+        return PromptPart(kind, ids, units)
+
+    def _prefix_start_line(self, doc: Document, cursor: int, cursor_line: int, budget: int) -> int:
+        """A start line for the kept prefix that stays put while typing (cache-friendly): moved
+        forward only when the prefix overflows, back when it shrank below half; then ~80 % full."""
+        start = min(self._prefix_starts.get(doc.uri, 0), cursor_line)
+        if start > 0:
+            ids, _ = self._encode(doc.text[int(doc.line_char[start]) : cursor])
+            if len(ids) < budget // 2:
+                start = 0
+        ids, offsets = self._encode(doc.text[int(doc.line_char[start]) : cursor])
+        if len(ids) > budget:
+            drop = len(ids) - int(budget * 0.8)
+            cut_char = int(doc.line_char[start]) + offsets[drop][0]
+            start = min(int(np.searchsorted(doc.line_char, cut_char, side="left")), cursor_line)
+        self._prefix_starts[doc.uri] = start
+        return start
+
+    def forget(self, uri: str) -> None:
+        self._prefix_starts.pop(uri, None)
+
+    def build(self, doc: Document, line: int, character: int, index: WorkspaceIndex | None = None) -> BuiltPrompt:
+        s = self.settings
+        cursor, _ = doc.offset_at(line, character)
+        line, _ = doc.position_at(cursor)
+        special_budget = 4
+        suffix_budget = int(s.budget_tokens * s.suffix_share) if self.fim.available else 0
+        context_budget = int(s.budget_tokens * s.context_share) if s.cross_file and index is not None else 0
+
+        # suffix: whole lines after the cursor up to its budget
+        suffix_part = None
+        suffix_text = ""
+        if suffix_budget:
+            suffix_text = doc.text[cursor:]
+            suffix_part = self._file_part("suffix", doc, suffix_text, cursor)
+            if len(suffix_part.ids) > suffix_budget:
+                suffix_part.ids = suffix_part.ids[:suffix_budget]
+                suffix_part.units = suffix_part.units[:suffix_budget]
+                suffix_text = self.tokenizer.decode(suffix_part.ids)
+
+        context_parts, names = self._context_parts(doc, cursor, index, context_budget) if context_budget else ([], [])
+        used = special_budget + (len(suffix_part.ids) if suffix_part else 0) + sum(len(p.ids) for p in context_parts)
+        prefix_budget = max(16, s.budget_tokens - used)
+        start_line = self._prefix_start_line(doc, cursor, line, prefix_budget)
+        start_char = int(doc.line_char[start_line])
+        prefix_text = doc.text[start_char:cursor]
+        prefix_part = self._file_part("prefix", doc, prefix_text, start_char)
+        if len(prefix_part.ids) > prefix_budget:  # a single very long line: keep its end
+            prefix_part.ids = prefix_part.ids[-prefix_budget:]
+            prefix_part.units = prefix_part.units[-prefix_budget:]
+
+        def special(tok, name):
+            ids = self._special(tok)
+            return [PromptPart("special", ids, [("special", name)] * len(ids))] if ids else []
+
+        if not self.fim.available or suffix_part is None:
+            parts = context_parts + [prefix_part]
+        elif self.fim.order == "spm":
+            parts = context_parts + special(self.fim.suffix, "suf") + [suffix_part] + special(self.fim.prefix, "pre") \
+                + [prefix_part] + special(self.fim.middle, "mid")
+        else:
+            parts = special(self.fim.prefix, "pre") + context_parts + [prefix_part] + special(self.fim.suffix, "suf") \
+                + [suffix_part] + special(self.fim.middle, "mid")
+        token_ids: list[int] = []
+        unit_ids: list[int] = []
+        unit, previous = -1, object()
+        for part in parts:
+            for tid, key in zip(part.ids, part.units):
+                tagged = (part.kind, key) if part.kind != "prefix" and part.kind != "suffix" else key
+                if tagged != previous:
+                    unit += 1
+                    previous = tagged
+                token_ids.append(tid)
+                unit_ids.append(unit)
+        positions = torch.stack([torch.tensor(unit_ids, dtype=torch.long), torch.arange(len(token_ids))], dim=-1)
+        return BuiltPrompt(token_ids, positions, prefix_text, suffix_text, names, start_char)
+
+    def _context_parts(self, doc: Document, cursor: int, index: WorkspaceIndex, budget: int):
+        """Definitions from other files of names used near the cursor, in a stable order."""
+        s = self.settings
+        here = uri_to_path(doc.uri)
+        line, _ = doc.position_at(cursor)
+        lo = int(doc.line_char[max(0, line - s.context_lines)])
+        hi_line = min(doc.line_count - 1, line + 5)
+        hi = int(doc.line_char[hi_line]) + len(doc.line_text(hi_line))
+        window = doc.text[lo:hi]
+        imports = "\n".join(l for l in doc.text.splitlines() if l.lstrip().startswith(("import ", "from ", "#include", "use ")))
+        names = sorted({m.group(0) for m in IDENTIFIER.finditer(window + "\n" + imports)} - KEYWORDS)
+        chosen = []
+        for name in names:
+            for symbol in index.lookup(name):
+                if here is not None and symbol.path == here:
+                    continue
+                chosen.append(symbol)
+        chosen.sort(key=lambda sym: (str(sym.path), sym.start))
+        parts, used, picked = [], 0, []
+        for sym in chosen:
+            text = index.text_of(sym.path)
+            if text is None:
+                continue
+            body = text.encode("utf-8")[sym.start : sym.end].decode("utf-8", "replace")
+            body_lines = body.splitlines()[: s.max_definition_lines]
+            block = f"# {_display_path(sym.path, index)}\n" + "\n".join(body_lines) + "\n\n"
+            ids, _ = self._encode(block)
+            if used + len(ids) > budget:
+                continue
+            used += len(ids)
+            picked.append(sym.name)
+            parts.append(PromptPart("context", ids, [("def", str(sym.path), sym.start)] * len(ids)))
+        return parts, picked
+
+
+def _display_path(path: Path, index: WorkspaceIndex) -> str:
+    folder = index.folder_of(path)
+    return path.relative_to(folder).as_posix() if folder is not None else path.name
+
+
+def _char_to_byte_offsets(text: str, chars: list[int]) -> list[int]:
+    if text.isascii():
+        return chars
+    out, last_c, last_b = [], 0, 0
+    for c in chars:  # chars are non-decreasing
+        if c < last_c:
+            last_c, last_b = 0, 0
+        last_b += len(text[last_c:c].encode("utf-8"))
+        last_c = c
+        out.append(last_b)
+    return out

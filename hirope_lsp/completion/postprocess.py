@@ -1,0 +1,84 @@
+"""When to stop generating and what to show: end of line or statement, end of the block for
+multi-line completions, never repeating the suffix, nothing when there is nothing useful."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+BLOCK_OPENERS = (":", "{", "(", "[", "=>", "->", " do", " then")
+MAX_LINES = 12
+
+
+@dataclass
+class StopPolicy:
+    multiline: bool
+    indent: int  # indentation (columns) of the cursor's line
+    suffix_line: str  # the rest of the cursor's line after the cursor
+    next_lines: list[str]  # the first non-empty lines after the cursor's line
+
+    def should_stop(self, text: str) -> bool:
+        return finish(self, text, final=False) is not None
+
+
+def _indent(line: str) -> int:
+    return len(line.expandtabs(4)) - len(line.expandtabs(4).lstrip())
+
+
+def stop_policy(prefix: str, suffix: str, mode: str = "auto") -> StopPolicy:
+    """``mode``: auto (multi-line when the cursor opens a block at the end of a line, or sits on an
+    empty line), always, never."""
+    current = prefix.rsplit("\n", 1)[-1]
+    suffix_line, _, rest = suffix.partition("\n")
+    opens = current.rstrip().endswith(BLOCK_OPENERS) and not suffix_line.strip()
+    at_empty_line = not current.strip() and not suffix_line.strip() and bool(prefix.strip())
+    multiline = {"always": True, "never": False}.get(mode, opens or at_empty_line)
+    # the block ends at the first line indented no deeper than the opener (or than the empty line, minus one)
+    indent = _indent(current) - 1 if at_empty_line and not opens else _indent(current)
+    next_lines = [line for line in rest.split("\n") if line.strip()][:3]
+    return StopPolicy(multiline, indent, suffix_line, next_lines)
+
+
+def finish(policy: StopPolicy, text: str, final: bool = True) -> str | None:
+    """The text to show, cut at the first stop.  With ``final=False``: None while generation should
+    go on.  With ``final=True``: the cleaned text (possibly empty: nothing useful)."""
+    lines = text.split("\n")
+    cut: str | None = None
+    if not policy.multiline:
+        if len(lines) > 1:
+            cut = lines[0]
+    else:
+        kept = [lines[0]]
+        for line in lines[1:-1]:  # lines that have ended
+            if line.strip() and _indent(line) <= policy.indent:
+                cut = "\n".join(kept)  # dedent: the block is over
+                break
+            if policy.next_lines and line.strip() == policy.next_lines[0].strip():
+                cut = "\n".join(kept)  # about to repeat the code after the cursor
+                break
+            kept.append(line)
+            if len(kept) > MAX_LINES:
+                cut = "\n".join(kept)
+                break
+    if cut is None and not final:
+        return None
+    return _clean(policy, text if cut is None else cut)
+
+
+def _clean(policy: StopPolicy, text: str) -> str:
+    text = text.rstrip()
+    if not policy.multiline:
+        text = text.split("\n", 1)[0].rstrip()
+    # do not repeat what already follows the cursor on its line
+    tail = policy.suffix_line.strip()
+    if tail and text.endswith(tail):
+        text = text[: -len(tail)].rstrip()
+    elif tail:
+        for k in range(min(len(tail), len(text)), 0, -1):
+            if text.endswith(tail[:k]) and tail[:k].strip() in (")", "]", "}", "):", '"', "'", ")]", "])", "))", ");"):
+                text = text[:-k]
+                break
+    return text
+
+
+def useful(text: str | None) -> bool:
+    return bool(text and text.strip())

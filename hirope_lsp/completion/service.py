@@ -1,0 +1,65 @@
+"""A completion at a cursor: prompt on the caller's thread (it reads the live document),
+generation on the engine, stop rules and clean-up after."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+from ..hierarchy.document import Document
+from ..model.engine import Engine, Generation, Prompt
+from ..workspace.index import WorkspaceIndex
+from .context import BuiltPrompt, PromptBuilder
+from .postprocess import StopPolicy, finish, stop_policy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CompletionJob:
+    """Everything the engine needs, detached from the live document."""
+
+    uri: str
+    version: int
+    line: int
+    character: int  # the cursor, in the document's position encoding
+    prompt: Prompt
+    policy: StopPolicy
+    built: BuiltPrompt
+
+
+@dataclass
+class CompletionResult:
+    text: str  # to insert at the cursor ("" when there is nothing useful)
+    job: CompletionJob
+    generation: Generation
+
+
+class CompletionService:
+    def __init__(self, engine: Engine, index: WorkspaceIndex | None, builder: PromptBuilder,
+                 max_new_tokens: int = 64, multiline: str = "auto"):
+        self.engine = engine
+        self.index = index
+        self.builder = builder
+        self.max_new_tokens = max_new_tokens
+        self.multiline = multiline
+
+    def prepare(self, doc: Document, line: int, character: int) -> CompletionJob:
+        built = self.builder.build(doc, line, character, self.index)
+        cursor, _ = doc.offset_at(line, character)
+        line, character = doc.position_at(cursor)  # clamped
+        policy = stop_policy(doc.text[:cursor], doc.text[cursor:], self.multiline)
+        prompt = Prompt(doc.uri, built.token_ids, built.positions)
+        return CompletionJob(doc.uri, doc.version, line, character, prompt, policy, built)
+
+    def run(self, job: CompletionJob, cancelled: Callable[[], bool] | None = None) -> CompletionResult:
+        generation = self.engine.generate(job.prompt, self.max_new_tokens, job.policy.should_stop, cancelled)
+        text = finish(job.policy, generation.text, final=True) or ""
+        log.info("completion %s v%d: reused %d, computed %d tokens, %.0f ms, stop %s, %d chars",
+                 job.uri, job.version, generation.reused_tokens, generation.computed_tokens,
+                 generation.seconds * 1000, generation.stopped_by, len(text))
+        return CompletionResult(text if text.strip() else "", job, generation)
+
+    def complete(self, doc: Document, line: int, character: int) -> CompletionResult:
+        return self.run(self.prepare(doc, line, character))

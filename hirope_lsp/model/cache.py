@@ -1,0 +1,124 @@
+"""KV state kept between requests: one slot per document, longest-common-prefix reuse,
+a byte budget with LRU eviction across documents, and counters.
+
+A slot's cache holds the keys and values of its ``token_ids`` at ``positions``;
+a new prompt reuses the longest prefix where both tokens and hierarchical
+positions agree (a token whose position moved has other keys), the cache is
+cut back there, and only the rest is computed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from .patch import truncate_cache
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CacheSlot:
+    key: str
+    cache: DynamicCache
+    token_ids: list[int] = field(default_factory=list)
+    positions: torch.Tensor | None = None  # [T, levels]
+    last_used: float = field(default_factory=time.monotonic)
+
+    def nbytes(self) -> int:
+        total = 0
+        for layer in getattr(self.cache, "layers", []):
+            for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+                if isinstance(t, torch.Tensor):
+                    total += t.numel() * t.element_size()
+        return total
+
+    def truncate(self, length: int) -> None:
+        truncate_cache(self.cache, length)
+        self.token_ids = self.token_ids[:length]
+        if self.positions is not None:
+            self.positions = self.positions[:length]
+
+
+@dataclass
+class CacheCounters:
+    requests: int = 0
+    reused_tokens: int = 0
+    computed_tokens: int = 0
+    evictions: int = 0
+
+    @property
+    def reuse_ratio(self) -> float:
+        total = self.reused_tokens + self.computed_tokens
+        return self.reused_tokens / total if total else 0.0
+
+
+def common_prefix(a_ids: list[int], a_pos: torch.Tensor | None, b_ids: list[int], b_pos: torch.Tensor) -> int:
+    """Length of the longest prefix where token ids and positions both agree."""
+    n = min(len(a_ids), len(b_ids))
+    if n == 0 or a_pos is None:
+        return 0
+    a = torch.tensor(a_ids[:n])
+    b = torch.tensor(b_ids[:n])
+    same = (a == b) & (a_pos[:n] == b_pos[:n]).all(dim=-1)
+    mismatch = (~same).nonzero()
+    return int(mismatch[0]) if mismatch.numel() else n
+
+
+class KVCachePool:
+    def __init__(self, model_config, budget_bytes: int = 1 << 30, enabled: bool = True):
+        self.model_config = model_config
+        self.budget_bytes = budget_bytes
+        self.enabled = enabled
+        self.slots: OrderedDict[str, CacheSlot] = OrderedDict()
+        self.counters = CacheCounters()
+
+    def acquire(self, key: str, token_ids: list[int], positions: torch.Tensor) -> tuple[CacheSlot, int]:
+        """The slot for ``key`` cut back to the longest reusable prefix of this prompt (at most all but
+        one token: the last is recomputed to get its logits), and that prefix's length."""
+        slot = self.slots.get(key)
+        if slot is None or not self.enabled:
+            slot = CacheSlot(key, DynamicCache(config=self.model_config))
+            self.slots[key] = slot
+        keep = common_prefix(slot.token_ids, slot.positions, token_ids, positions) if self.enabled else 0
+        keep = min(keep, len(token_ids) - 1)
+        slot.truncate(keep)
+        self.slots.move_to_end(key)
+        slot.last_used = time.monotonic()
+        self.counters.requests += 1
+        self.counters.reused_tokens += keep
+        self.counters.computed_tokens += len(token_ids) - keep
+        return slot, keep
+
+    def release(self, slot: CacheSlot, token_ids: list[int], positions: torch.Tensor) -> None:
+        """Record that the slot now holds ``token_ids`` (the prompt), then keep within budget."""
+        slot.truncate(len(token_ids))
+        slot.token_ids = list(token_ids)
+        slot.positions = positions.clone()
+        self.evict()
+
+    def drop(self, key: str) -> None:
+        self.slots.pop(key, None)
+
+    def clear(self) -> None:
+        self.slots.clear()
+
+    def total_bytes(self) -> int:
+        return sum(s.nbytes() for s in self.slots.values())
+
+    def evict(self) -> None:
+        """Drop least recently used slots until the budget holds; a single slot over budget is cut back."""
+        while self.slots and self.total_bytes() > self.budget_bytes:
+            if len(self.slots) == 1:
+                slot = next(iter(self.slots.values()))
+                per_token = slot.nbytes() / max(1, len(slot.token_ids))
+                slot.truncate(int(self.budget_bytes // max(per_token, 1)))
+                break
+            key, _ = self.slots.popitem(last=False)
+            self.counters.evictions += 1
+            log.info("KV cache over budget: evicted %s", key)

@@ -1,0 +1,110 @@
+"""Load the model the user configured (or the embedded default) as any transformers user would.
+
+Offline unless the user allowed downloads; ``trust_remote_code`` only when the user set it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_DIR = Path(__file__).parent / "default"
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+class ModelLoadError(RuntimeError):
+    """The model cannot be loaded; the message says why and what to do."""
+
+
+@dataclass
+class FimFormat:
+    """How a model expects fill-in-the-middle prompts."""
+
+    prefix: str | None
+    suffix: str | None
+    middle: str | None
+    order: str = "psm"  # "psm": prefix, suffix, middle; "spm": suffix, prefix, middle
+    file_separator: str | None = None
+
+    @property
+    def available(self) -> bool:
+        return None not in (self.prefix, self.suffix, self.middle)
+
+
+# special token spellings of common code model families, tried in order
+FIM_SPELLINGS = [
+    ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>", "<|file_sep|>"),  # Qwen2.5-Coder, ours
+    ("<fim_prefix>", "<fim_suffix>", "<fim_middle>", "<file_sep>"),  # StarCoder
+    ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>", None),  # DeepSeek-Coder
+    ("<PRE>", "<SUF>", "<MID>", None),  # CodeLlama
+]
+
+
+def fim_format(tokenizer, model_dir: Path | None) -> FimFormat:
+    vocab = tokenizer.get_vocab()
+    order = "psm"
+    if model_dir is not None and (model_dir / "training.json").exists():
+        order = json.loads((model_dir / "training.json").read_text()).get("fim_order", "psm")
+    for prefix, suffix, middle, sep in FIM_SPELLINGS:
+        if prefix in vocab and suffix in vocab and middle in vocab:
+            return FimFormat(prefix, suffix, middle, order, sep if sep in vocab else None)
+    return FimFormat(None, None, None)
+
+
+def pick_device(device: str | None) -> str:
+    if device in (None, "", "auto"):
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    return device
+
+
+def pick_dtype(dtype: str | None, device: str) -> torch.dtype:
+    if dtype in (None, "", "auto"):
+        if device == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float16 if device == "mps" else torch.float32
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {', '.join(sorted(DTYPES))} or auto")
+    return DTYPES[dtype]
+
+
+def load_model(model: str | None = None, *, device: str | None = "auto", dtype: str | None = "auto",
+               trust_remote_code: bool = False, allow_download: bool = False):
+    """(model, tokenizer, FimFormat) for a local directory, a hub id (cached, or downloaded if allowed),
+    or the embedded default model when ``model`` is empty."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = str(DEFAULT_MODEL_DIR) if not model else model
+    path = Path(source).expanduser()
+    local = path.is_dir()
+    if not local and (source.startswith((".", "/", "~")) or path.suffix):
+        raise ModelLoadError(f"model directory {source} does not exist")
+    device = pick_device(device)
+    torch_dtype = pick_dtype(dtype, device)
+    kwargs = dict(trust_remote_code=trust_remote_code, local_files_only=local or not allow_download)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path) if local else source, **kwargs)
+        lm = AutoModelForCausalLM.from_pretrained(str(path) if local else source, dtype=torch_dtype,
+                                                  attn_implementation="sdpa", **kwargs)
+    except OSError as err:
+        hint = "" if local or allow_download else " (downloads are off: set allowDownload to fetch it from the hub)"
+        raise ModelLoadError(f"cannot load model {source!r}: {err}{hint}") from err
+    except ValueError as err:
+        raise ModelLoadError(f"cannot load model {source!r}: {err}") from err
+    try:
+        lm = lm.to(device)
+    except (RuntimeError, torch.OutOfMemoryError) as err:
+        raise ModelLoadError(f"cannot place model {source!r} on {device}: {err}") from err
+    lm.eval()
+    return lm, tokenizer, fim_format(tokenizer, path if local else None)

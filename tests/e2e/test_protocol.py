@@ -1,0 +1,88 @@
+"""Protocol edge cases over raw stdio: malformed input, cancellation, superseded requests."""
+
+import pytest
+from e2e.data import GEOMETRY
+from e2e.rawclient import RawClient
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def raw(workspace):
+    client = RawClient(cwd=str(workspace))
+    client.initialize(workspace.as_uri(), {"maxNewTokens": 48, "promptBudget": 1024})
+    client.workspace = workspace
+    yield client
+    client.close()
+
+
+def open_geometry(raw) -> str:
+    uri = (raw.workspace / "geometry.py").as_uri()
+    raw.notify("textDocument/didOpen", {"textDocument": {"uri": uri, "languageId": "python", "version": 1,
+                                                         "text": GEOMETRY}})
+    return uri
+
+
+def inline_params(uri, line, character):
+    return {"textDocument": {"uri": uri}, "position": {"line": line, "character": character},
+            "context": {"triggerKind": 2}}
+
+
+def test_malformed_json_gets_a_parse_error(raw):
+    raw.send_raw(b'{"jsonrpc": "2.0", "id": 5, "method": "textDocument/inlineCompletion", "params": {')
+    reply = raw.response(None, timeout=30)
+    assert reply["error"]["code"] == -32700
+    assert raw.call("hirope/status", {})["result"]["status"]  # still serving
+
+
+def test_wrong_parameter_types_get_invalid_params(raw):
+    reply = raw.call("textDocument/inlineCompletion", {"textDocument": {"uri": 42}, "position": "here"}, timeout=30)
+    assert reply["error"]["code"] == -32602
+    reply = raw.call("textDocument/inlineCompletion", None, timeout=30)
+    assert "error" in reply
+    assert raw.call("hirope/status", {})["result"]["status"]
+
+
+def test_unknown_method_gets_method_not_found(raw):
+    reply = raw.call("textDocument/teleport", {}, timeout=30)
+    assert reply["error"]["code"] == -32601
+
+
+def test_cancel_request_is_answered(raw):
+    uri = open_geometry(raw)
+    raw.call("textDocument/inlineCompletion", inline_params(uri, 13, 33))  # the model is loaded and warm
+    request = raw.request("textDocument/inlineCompletion", inline_params(uri, 13, 33))
+    raw.notify("$/cancelRequest", {"id": request})
+    reply = raw.response(request)
+    assert "result" in reply or reply["error"]["code"] == -32800
+
+
+def test_superseded_requests_are_all_answered_and_only_the_current_version_completes(raw):
+    uri = open_geometry(raw)
+    first = raw.request("textDocument/inlineCompletion", inline_params(uri, 13, 33))
+    raw.notify("textDocument/didChange", {"textDocument": {"uri": uri, "version": 2}, "contentChanges": [
+        {"range": {"start": {"line": 13, "character": 33}, "end": {"line": 13, "character": 33}}, "text": "r"}]})
+    second = raw.request("textDocument/inlineCompletion", inline_params(uri, 13, 34))
+    third = raw.request("textDocument/inlineCompletion", inline_params(uri, 13, 34))
+    replies = [raw.response(r) for r in (first, second, third)]
+    assert all("result" in r for r in replies), replies
+    assert replies[0]["result"]["items"] == [], "a result for version 1 is never returned after the edit"
+    assert replies[1]["result"]["items"] == [], "superseded by the third request"
+    for item in replies[2]["result"]["items"]:
+        assert item["range"]["start"] == {"line": 13, "character": 34}
+
+
+def test_missing_model_is_reported_and_requests_get_errors(workspace):
+    client = RawClient(cwd=str(workspace))
+    try:
+        client.initialize(workspace.as_uri(), {"model": str(workspace / "no-such-model")})
+        uri = (workspace / "geometry.py").as_uri()
+        client.notify("textDocument/didOpen", {"textDocument": {"uri": uri, "languageId": "python", "version": 1,
+                                                                "text": GEOMETRY}})
+        reply = client.call("textDocument/inlineCompletion", inline_params(uri, 13, 33), timeout=60)
+        assert "does not exist" in reply["error"]["message"]
+        shown = [n for n in client.notifications if n.get("method") == "window/showMessage"]
+        assert any("does not exist" in n["params"]["message"] for n in shown)
+        assert client.call("hirope/status", {})["result"]["status"].startswith("error")
+    finally:
+        client.close()

@@ -1,0 +1,120 @@
+"""The real server over stdio, driven as an editor drives it (pytest-lsp), with the default model."""
+
+import asyncio
+
+import pytest
+import pytest_lsp
+from e2e.data import GEOMETRY, SERVER
+from lsprotocol import types
+from pytest_lsp import ClientServerConfig, LanguageClient, client_capabilities
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest_lsp.fixture(config=ClientServerConfig(server_command=SERVER))
+async def client(lsp_client: LanguageClient, workspace):
+    lsp_client.workspace_root = workspace
+    params = types.InitializeParams(
+        capabilities=client_capabilities("visual-studio-code"),
+        root_uri=workspace.as_uri(),
+        workspace_folders=[types.WorkspaceFolder(uri=workspace.as_uri(), name="ws")],
+        initialization_options={"maxNewTokens": 24, "promptBudget": 1024},
+    )
+    await lsp_client.initialize_session(params)
+    yield
+    await lsp_client.shutdown_session()
+
+
+def open_doc(client: LanguageClient, uri: str, text: str, version: int = 1):
+    client.text_document_did_open(types.DidOpenTextDocumentParams(
+        text_document=types.TextDocumentItem(uri=uri, language_id="python", version=version, text=text)))
+
+
+def inline(client, uri, line, character):
+    return client.text_document_inline_completion_async(types.InlineCompletionParams(
+        text_document=types.TextDocumentIdentifier(uri=uri), position=types.Position(line, character),
+        context=types.InlineCompletionContext(trigger_kind=types.InlineCompletionTriggerKind.Automatic)))
+
+
+async def test_open_complete_edit_complete_again(client: LanguageClient):
+    root = client.workspace_root
+    uri = (root / "geometry.py").as_uri()
+    open_doc(client, uri, GEOMETRY)
+    last = GEOMETRY.rstrip("\n").split("\n")
+    line, character = len(last) - 1, len(last[-1])
+    first = await inline(client, uri, line, character)
+    assert isinstance(first, types.InlineCompletionList)
+    for item in first.items:
+        assert item.range == types.Range(types.Position(line, character), types.Position(line, character))
+        assert isinstance(item.insert_text, str) and item.insert_text.strip()
+    # type "ra" and ask again: the new result is for the new cursor and version
+    client.text_document_did_change(types.DidChangeTextDocumentParams(
+        text_document=types.VersionedTextDocumentIdentifier(uri=uri, version=2),
+        content_changes=[types.TextDocumentContentChangePartial(
+            range=types.Range(types.Position(line, character), types.Position(line, character)), text="ra")]))
+    second = await inline(client, uri, line, character + 2)
+    for item in second.items:
+        assert item.range.start == types.Position(line, character + 2)
+    status = await client.protocol.send_request_async("hirope/status", {})
+    assert status.status.startswith("ready")
+    assert status.reusedTokens > 0, "the second prompt reuses the first one's KV state"
+
+
+async def test_a_newline_ending_block_opener_gets_a_completion(client: LanguageClient):
+    uri = (client.workspace_root / "new.py").as_uri()
+    text = "import os\n\n\ndef list_python_files(directory):\n"
+    open_doc(client, uri, text)
+    results = await inline(client, uri, 4, 0)
+    assert isinstance(results, types.InlineCompletionList)
+
+
+async def test_ranges_with_multibyte_text(client: LanguageClient):
+    uri = (client.workspace_root / "emoji.py").as_uri()
+    text = 'greeting = "😀 你好"  # 😀\nname = greeting.'
+    open_doc(client, uri, text)
+    # UTF-16: the emoji counts 2; the cursor after 'greeting.' on line 1 is column 16
+    result = await inline(client, uri, 1, 16)
+    for item in result.items:
+        assert item.range.start == types.Position(1, 16)
+    line0_end = len('greeting = "😀 你好"  # 😀'.encode("utf-16-le")) // 2
+    result = await inline(client, uri, 0, line0_end)
+    for item in result.items:
+        assert item.range.start == types.Position(0, line0_end)
+
+
+async def test_completion_fallback_has_a_correct_text_edit(client: LanguageClient):
+    uri = (client.workspace_root / "fallback.py").as_uri()
+    text = "def add(a, b):\n    return a + b\n\n\nresult = ad"
+    open_doc(client, uri, text)
+    result = await client.text_document_completion_async(types.CompletionParams(
+        text_document=types.TextDocumentIdentifier(uri=uri), position=types.Position(4, 11)))
+    assert isinstance(result, types.CompletionList)
+    for item in result.items:
+        edit = item.text_edit
+        assert edit.range.start == types.Position(4, 9) and edit.range.end == types.Position(4, 11)
+        assert edit.new_text.startswith("ad")
+
+
+async def test_bad_requests_get_errors_and_the_server_keeps_serving(client: LanguageClient):
+    unknown = (client.workspace_root / "never_opened.py").as_uri()
+    with pytest.raises(Exception, match="unknown document"):
+        await inline(client, unknown, 0, 0)
+    uri = (client.workspace_root / "short.py").as_uri()
+    open_doc(client, uri, "x = 1\n")
+    with pytest.raises(Exception, match="past the end"):
+        await inline(client, uri, 10, 0)
+    with pytest.raises(Exception, match="past the end"):
+        await inline(client, uri, 0, 99)
+    ok = await inline(client, uri, 1, 0)
+    assert isinstance(ok, types.InlineCompletionList)
+
+
+async def test_configuration_change_is_applied(client: LanguageClient):
+    client.workspace_did_change_configuration(types.DidChangeConfigurationParams(
+        settings={"hirope": {"maxNewTokens": 4, "hirope": {"window": 0}}}))
+    await asyncio.sleep(0.2)
+    uri = (client.workspace_root / "cfg.py").as_uri()
+    open_doc(client, uri, "def f():\n    return ")
+    result = await inline(client, uri, 1, 11)
+    assert isinstance(result, types.InlineCompletionList)
+    assert any("window" in m.message for m in client.messages), "a bad value is reported to the user"
