@@ -183,3 +183,84 @@ def bench_hierarchy(lines: int = 10000, keystrokes: int = 300, index_root=None) 
           f"process RSS {rss_after:.0f} MiB (+{indexing['rss_growth_mib']:.0f} MiB, "
           f"{indexing['kib_per_file']:.1f} KiB per file)", flush=True)
     return {"keystroke": keystroke, "indexing": indexing}
+
+
+def _typing_file(min_tokens: int) -> tuple[str, int]:
+    """A real standard-library file long enough for the prompt budget, and the line to type at."""
+    from .train import stdlib_files
+
+    for path in stdlib_files():
+        if path.name in ("argparse.py", "typing.py", "inspect.py"):
+            text = path.read_text(encoding="utf-8")
+            lines = text.split("\n")
+            return text, min(len(lines) - 1, max(200, min_tokens // 8))
+    raise RuntimeError("no long standard library file found")
+
+
+def bench_typing(keystrokes: int = 40, budget: int = 4000, pause: float = 0.05, max_new_tokens: int = 8) -> dict:
+    """Type into a long file through the real server over stdio, a completion request after each key."""
+    import statistics
+
+    from .rawclient import RawClient
+
+    text, line = _typing_file(budget)
+    lines = text.split("\n")
+    indent = lines[line][: len(lines[line]) - len(lines[line].lstrip())]
+    typed = "result = compute_total(values, weights)"
+    results = {}
+    for reuse in (True, False):
+        client = RawClient()
+        try:
+            client.initialize(None, {"reuseCache": reuse, "promptBudget": budget, "maxNewTokens": max_new_tokens,
+                                     "crossFile": False, "watchFiles": False})
+            uri = "file:///bench/typing.py"
+            body = "\n".join(lines[:line] + [indent] + lines[line:])
+            client.notify("textDocument/didOpen", {"textDocument": {"uri": uri, "languageId": "python", "version": 1,
+                                                                    "text": body}})
+            col = len(indent)
+            params = lambda c: {"textDocument": {"uri": uri}, "position": {"line": line, "character": c},  # noqa: E731
+                                "context": {"triggerKind": 2}}
+            client.call("textDocument/inlineCompletion", params(col), timeout=600)  # first prompt: cold
+            before = client.call("hirope/status", {})["result"]
+            latencies, computed = [], []
+            for k in range(keystrokes):
+                ch = typed[k % len(typed)]
+                start = time.perf_counter()
+                client.notify("textDocument/didChange", {"textDocument": {"uri": uri, "version": k + 2}, "contentChanges": [
+                    {"range": {"start": {"line": line, "character": col}, "end": {"line": line, "character": col}},
+                     "text": ch}]})
+                col += 1
+                reply = client.call("textDocument/inlineCompletion", params(col), timeout=600)
+                latencies.append(time.perf_counter() - start)
+                assert "result" in reply, reply
+                status = client.call("hirope/status", {})["result"]
+                computed.append(status["computedTokens"] - before["computedTokens"])
+                before = status
+                time.sleep(pause)
+            reused = status["reusedTokens"]
+            total = status["reusedTokens"] + status["computedTokens"]
+        finally:
+            client.close()
+        prompt_tokens = statistics.median(computed) if not reuse else None
+        results["on" if reuse else "off"] = {
+            "p50_ms": statistics.median(latencies) * 1000,
+            "p95_ms": sorted(latencies)[int(0.95 * (len(latencies) - 1))] * 1000,
+            "recomputed_per_key_median": statistics.median(computed),
+            "recomputed_per_key_mean": statistics.mean(computed),
+            "reuse_ratio": reused / max(1, total),
+            "prompt_tokens": prompt_tokens,
+        }
+    on, off = results["on"], results["off"]
+    prompt_tokens = off["prompt_tokens"]
+    on["reuse_per_key"] = 1 - on["recomputed_per_key_mean"] / max(1, prompt_tokens)
+    results["speedup_p50"] = off["p50_ms"] / on["p50_ms"]
+    print(f"typing {keystrokes} keys into a {prompt_tokens:.0f}-token prompt (budget {budget}), "
+          f"{max_new_tokens} new tokens at most per completion")
+    print(f"{'reuse':>6} {'p50 ms':>8} {'p95 ms':>8} {'recomputed/key':>15} {'reused/key':>11}")
+    for name in ("on", "off"):
+        r = results[name]
+        reused_share = 1 - r["recomputed_per_key_mean"] / max(1, prompt_tokens)
+        print(f"{name:>6} {r['p50_ms']:>8.1f} {r['p95_ms']:>8.1f} {r['recomputed_per_key_mean']:>15.1f} "
+              f"{reused_share:>10.1%}")
+    print(f"p50 speed-up with reuse: {results['speedup_p50']:.1f}x")
+    return results

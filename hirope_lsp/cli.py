@@ -47,6 +47,11 @@ def _add_bench(sub) -> None:
     a.add_argument("--repeats", type=int, default=2)
     a.add_argument("--device", default="cpu")
     a.add_argument("--json", type=Path, default=None)
+    t = bsub.add_parser("typing", help="replay typing against the real server, reuse on and off")
+    t.add_argument("--keystrokes", type=int, default=40)
+    t.add_argument("--budget", type=int, default=4000)
+    t.add_argument("--max-new-tokens", type=int, default=8)
+    t.add_argument("--json", type=Path, default=None)
     h = bsub.add_parser("hierarchy", help="per-keystroke hierarchy update time and workspace indexing")
     h.add_argument("--lines", type=int, default=10000)
     h.add_argument("--keystrokes", type=int, default=300)
@@ -59,12 +64,72 @@ def _run_bench(args) -> int:
         from .bench import bench_attention
 
         result = bench_attention([int(x) for x in args.lengths.split(",")], repeats=args.repeats, device=args.device)
+    elif args.bench == "typing":
+        from .bench import bench_typing
+
+        result = bench_typing(args.keystrokes, args.budget, max_new_tokens=args.max_new_tokens)
     else:
         from .bench import bench_hierarchy
 
         result = bench_hierarchy(lines=args.lines, keystrokes=args.keystrokes, index_root=args.index_root)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="long-context evaluation: perplexity and next-line completion by method")
+    esub = p.add_subparsers(dest="eval", required=True)
+    for name in ("perplexity", "completion"):
+        e = esub.add_parser(name)
+        e.add_argument("--data", type=Path, action="append", default=None,
+                       help="held-out code: a directory or files (repeatable; default: transformers' llama sources)")
+        e.add_argument("--model", default=None)
+        e.add_argument("--json", type=Path, default=None)
+        e.add_argument("--seed", type=int, default=0)
+        e.add_argument("--window", type=int, default=None)
+        e.add_argument("--split", type=float, default=None)
+        e.add_argument("--token-index", default="global", choices=["global", "restart"])
+        e.add_argument("--quick", action="store_true", help="a smoke-test setting (seconds)")
+    perplexity = esub.choices["perplexity"]
+    perplexity.add_argument("--methods", default="rope,ntk,yarn,rerope,self-extend,hirope,hirope-fixed,truncate")
+    perplexity.add_argument("--lengths-x", default="1,4,16,32", help="multiples of the training length")
+    perplexity.add_argument("--windows", type=int, default=4, help="windows per length")
+    perplexity.add_argument("--plot", type=Path, default=None)
+    completion = esub.choices["completion"]
+    completion.add_argument("--methods", default="hirope,truncate,rope,rerope,hirope-fixed")
+    completion.add_argument("--prompt-x", type=int, default=4, help="prompt length as a multiple of the training length")
+    completion.add_argument("--samples", type=int, default=40)
+
+
+def _run_eval(args) -> int:
+    from . import evaluate
+    from .model.rope import RopeMethodConfig
+
+    base = RopeMethodConfig(window=args.window, split=args.split, token_index=args.token_index)
+    base.validate()
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    unknown = [m for m in methods if m not in evaluate.ALL_METHODS]
+    if unknown:
+        print(f"hirope-lsp: unknown methods {unknown}; choose from {', '.join(evaluate.ALL_METHODS)}", file=sys.stderr)
+        return 2
+    if args.eval == "perplexity":
+        lengths = (1, 2) if args.quick else tuple(float(x) for x in args.lengths_x.split(","))
+        report = evaluate.eval_perplexity(args.data, args.model, methods, lengths, 1 if args.quick else args.windows,
+                                          args.seed, base)
+        evaluate.print_table(report, "ppl")
+        evaluate.print_table(report, "ppl_last")
+        if args.plot:
+            evaluate.plot(report, args.plot)
+    else:
+        report = evaluate.eval_completion(args.data, args.model, methods, 2 if args.quick else args.prompt_x,
+                                          4 if args.quick else args.samples, args.seed, base)
+        print(f"next-line completion, prompts of {report['prompt_tokens']} tokens (trained on {report['train_length']})")
+        print(f"{'method':<14}{'prompt':>8}{'EM':>8}{'ES':>8}{'ES far':>8}")
+        for r in report["results"]:
+            print(f"{r['method']:<14}{r['prompt_tokens']:>8}{r['exact_match']:>8.3f}{r['edit_similarity']:>8.1f}"
+                  f"{r['edit_similarity_far']:>8.1f}")
+    evaluate.save(report, args.json)
     return 0
 
 
@@ -157,7 +222,7 @@ def _run_complete(args) -> int:
     return 0
 
 
-COMMANDS = {"serve": (_add_serve, _run_serve), "complete": (_add_complete, _run_complete),
+COMMANDS = {"serve": (_add_serve, _run_serve), "complete": (_add_complete, _run_complete), "eval": (_add_eval, _run_eval),
             "train": (_add_train, _run_train), "bench": (_add_bench, _run_bench)}
 
 

@@ -288,4 +288,6 @@ def export_model(model, tokenizer, out_dir: Path, cfg: TrainConfig, summary: dic
     model.eval()
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
-    (out_dir / "training.json").write_text(json.dumps({"recipe": asdict(cfg), **summary}, indent=2))
+    # the server lays prompts out suffix-first for this model (the growing prefix last: KV reuse)
+    info = {"recipe": asdict(cfg), "fim_order": "spm" if cfg.spm_rate > 0 else "psm", **summary}
+    (out_dir / "training.json").write_text(json.dumps(info, indent=2))

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ..hierarchy.document import Document
+from ..hierarchy.positions import positions_from_unit_keys, token_unit_keys
 from ..model.loading import FimFormat
 from ..workspace.index import WorkspaceIndex, uri_to_path
 
@@ -79,14 +80,10 @@ class PromptBuilder:
 
     def _file_part(self, kind: str, doc: Document, text: str, char_base: int) -> PromptPart:
         ids, offsets = self._encode(text)
-        if doc.units is None:
-            units = [("fixed", kind, i // self.settings.fixed_unit) for i in range(len(ids))]
-        else:
-            # a token belongs to the unit of its last character
-            ends = [char_base + max(s, e - 1) for s, e in offsets]
-            byte_ends = _char_to_byte_offsets(doc.text, ends)
-            units = [("unit", u) for u in doc.unit_of_bytes(byte_ends)]
-        return PromptPart(kind, ids, units)
+        spans = [(char_base + s, char_base + e) for s, e in offsets]
+        # fixed-size units restart per part; tree-sitter units are shared by the suffix and the prefix
+        tag = kind if doc.units is None else doc.uri
+        return PromptPart(kind, ids, token_unit_keys(doc, spans, tag, self.settings.fixed_unit))
 
     def _prefix_start_line(self, doc: Document, cursor: int, cursor_line: int, budget: int) -> int:
         """A start line for the kept prefix that stays put while typing (cache-friendly): moved
@@ -129,7 +126,9 @@ class PromptBuilder:
         context_parts, names = self._context_parts(doc, cursor, index, context_budget) if context_budget else ([], [])
         used = special_budget + (len(suffix_part.ids) if suffix_part else 0) + sum(len(p.ids) for p in context_parts)
         prefix_budget = max(16, s.budget_tokens - used)
-        start_line = self._prefix_start_line(doc, cursor, line, prefix_budget)
+        # the kept prefix starts no later than the line of its last character (never empty at a line start)
+        last_line = doc.position_at(cursor - 1)[0] if cursor > 0 else 0
+        start_line = self._prefix_start_line(doc, cursor, last_line, prefix_budget)
         start_char = int(doc.line_char[start_line])
         prefix_text = doc.text[start_char:cursor]
         prefix_part = self._file_part("prefix", doc, prefix_text, start_char)
@@ -149,18 +148,10 @@ class PromptBuilder:
         else:
             parts = special(self.fim.prefix, "pre") + context_parts + [prefix_part] + special(self.fim.suffix, "suf") \
                 + [suffix_part] + special(self.fim.middle, "mid")
-        token_ids: list[int] = []
-        unit_ids: list[int] = []
-        unit, previous = -1, object()
-        for part in parts:
-            for tid, key in zip(part.ids, part.units):
-                tagged = (part.kind, key) if part.kind != "prefix" and part.kind != "suffix" else key
-                if tagged != previous:
-                    unit += 1
-                    previous = tagged
-                token_ids.append(tid)
-                unit_ids.append(unit)
-        positions = torch.stack([torch.tensor(unit_ids, dtype=torch.long), torch.arange(len(token_ids))], dim=-1)
+        token_ids = [tid for part in parts for tid in part.ids]
+        keys = [(part.kind, key) if part.kind not in ("prefix", "suffix") else key
+                for part in parts for key in part.units]
+        positions = positions_from_unit_keys(keys)
         return BuiltPrompt(token_ids, positions, prefix_text, suffix_text, names, start_char)
 
     def _context_parts(self, doc: Document, cursor: int, index: WorkspaceIndex, budget: int):
@@ -202,15 +193,3 @@ def _display_path(path: Path, index: WorkspaceIndex) -> str:
     folder = index.folder_of(path)
     return path.relative_to(folder).as_posix() if folder is not None else path.name
 
-
-def _char_to_byte_offsets(text: str, chars: list[int]) -> list[int]:
-    if text.isascii():
-        return chars
-    out, last_c, last_b = [], 0, 0
-    for c in chars:  # chars are non-decreasing
-        if c < last_c:
-            last_c, last_b = 0, 0
-        last_b += len(text[last_c:c].encode("utf-8"))
-        last_c = c
-        out.append(last_b)
-    return out

@@ -2,7 +2,7 @@
 
 import pytest
 from e2e.data import GEOMETRY
-from e2e.rawclient import RawClient
+from hirope_lsp.rawclient import RawClient
 
 pytestmark = pytest.mark.e2e
 

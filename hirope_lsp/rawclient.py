@@ -1,5 +1,5 @@
-"""A bare JSON-RPC client over the server's stdio: for what a well-behaved client library
-cannot send (malformed JSON, wrong parameter types) and for exact control of cancellation."""
+"""A bare JSON-RPC client over the server's stdio, as an editor talks to it: for benchmarks, and for tests of
+what a well-behaved client library cannot send (malformed JSON, wrong parameter types, exact cancellation)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,326 @@
+"""Long-context evaluation: perplexity by context length, and LCC-style next-line completion,
+for every position method on the same model and the same windows.
+
+``truncate`` is the baseline shipping tools use: each token sees at most the model's training
+length of context (a sliding window with stride ``L/2``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .hierarchy.document import Document
+from .hierarchy.languages import language_for_path
+from .hierarchy.positions import positions_from_unit_keys, token_unit_keys
+from .model.loading import load_model
+from .model.patch import attach, trained_length
+from .model.rope import RopeMethodConfig, fixed_unit_positions, plain_positions
+
+log = logging.getLogger(__name__)
+
+ALL_METHODS = ("rope", "ntk", "yarn", "rerope", "self-extend", "hirope", "hirope-fixed", "truncate")
+SOURCE_SUFFIXES = (".py", ".js", ".ts", ".go", ".rs", ".java", ".c", ".h", ".cpp", ".cc", ".hpp")
+
+
+@dataclass
+class TokenizedFile:
+    path: Path
+    ids: list[int]
+    keys: list  # a unit key per token
+
+
+def default_eval_data() -> Path:
+    """Code never seen in training: an installed third-party package (transformers' models)."""
+    import transformers
+
+    return Path(transformers.__file__).parent / "models" / "llama"
+
+
+def collect_files(data: list[Path]) -> list[Path]:
+    files: list[Path] = []
+    for root in data:
+        if root.is_file():
+            files.append(root)
+        else:
+            files.extend(sorted(p for p in root.rglob("*") if p.suffix in SOURCE_SUFFIXES and p.is_file()))
+    return files
+
+
+def tokenize_files(tokenizer, files: list[Path]) -> list[TokenizedFile]:
+    out = []
+    for path in files:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        doc = Document(path.as_uri(), text, language_id=language_for_path(path))
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        out.append(TokenizedFile(path, enc["input_ids"], token_unit_keys(doc, enc["offset_mapping"], str(path))))
+    return out
+
+
+def make_windows(files: list[TokenizedFile], length: int, max_windows: int, seed: int, sep_id: int | None):
+    """Windows of ``length`` tokens: from single long files first, then from the files concatenated
+    in reading order (a whole repository), each with its unit keys."""
+    rng = random.Random(seed + length)
+    windows = []
+    long_files = [f for f in files if len(f.ids) >= length]
+    rng.shuffle(long_files)
+    for f in long_files[: max_windows]:
+        start = rng.randrange(0, len(f.ids) - length + 1)
+        windows.append(("file", f.path.name, f.ids[start : start + length], f.keys[start : start + length]))
+    if len(windows) < max_windows:
+        ids, keys = [], []
+        for f in files:  # reading order: sorted paths
+            if sep_id is not None and ids:
+                ids.append(sep_id)
+                keys.append(("sep", len(ids)))
+            ids.extend(f.ids)
+            keys.extend(f.keys)
+        for k in range(max_windows - len(windows)):
+            if len(ids) < length:
+                break
+            start = rng.randrange(0, len(ids) - length + 1)
+            windows.append(("repo", f"repo@{start}", ids[start : start + length], keys[start : start + length]))
+    return windows
+
+
+def method_config(method: str, train_len: int, length: int, base: RopeMethodConfig) -> RopeMethodConfig:
+    factor = max(1.0, length / train_len)
+    return RopeMethodConfig(method=method if method != "truncate" else "rope", split=base.split, window=base.window,
+                            token_index=base.token_index, unit_size=base.unit_size, group_size=base.group_size,
+                            factor=factor if method in ("ntk", "yarn") else None, query_chunk=base.query_chunk)
+
+
+def positions_for(method: str, keys: list, length: int) -> torch.Tensor:
+    if method == "hirope":
+        return positions_from_unit_keys(keys)[None]
+    if method == "hirope-fixed":
+        return fixed_unit_positions(length)
+    return plain_positions(length)
+
+
+@torch.inference_mode()
+def token_nll(handle, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Negative log-likelihood of tokens 1..T-1 given everything before them, ``[T-1]``."""
+    logits = handle.forward(ids, positions).logits[0, :-1].float()
+    return torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")
+
+
+@torch.inference_mode()
+def truncated_nll(model, ids: torch.Tensor, train_len: int) -> torch.Tensor:
+    """Sliding window: every token predicted from at most ``train_len`` tokens before it (stride L/2)."""
+    T = ids.shape[1]
+    stride = max(1, train_len // 2)
+    nll = torch.empty(T - 1)
+    first = model(ids[:, : min(T, train_len)]).logits[0, :-1].float()
+    n = first.shape[0]
+    nll[:n] = torch.nn.functional.cross_entropy(first, ids[0, 1 : n + 1], reduction="none")
+    done = n  # predictions made for targets 1..done
+    while done < T - 1:
+        end = min(T, done + 1 + stride)  # targets done+1 .. end-1
+        start = max(0, end - train_len)
+        logits = model(ids[:, start:end]).logits[0].float()
+        targets = ids[0, done + 1 : end]
+        preds = logits[done - start : end - start - 1]
+        nll[done : end - 1] = torch.nn.functional.cross_entropy(preds, targets, reduction="none")
+        done = end - 1
+    return nll
+
+
+def eval_perplexity(data: list[Path] | None = None, model: str | None = None, methods=ALL_METHODS,
+                    lengths_x=(1, 4, 16, 32), max_windows: int = 4, seed: int = 0, base: RopeMethodConfig | None = None,
+                    device: str = "cpu") -> dict:
+    lm, tokenizer, fim = load_model(model, device=device, dtype="float32")
+    train_len = trained_length(lm.config)
+    base = base or RopeMethodConfig()
+    files = tokenize_files(tokenizer, collect_files(data or [default_eval_data()]))
+    sep = tokenizer.convert_tokens_to_ids(fim.file_separator) if fim.file_separator else tokenizer.eos_token_id
+    results = []
+    started = time.time()
+    for x in lengths_x:
+        length = int(x * train_len)
+        windows = make_windows(files, length, max_windows, seed, sep)
+        if not windows:
+            log.warning("no window of %d tokens in the data", length)
+            continue
+        for method in methods:
+            total = torch.zeros(0)
+            last = torch.zeros(0)
+            t0 = time.time()
+            for kind, name, ids, keys in windows:
+                ids_t = torch.tensor([ids], device=lm.device)
+                if method == "truncate":
+                    nll = truncated_nll(lm, ids_t, train_len)
+                else:
+                    handle = attach(lm, method_config(method, train_len, length, base))
+                    try:
+                        nll = token_nll(handle, ids_t, positions_for(method, keys, length))
+                    finally:
+                        handle.detach()
+                total = torch.cat([total, nll.cpu()])
+                last = torch.cat([last, nll[-min(len(nll), train_len):].cpu()])
+            row = {"method": method, "length": length, "x": x, "windows": len(windows),
+                   "ppl": math.exp(total.mean().item()), "ppl_last": math.exp(last.mean().item()),
+                   "seconds": time.time() - t0}
+            results.append(row)
+            log.info("%-12s %6d tokens: ppl %.2f, last %.2f (%.0f s)", method, length, row["ppl"], row["ppl_last"],
+                     row["seconds"])
+    return {"train_length": train_len, "model": model or "default", "data": [str(d) for d in (data or [default_eval_data()])],
+            "settings": {"window": base.window, "split": base.split, "token_index": base.token_index},
+            "seconds": time.time() - started, "results": results}
+
+
+def print_table(report: dict, key: str = "ppl") -> None:
+    rows = report["results"]
+    lengths = sorted({r["length"] for r in rows})
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    print(f"perplexity ({key}) by context length; trained on {report['train_length']} tokens")
+    print(f"{'method':<14}" + "".join(f"{n:>10}" for n in lengths))
+    for m in methods:
+        cells = {r["length"]: r[key] for r in rows if r["method"] == m}
+        print(f"{m:<14}" + "".join(f"{cells.get(n, float('nan')):>10.2f}" for n in lengths))
+
+
+def plot(report: dict, out: Path, key: str = "ppl") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    methods = list(dict.fromkeys(r["method"] for r in report["results"]))
+    for m in methods:
+        rows = sorted((r for r in report["results"] if r["method"] == m), key=lambda r: r["length"])
+        ax.plot([r["length"] for r in rows], [r[key] for r in rows], marker="o", label=m,
+                linewidth=2.5 if m.startswith("hirope") or m == "truncate" else 1.2)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.axvline(report["train_length"], color="grey", linestyle=":", label="training length")
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("perplexity" + (" (last L tokens)" if key == "ppl_last" else ""))
+    ax.set_title("Perplexity vs context length")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+# ---- next-line completion (LCC style) ----
+
+
+def levenshtein(a: str, b: str) -> int:
+    previous = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        current = [i]
+        for j, cb in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
+        previous = current
+    return previous[-1]
+
+
+def edit_similarity(a: str, b: str) -> float:
+    if not a and not b:
+        return 1.0
+    return 1.0 - levenshtein(a, b) / max(len(a), len(b))
+
+
+def completion_samples(tokenizer, files: list[Path], prompt_tokens: int, train_len: int, count: int, seed: int):
+    """(file, prompt text, target line) where the target line uses a name last seen beyond the trained window."""
+    import re
+
+    rng = random.Random(seed)
+    ident = re.compile(r"[A-Za-z_][A-Za-z0-9_]{3,}")
+    samples = []
+    candidates = []
+    for path in files:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        lines = text.split("\n")
+        offsets = [0]
+        for line in lines:
+            offsets.append(offsets[-1] + len(line) + 1)
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        if len(enc["input_ids"]) < prompt_tokens:
+            continue
+        starts = [s for s, _ in enc["offset_mapping"]]
+        import bisect
+
+        for n in range(1, len(lines)):
+            target = lines[n].strip()
+            if len(target) < 8 or target.startswith(("#", '"', "'")):
+                continue
+            tok_at = bisect.bisect_left(starts, offsets[n])
+            if tok_at < prompt_tokens:
+                continue
+            prompt = text[: offsets[n]]
+            recent = prompt[starts[max(0, tok_at - train_len)] :]
+            names = set(ident.findall(target))
+            far_only = [w for w in names if w not in recent and w in prompt]
+            candidates.append((bool(far_only), path, prompt, lines[n], tok_at))
+    rng.shuffle(candidates)
+    candidates.sort(key=lambda c: not c[0])  # lines whose names only appear far back first
+    for far, path, prompt, target, _ in candidates[:count]:
+        samples.append({"file": str(path), "prompt": prompt, "target": target, "far": far})
+    return samples
+
+
+def eval_completion(data: list[Path] | None = None, model: str | None = None, methods=("hirope", "truncate", "rope", "rerope"),
+                    prompt_x: int = 4, count: int = 40, seed: int = 0, base: RopeMethodConfig | None = None,
+                    max_new_tokens: int = 32) -> dict:
+    from .completion.context import ContextSettings, PromptBuilder
+    from .model.engine import Engine, EngineSettings, Prompt
+
+    loaded = load_model(model, device="cpu", dtype="float32")
+    lm, tokenizer, fim = loaded
+    train_len = trained_length(lm.config)
+    base = base or RopeMethodConfig()
+    prompt_tokens = prompt_x * train_len
+    samples = completion_samples(tokenizer, collect_files(data or [default_eval_data()]), prompt_tokens, train_len,
+                                 count, seed)
+    results = []
+    for method in methods:
+        budget = train_len - 8 if method == "truncate" else prompt_tokens
+        cfg = method_config(method, train_len, prompt_tokens, base)
+        engine = Engine(EngineSettings(rope=cfg, reuse_cache=False), loaded=loaded)
+        builder = PromptBuilder(tokenizer, fim, ContextSettings(budget_tokens=budget, cross_file=False, suffix_share=0.0))
+        exact, sims, far_sims = 0, [], []
+        for k, s in enumerate(samples):
+            doc = Document(Path(s["file"]).as_uri() + f"#{k}", s["prompt"], language_id=language_for_path(s["file"]))
+            line, character = doc.position_at(len(s["prompt"]))
+            built = builder.build(doc, line, character)
+            if method == "hirope-fixed":
+                built.positions = fixed_unit_positions(len(built.token_ids))[0]
+            elif method != "hirope":
+                built.positions = plain_positions(len(built.token_ids))[0]
+            gen = engine.generate(Prompt(f"s{k}", built.token_ids, built.positions), max_new_tokens,
+                                  should_stop=lambda t: "\n" in t.lstrip("\n"))
+            predicted = gen.text.lstrip("\n").split("\n")[0].strip()
+            truth = s["target"].strip()
+            exact += predicted == truth
+            sim = edit_similarity(predicted, truth)
+            sims.append(sim)
+            if s["far"]:
+                far_sims.append(sim)
+        engine.handle.detach()
+        row = {"method": method, "samples": len(samples), "prompt_tokens": budget, "exact_match": exact / max(1, len(samples)),
+               "edit_similarity": 100 * sum(sims) / max(1, len(sims)),
+               "edit_similarity_far": 100 * sum(far_sims) / max(1, len(far_sims)), "far_samples": len(far_sims)}
+        results.append(row)
+        log.info("%-12s EM %.3f ES %.1f (far-only names: ES %.1f over %d)", method, row["exact_match"],
+                 row["edit_similarity"], row["edit_similarity_far"], row["far_samples"])
+    return {"train_length": train_len, "prompt_tokens": prompt_tokens, "results": results}
+
+
+def save(report: dict, path: Path | None) -> None:
+    if path is not None:
+        path.write_text(json.dumps(report, indent=2))

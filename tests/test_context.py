@@ -1,0 +1,85 @@
+import torch
+
+from hirope_lsp.completion.context import ContextSettings, PromptBuilder
+from hirope_lsp.completion.postprocess import finish, stop_policy
+from hirope_lsp.hierarchy.document import Change, Document
+from hirope_lsp.model.loading import FimFormat, load_model
+from hirope_lsp.workspace.index import WorkspaceIndex
+
+TEXT = "import os\n\n\ndef a():\n    return 1\n\n\ndef b():\n    return os.path.join('x', 'y')\n" * 20
+
+
+def tokenizer():
+    return load_model(None, device="cpu")[1]
+
+
+def builder(order="spm", budget=400, **kw):
+    tok = tokenizer()
+    fim = FimFormat("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>", order, "<|file_sep|>")
+    return tok, PromptBuilder(tok, fim, ContextSettings(budget_tokens=budget, **kw))
+
+
+def test_positions_increase_and_units_follow_the_syntax():
+    tok, b = builder(budget=10000)
+    doc = Document("file:///w/m.py", TEXT, language_id="python")
+    built = b.build(doc, 40, 4)
+    units, token = built.positions[:, 0], built.positions[:, 1]
+    assert torch.equal(token, torch.arange(len(built.token_ids)))
+    assert bool((units[1:] >= units[:-1]).all()), "unit indices never decrease along the prompt"
+    # the file's 80 definitions (and special tokens, suffix/prefix split) give many units
+    assert int(units[-1]) > 40
+    ids = built.token_ids
+    suf, pre, mid = (tok.convert_tokens_to_ids(t) for t in ("<|fim_suffix|>", "<|fim_prefix|>", "<|fim_middle|>"))
+    assert ids[0] == suf and ids[-1] == mid and pre in ids, "suffix first, then prefix, then middle"
+    assert tok.decode(ids[ids.index(pre) + 1 : -1]) == built.prefix_text
+
+
+def test_budget_is_kept_and_the_prefix_start_is_stable_while_typing():
+    tok, b = builder(budget=300)
+    doc = Document("file:///w/m.py", TEXT, language_id="python")
+    line = 150
+    first = b.build(doc, line, 0)
+    assert len(first.token_ids) <= 300
+    starts = {first.prefix_start}
+    for k, ch in enumerate("value = compute(1)"):
+        doc.apply_changes([Change(ch, ((line, k), (line, k)))], k + 2)
+        built = b.build(doc, line, k + 1)
+        assert len(built.token_ids) <= 300
+        starts.add(built.prefix_start)
+    assert len(starts) == 1, "the kept prefix does not slide on every keystroke"
+
+
+def test_psm_layout_and_plain_text_units():
+    tok, b = builder(order="psm", budget=2000, fixed_unit=16)
+    doc = Document("file:///w/notes.txt", "word " * 200)
+    built = b.build(doc, 0, 500)
+    assert built.token_ids[0] == tok.convert_tokens_to_ids("<|fim_prefix|>")
+    units = built.positions[:, 0]
+    assert bool((units[1:] >= units[:-1]).all()) and int(units[-1]) >= 6
+
+
+def test_cross_file_definitions_of_names_near_the_cursor(tmp_path):
+    (tmp_path / "helpers.py").write_text("def clamp(value, low, high):\n    return max(low, min(value, high))\n")
+    (tmp_path / "other.py").write_text("def unrelated():\n    pass\n")
+    index = WorkspaceIndex([tmp_path])
+    index.scan()
+    tok, b = builder(budget=1000)
+    doc = Document((tmp_path / "main.py").as_uri(), "from helpers import clamp\n\nx = clamp(", language_id="python")
+    built = b.build(doc, 2, 10, index)
+    assert built.context_names == ["clamp"]
+    assert "return max(low, min(value, high))" in tok.decode(built.token_ids)
+    assert "unrelated" not in tok.decode(built.token_ids)
+
+
+def test_stop_rules():
+    single = stop_policy("x = compute(", ")\nprint(x)\n")
+    assert not single.multiline
+    assert finish(single, "a, b)\nprint(x)") == "a, b"  # the closing bracket already follows the cursor
+    assert single.should_stop("a)\n") and not single.should_stop("a, b")
+    block = stop_policy("def f(x):", "\n\nprint(f(1))\n")
+    assert block.multiline
+    assert finish(block, "\n    y = x + 1\n    return y\nprint(f(1))\n") == "\n    y = x + 1\n    return y"
+    assert finish(block, "\n    y = x\n\n\nprint(f(1))\n") == "\n    y = x"
+    assert finish(stop_policy("x = ", ""), "   \n") == ""
+    never = stop_policy("def f(x):", "", mode="never")
+    assert finish(never, "\n    return x") == ""

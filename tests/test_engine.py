@@ -1,0 +1,115 @@
+"""The engine on the embedded default model: KV reuse gives what a fresh computation gives."""
+
+import pytest
+import torch
+
+from hirope_lsp.completion.context import ContextSettings, PromptBuilder
+from hirope_lsp.hierarchy.document import Document
+from hirope_lsp.model.engine import Cancelled, Engine, EngineSettings, Prompt
+from hirope_lsp.model.loading import ModelLoadError, load_model
+from hirope_lsp.model.rope import RopeMethodConfig
+
+SOURCE = '''import os
+
+
+def list_files(directory):
+    """Every file under directory."""
+    result = []
+    for root, dirs, files in os.walk(directory):
+        for name in files:
+            result.append(os.path.join(root, name))
+    return result
+
+
+class Counter:
+    def __init__(self):
+        self.count = 0
+
+    def increment(self):
+        self.count += 1
+        return self.
+'''
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return load_model(None, device="cpu", dtype="float32")
+
+
+def engine_for(loaded, **rope):
+    cfg = RopeMethodConfig(window=16, **rope)
+    return Engine(EngineSettings(rope=cfg, prefill_chunk=64), loaded=loaded)
+
+
+def prompt_for(engine, text, line, character, budget=600):
+    doc = Document("file:///w/m.py", text, language_id="python")
+    builder = PromptBuilder(engine.tokenizer, engine.fim, ContextSettings(budget_tokens=budget))
+    built = builder.build(doc, line, character)
+    return Prompt("file:///w/m.py", built.token_ids, built.positions)
+
+
+def test_default_model_loads_offline_and_completes(loaded, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model, tokenizer, fim = load_model(None, device="cpu")
+    assert model.config.model_type == "llama" and fim.available
+    engine = Engine(EngineSettings(), loaded=(model, tokenizer, fim))
+    gen = engine.generate(prompt_for(engine, SOURCE, 18, 20), max_new_tokens=8)
+    assert gen.token_ids, "the default model continues a Python prefix"
+
+
+def test_reuse_gives_the_same_completion_as_from_scratch(loaded):
+    engine = engine_for(loaded)
+    first = prompt_for(engine, SOURCE, 18, 20)
+    engine.generate(first, max_new_tokens=6)
+    # the user types "co": the next prompt shares most of its tokens with the first
+    edited = SOURCE.rstrip("\n") + "co\n"
+    second = prompt_for(engine, edited, 18, 22)
+    with_reuse = engine.generate(second, max_new_tokens=12)
+    assert with_reuse.reused_tokens > 0.8 * len(second.token_ids)
+    fresh_engine = Engine(EngineSettings(rope=engine.settings.rope, reuse_cache=False), loaded=loaded)
+    from_scratch = fresh_engine.generate(second, max_new_tokens=12)
+    assert from_scratch.reused_tokens == 0
+    assert with_reuse.token_ids == from_scratch.token_ids
+
+
+def test_cached_logits_equal_a_full_forward(loaded):
+    engine = engine_for(loaded)
+    p = prompt_for(engine, SOURCE, 18, 20)
+    engine.generate(p, max_new_tokens=1)
+    slot = engine.pool.slots[p.key]
+    ids = torch.tensor([p.token_ids])
+    full = engine.handle.forward(ids, p.positions[None]).logits[0, -1]
+    engine.pool.acquire(p.key, p.token_ids, p.positions)  # cut back to all but the last token
+    last = engine.handle.forward(ids[:, -1:], p.positions[None], past_key_values=slot.cache).logits[0, -1]
+    assert torch.allclose(full, last, atol=1e-4)
+
+
+def test_cancellation_stops_generation(loaded):
+    engine = engine_for(loaded)
+    calls = []
+
+    def cancelled():
+        calls.append(1)
+        return len(calls) > 3
+
+    with pytest.raises(Cancelled):
+        engine.generate(prompt_for(engine, SOURCE, 18, 20), max_new_tokens=50, cancelled=cancelled)
+    # the pool is left consistent: the next request works
+    assert engine.generate(prompt_for(engine, SOURCE, 18, 20), max_new_tokens=2).token_ids is not None
+
+
+def test_cache_budget_evicts_least_recently_used(loaded):
+    engine = engine_for(loaded)
+    engine.pool.budget_bytes = 1
+    a = prompt_for(engine, SOURCE, 18, 20)
+    engine.generate(Prompt("a", a.token_ids, a.positions), max_new_tokens=1)
+    engine.generate(Prompt("b", a.token_ids, a.positions), max_new_tokens=1)
+    assert list(engine.pool.slots) == ["b"] and engine.pool.counters.evictions == 1
+
+
+def test_missing_model_directory_is_a_clear_error():
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_model("/nonexistent/model/dir")
+    with pytest.raises(ModelLoadError, match="downloads are off"):
+        load_model("some-org/some-model-that-is-not-cached")
+

@@ -1,0 +1,51 @@
+import json
+import math
+
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from hirope_lsp import evaluate
+from hirope_lsp.train import TrainConfig, train
+
+TINY = dict(vocab_size=300, hidden_size=32, layers=1, heads=2, intermediate_size=64, context=32, batch_size=4,
+            warmup=2, lr=3e-3, checkpoint_every=5, held_out_percent=10, max_files=40)
+
+
+def test_training_smoke_loss_falls_resumes_and_exports(tmp_path):
+    run = tmp_path / "run"
+    first = train(run, TrainConfig(**TINY, steps=10))
+    log = [json.loads(line) for line in (run / "loss.jsonl").read_text().splitlines()]
+    assert first["step"] == 10 and len(log) == 10
+    assert sum(r["loss"] for r in log[-3:]) < sum(r["loss"] for r in log[:3]), "the loss falls"
+    export = tmp_path / "export"
+    second = train(run, TrainConfig(**TINY, steps=15), export=export)
+    log = [json.loads(line) for line in (run / "loss.jsonl").read_text().splitlines()]
+    assert second["step"] == 15 and [r["step"] for r in log] == list(range(1, 16)), "resumed at step 10"
+    model = AutoModelForCausalLM.from_pretrained(export)
+    tokenizer = AutoTokenizer.from_pretrained(export)
+    assert model.config.max_position_embeddings == 32
+    assert "<|fim_middle|>" in tokenizer.get_vocab()
+    assert json.loads((export / "training.json").read_text())["fim_order"] == "spm"
+
+
+def test_perplexity_evaluation_smoke(tmp_path):
+    data = evaluate.default_eval_data()
+    report = evaluate.eval_perplexity([data], None, ("rope", "hirope", "truncate"), (1, 2), max_windows=1)
+    assert {r["method"] for r in report["results"]} == {"rope", "hirope", "truncate"}
+    for row in report["results"]:
+        assert math.isfinite(row["ppl"]) and row["ppl"] > 1
+    by = {(r["method"], r["x"]): r["ppl"] for r in report["results"]}
+    assert abs(by[("rope", 1)] - by[("truncate", 1)]) < 1e-3, "within the trained length truncation changes nothing"
+    evaluate.plot(report, tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_completion_evaluation_smoke():
+    report = evaluate.eval_completion(None, None, ("hirope", "truncate"), prompt_x=2, count=2)
+    assert [r["method"] for r in report["results"]] == ["hirope", "truncate"]
+    assert all(0 <= r["edit_similarity"] <= 100 for r in report["results"])
+
+
+def test_edit_similarity():
+    assert evaluate.levenshtein("kitten", "sitting") == 3
+    assert evaluate.edit_similarity("abc", "abc") == 1.0
+    assert evaluate.edit_similarity("", "abcd") == 0.0
