@@ -19,6 +19,7 @@ class RawClient:
                                      cwd=cwd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         self.messages: queue.Queue = queue.Queue()
         self.notifications: list[dict] = []
+        self.responses: dict = {}
         self._next_id = 0
         threading.Thread(target=self._read, daemon=True).start()
         threading.Thread(target=self._drain_stderr, daemon=True).start()
@@ -59,6 +60,8 @@ class RawClient:
         self.send({"jsonrpc": "2.0", "method": method, "params": params})
 
     def response(self, request_id, timeout: float = 120.0) -> dict:
+        if request_id in self.responses:
+            return self.responses.pop(request_id)
         deadline = time.time() + timeout
         while time.time() < deadline:
             try:
@@ -73,7 +76,7 @@ class RawClient:
                 continue
             if msg.get("id") == request_id:
                 return msg
-            self.notifications.append(msg)  # a response for another id (kept for inspection)
+            self.responses[msg.get("id")] = msg  # a response to another request, kept for its caller
         raise TimeoutError(f"no response to {request_id} within {timeout} s")
 
     def call(self, method: str, params, timeout: float = 120.0) -> dict:

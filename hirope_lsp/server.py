@@ -9,6 +9,7 @@ result for an older document version is dropped.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import threading
@@ -393,6 +394,15 @@ def status(ls: HiropeServer, params):
         "reusedTokens": counters.reused_tokens if counters else 0,
         "computedTokens": counters.computed_tokens if counters else 0,
     }
+
+
+@handler("hirope/documentState")
+def document_state(ls: HiropeServer, params):
+    """The server's view of a document (version and a digest of its text): lets clients and tests
+    check that nothing the user typed was lost or altered."""
+    uri = params.uri if hasattr(params, "uri") else (params or {}).get("uri")
+    doc = ls.document(uri)
+    return {"version": doc.version, "sha1": hashlib.sha1(doc.text.encode("utf-8")).hexdigest(), "lines": doc.line_count}
 
 
 def create_server(settings: Settings | None = None) -> HiropeServer:

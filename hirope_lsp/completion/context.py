@@ -88,11 +88,13 @@ class PromptBuilder:
     def _prefix_start_line(self, doc: Document, cursor: int, cursor_line: int, budget: int) -> int:
         """A start line for the kept prefix that stays put while typing (cache-friendly): moved
         forward only when the prefix overflows, back when it shrank below half; then ~80 % full."""
-        start = min(self._prefix_starts.get(doc.uri, 0), cursor_line)
-        if start > 0:
+        # never tokenize more than ~16 characters per budget token (huge files, minified lines)
+        earliest = int(np.searchsorted(doc.line_char, max(0, cursor - 16 * budget), side="left"))
+        start = min(max(self._prefix_starts.get(doc.uri, 0), earliest), cursor_line)
+        if start > earliest:
             ids, _ = self._encode(doc.text[int(doc.line_char[start]) : cursor])
             if len(ids) < budget // 2:
-                start = 0
+                start = earliest
         ids, offsets = self._encode(doc.text[int(doc.line_char[start]) : cursor])
         if len(ids) > budget:
             drop = len(ids) - int(budget * 0.8)
@@ -116,7 +118,7 @@ class PromptBuilder:
         suffix_part = None
         suffix_text = ""
         if suffix_budget:
-            suffix_text = doc.text[cursor:]
+            suffix_text = doc.text[cursor : cursor + 16 * suffix_budget]
             suffix_part = self._file_part("suffix", doc, suffix_text, cursor)
             if len(suffix_part.ids) > suffix_budget:
                 suffix_part.ids = suffix_part.ids[:suffix_budget]
@@ -129,7 +131,7 @@ class PromptBuilder:
         # the kept prefix starts no later than the line of its last character (never empty at a line start)
         last_line = doc.position_at(cursor - 1)[0] if cursor > 0 else 0
         start_line = self._prefix_start_line(doc, cursor, last_line, prefix_budget)
-        start_char = int(doc.line_char[start_line])
+        start_char = max(int(doc.line_char[start_line]), cursor - 16 * prefix_budget)  # a huge single line
         prefix_text = doc.text[start_char:cursor]
         prefix_part = self._file_part("prefix", doc, prefix_text, start_char)
         if len(prefix_part.ids) > prefix_budget:  # a single very long line: keep its end
