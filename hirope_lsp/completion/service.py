@@ -7,6 +7,8 @@ import logging
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
+
 from ..hierarchy.document import Document
 from ..model.engine import Engine, Generation, Prompt
 from ..workspace.index import WorkspaceIndex
@@ -54,7 +56,17 @@ class CompletionService:
         return CompletionJob(doc.uri, doc.version, line, character, prompt, policy, built)
 
     def run(self, job: CompletionJob, cancelled: Callable[[], bool] | None = None) -> CompletionResult:
-        generation = self.engine.generate(job.prompt, self.max_new_tokens, job.policy.should_stop, cancelled)
+        try:
+            generation = self.engine.generate(job.prompt, self.max_new_tokens, job.policy.should_stop, cancelled)
+        except torch.OutOfMemoryError:
+            # degrade instead of failing: drop the kept KV state and retry with the last half of the prompt
+            log.warning("out of memory for a %d-token prompt: cache cleared, retrying with half the context",
+                        len(job.prompt.token_ids))
+            self.engine.pool.clear()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            generation = self.engine.generate(shorter(job.prompt), self.max_new_tokens, job.policy.should_stop,
+                                              cancelled)
         text = finish(job.policy, generation.text, final=True) or ""
         log.info("completion %s v%d: reused %d, computed %d tokens, %.0f ms, stop %s, %d chars",
                  job.uri, job.version, generation.reused_tokens, generation.computed_tokens,
@@ -63,3 +75,11 @@ class CompletionService:
 
     def complete(self, doc: Document, line: int, character: int) -> CompletionResult:
         return self.run(self.prepare(doc, line, character))
+
+
+def shorter(prompt: Prompt) -> Prompt:
+    """The last half of a prompt, its positions re-based to start at zero."""
+    keep = max(1, len(prompt.token_ids) // 2)
+    positions = prompt.positions[-keep:].clone()
+    positions -= positions[0].clone()
+    return Prompt(prompt.key + "#short", prompt.token_ids[-keep:], positions)
