@@ -11,4 +11,4 @@ class Circle:
         return math.pi * self.radius ** 2
 
     def circumference(self):
-        
+        return 2 * math.pi * self.

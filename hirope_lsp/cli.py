@@ -17,6 +17,7 @@ def _add_train(sub) -> None:
     p.add_argument("--export", type=Path, default=None, help="write a HuggingFace model directory here at the end")
     p.add_argument("--tiny", action="store_true", help="a tiny configuration for smoke tests")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--curve", type=Path, default=None, help="save the loss curve (PNG) at the end")
 
 
 def _run_train(args) -> int:
@@ -36,6 +37,10 @@ def _run_train(args) -> int:
     cfg.max_minutes = args.max_minutes
     summary = train(args.run_dir, cfg, export=args.export)
     print(json.dumps(summary, indent=2))
+    if args.curve:
+        from .train import plot_loss_curve
+
+        plot_loss_curve(args.run_dir, args.curve)
     return 0
 
 

@@ -291,3 +291,32 @@ def export_model(model, tokenizer, out_dir: Path, cfg: TrainConfig, summary: dic
     # the server lays prompts out suffix-first for this model (the growing prefix last: KV reuse)
     info = {"recipe": asdict(cfg), "fim_order": "spm" if cfg.spm_rate > 0 else "psm", **summary}
     (out_dir / "training.json").write_text(json.dumps(info, indent=2))
+
+
+def plot_loss_curve(run_dir: Path, out: Path) -> None:
+    """Training and held-out loss by step (the last record of a step wins: resumed runs repeat steps)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records: dict[int, dict] = {}
+    for line in (run_dir / "loss.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        records[r["step"]] = {**records.get(r["step"], {}), **r}
+    steps = sorted(records)
+    window = 25
+    losses = [records[s]["loss"] for s in steps]
+    smooth = [sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
+              for i in range(len(losses))]
+    held = [(s, records[s]["held_out_loss"]) for s in steps if "held_out_loss" in records[s]]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, losses, alpha=0.25, color="tab:blue")
+    ax.plot(steps, smooth, color="tab:blue", label=f"training loss ({window}-step mean)")
+    ax.plot([s for s, _ in held], [v for _, v in held], marker="o", color="tab:orange", label="held-out loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title("Default model training")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
