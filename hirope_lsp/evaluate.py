@@ -37,11 +37,15 @@ class TokenizedFile:
     keys: list  # a unit key per token
 
 
-def default_eval_data() -> Path:
-    """Code never seen in training: an installed third-party package (transformers' models)."""
+EVAL_PACKAGES = ("models/llama", "models/mistral", "models/gpt2", "models/bert", "models/t5", "generation")
+
+
+def default_eval_data() -> list[Path]:
+    """Code never seen in training, present wherever hirope-lsp is installed: parts of transformers."""
     import transformers
 
-    return Path(transformers.__file__).parent / "models" / "llama"
+    root = Path(transformers.__file__).parent
+    return [root / p for p in EVAL_PACKAGES if (root / p).exists()]
 
 
 def collect_files(data: list[Path]) -> list[Path]:
@@ -142,7 +146,7 @@ def eval_perplexity(data: list[Path] | None = None, model: str | None = None, me
     lm, tokenizer, fim = load_model(model, device=device, dtype="float32")
     train_len = trained_length(lm.config)
     base = base or RopeMethodConfig()
-    files = tokenize_files(tokenizer, collect_files(data or [default_eval_data()]))
+    files = tokenize_files(tokenizer, collect_files(data or default_eval_data()))
     sep = tokenizer.convert_tokens_to_ids(fim.file_separator) if fim.file_separator else tokenizer.eos_token_id
     results = []
     started = time.time()
@@ -174,7 +178,7 @@ def eval_perplexity(data: list[Path] | None = None, model: str | None = None, me
             results.append(row)
             log.info("%-12s %6d tokens: ppl %.2f, last %.2f (%.0f s)", method, length, row["ppl"], row["ppl_last"],
                      row["seconds"])
-    return {"train_length": train_len, "model": model or "default", "data": [str(d) for d in (data or [default_eval_data()])],
+    return {"train_length": train_len, "model": model or "default", "data": [str(d) for d in (data or default_eval_data())],
             "settings": {"window": base.window, "split": base.split, "token_index": base.token_index},
             "seconds": time.time() - started, "results": results}
 
@@ -285,7 +289,7 @@ def eval_completion(data: list[Path] | None = None, model: str | None = None, me
     train_len = trained_length(lm.config)
     base = base or RopeMethodConfig()
     prompt_tokens = prompt_x * train_len
-    samples = completion_samples(tokenizer, collect_files(data or [default_eval_data()]), prompt_tokens, train_len,
+    samples = completion_samples(tokenizer, collect_files(data or default_eval_data()), prompt_tokens, train_len,
                                  count, seed)
     results = []
     for method in methods:

@@ -1,5 +1,13 @@
 #!/usr/bin/env bash
-# The test suite (CPU). GPU-only tests are marked `gpu` and skip without CUDA.
+# All tests on the CPU: the Python suite (unit, end-to-end over stdio, headless Neovim), then the
+# VS Code extension's compile, lint, unit tests and end-to-end script. GPU-only tests skip without CUDA.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+.venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+if command -v npm >/dev/null 2>&1 && [ -d editors/vscode/node_modules ]; then
+  cd editors/vscode
+  npm run --silent compile
+  npm run --silent lint
+  npm test --silent
+  HIROPE_PYTHON="$(pwd)/../../.venv/bin/python" npm run --silent e2e
+fi

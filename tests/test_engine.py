@@ -75,7 +75,7 @@ def test_reuse_gives_the_same_completion_as_from_scratch(loaded):
 def test_cached_logits_equal_a_full_forward(loaded):
     engine = engine_for(loaded)
     p = prompt_for(engine, SOURCE, 18, 20)
-    engine.generate(p, max_new_tokens=1)
+    engine.generate(p, max_new_tokens=1, heal=False)
     slot = engine.pool.slots[p.key]
     ids = torch.tensor([p.token_ids])
     full = engine.handle.forward(ids, p.positions[None]).logits[0, -1]
@@ -113,3 +113,15 @@ def test_missing_model_directory_is_a_clear_error():
     with pytest.raises(ModelLoadError, match="downloads are off"):
         load_model("some-org/some-model-that-is-not-cached")
 
+
+
+def test_token_healing_backs_off_a_bare_newline(loaded):
+    engine = engine_for(loaded)
+    text = "def f(x):\n"
+    ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+    positions = torch.stack([torch.zeros(len(ids), dtype=torch.long), torch.arange(len(ids))], -1)
+    healed_ids, healed_pos, removed, allowed = engine.heal(ids, positions)
+    assert removed == "\n" and healed_ids == ids[:-1] and len(healed_pos) == len(ids) - 1
+    assert all(engine.token_texts()[i].startswith("\n") for i in allowed.tolist())
+    gen = engine.generate(Prompt("h", ids, positions), max_new_tokens=4)
+    assert not gen.text.startswith("\n"), "the healed newline is not repeated in the completion"

@@ -28,7 +28,7 @@ def test_training_smoke_loss_falls_resumes_and_exports(tmp_path):
 
 
 def test_perplexity_evaluation_smoke(tmp_path):
-    data = evaluate.default_eval_data()
+    data = evaluate.default_eval_data()[0]
     report = evaluate.eval_perplexity([data], None, ("rope", "hirope", "truncate"), (1, 2), max_windows=1)
     assert {r["method"] for r in report["results"]} == {"rope", "hirope", "truncate"}
     for row in report["results"]:

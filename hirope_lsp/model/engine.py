@@ -65,12 +65,41 @@ class Engine:
         self.train_length = trained_length(self.model.config)
         self.pool = KVCachePool(self.model.config, settings.cache_budget_mb << 20, settings.reuse_cache)
         self.lock = threading.Lock()  # one inference at a time
+        self._token_texts: list[str] | None = None
         eos = self.tokenizer.eos_token_id
         self.eos_ids = {eos} if eos is not None else set()
         for name in ("<|endoftext|>", "<|file_sep|>", "<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>", "<|im_end|>"):
             tid = self.tokenizer.get_vocab().get(name)
             if tid is not None:
                 self.eos_ids.add(tid)
+
+    def token_texts(self) -> list[str]:
+        """The text of every token on its own (built once; used for token healing)."""
+        if self._token_texts is None:
+            self._token_texts = [self.tokenizer.decode([i]) for i in range(len(self.tokenizer))]
+        return self._token_texts
+
+    def heal(self, ids: list[int], positions: torch.Tensor):
+        """Token healing: a prompt cut at the cursor ends on a token the model rarely saw there (a bare
+        newline before indentation, half a word).  Back off that token and let the first generated token
+        be any token that starts with its text.  Returns (ids, positions, healed text, allowed ids)."""
+        special = set(self.tokenizer.all_special_ids)
+        at = len(ids) - 1
+        if at >= 0 and ids[at] in special:
+            at -= 1  # a fill-in-the-middle prompt ends with its middle token: heal the prefix's last token
+        if at < 1 or ids[at] in special:
+            return ids, positions, "", None
+        texts = self.token_texts()
+        removed = texts[ids[at]]
+        if not removed or "\ufffd" in removed:
+            return ids, positions, "", None
+        allowed = [i for i, t in enumerate(texts) if t.startswith(removed) and i not in special]
+        if len(allowed) <= 1:
+            return ids, positions, "", None
+        new_ids = ids[:at] + ids[at + 1 :]
+        tail = positions[at + 1 :].clone()
+        tail[:, -1] -= 1
+        return new_ids, torch.cat([positions[:at], tail]), removed, torch.tensor(allowed)
 
     @property
     def description(self) -> str:
@@ -87,7 +116,7 @@ class Engine:
     @torch.inference_mode()
     def generate(self, prompt: Prompt, max_new_tokens: int,
                  should_stop: Callable[[str], bool] | None = None,
-                 cancelled: Callable[[], bool] | None = None) -> Generation:
+                 cancelled: Callable[[], bool] | None = None, heal: bool = True) -> Generation:
         """Greedy continuation of ``prompt``; ``should_stop(text)`` ends it early, ``cancelled()`` aborts
         (raising Cancelled) between any two model steps."""
         cancelled = cancelled or (lambda: False)
@@ -95,6 +124,9 @@ class Engine:
         ids, positions = prompt.token_ids, prompt.positions.to(torch.long)
         if not ids:
             raise ValueError("empty prompt")
+        healed, allowed = "", None
+        if heal:
+            ids, positions, healed, allowed = self.heal(ids, positions)
         with self.lock:
             slot, reused = self.pool.acquire(prompt.key, ids, positions)
             try:
@@ -116,12 +148,17 @@ class Engine:
                 for step in range(max_new_tokens):
                     if cancelled():
                         raise Cancelled()
-                    next_id = int(logits[0, -1].argmax())
+                    scores = logits[0, -1]
+                    if step == 0 and allowed is not None:
+                        masked = torch.full_like(scores, float("-inf"))
+                        masked[allowed] = scores[allowed]
+                        scores = masked
+                    next_id = int(scores.argmax())
                     if next_id in self.eos_ids:
                         stopped_by = "eos"
                         break
                     out.append(next_id)
-                    text = self.tokenizer.decode(out, skip_special_tokens=True)
+                    text = self.tokenizer.decode(out, skip_special_tokens=True)[len(healed):]
                     if should_stop is not None and should_stop(text):
                         stopped_by = "rule"
                         break
@@ -135,5 +172,5 @@ class Engine:
             finally:
                 self.pool.release(slot, slot.token_ids or ids[:reused], slot.positions if slot.positions is not None
                                   else positions[:reused])
-        text = self.tokenizer.decode(out, skip_special_tokens=True)
+        text = self.tokenizer.decode(out, skip_special_tokens=True)[len(healed):]
         return Generation(out, text, reused, len(ids) - reused, time.perf_counter() - start, stopped_by)
