@@ -272,8 +272,10 @@ def completion_samples(tokenizer, files: list[Path], prompt_tokens: int, train_l
             far_only = [w for w in names if w not in recent and w in prompt]
             candidates.append((bool(far_only), path, prompt, lines[n], tok_at))
     rng.shuffle(candidates)
-    candidates.sort(key=lambda c: not c[0])  # lines whose names only appear far back first
-    for far, path, prompt, target, _ in candidates[:count]:
+    # half the lines use a name seen only beyond the trained window (where the far context must help)
+    far = [c for c in candidates if c[0]][: count // 2]
+    near = [c for c in candidates if not c[0]][: count - len(far)]
+    for far, path, prompt, target, _ in far + near:
         samples.append({"file": str(path), "prompt": prompt, "target": target, "far": far})
     return samples
 
