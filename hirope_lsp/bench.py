@@ -23,7 +23,7 @@ def _bench_model(device: str):
     return LlamaForCausalLM._from_config(config, attn_implementation="sdpa", dtype=dtype).to(device).eval()
 
 
-def _attention_child(method: str, length: int, repeats: int, device: str) -> dict:
+def _attention_child(method: str, length: int, repeats: int, device: str, query_chunk: int = 1024) -> dict:
     import resource
 
     import torch
@@ -35,7 +35,7 @@ def _attention_child(method: str, length: int, repeats: int, device: str) -> dic
     model = _bench_model(device)
     ids = torch.randint(0, 4096, (1, length), device=device)
     positions = fixed_unit_positions(length, 128)
-    handle = attach(model, RopeMethodConfig(method=method, window=128, split=0.4))
+    handle = attach(model, RopeMethodConfig(method=method, window=256, split=0.4, query_chunk=query_chunk))
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -55,14 +55,15 @@ def _attention_child(method: str, length: int, repeats: int, device: str) -> dic
     return {"method": method, "length": length, "seconds": min(times[1:]), "peak_mib": round(peak, 1)}
 
 
-def bench_attention(lengths: list[int], repeats: int = 2, device: str = "cpu") -> dict:
+def bench_attention(lengths: list[int], repeats: int = 2, device: str = "cpu", query_chunk: int = 256) -> dict:
     rows = []
     print(f"{'length':>7} {'rope s':>8} {'hirope s':>9} {'time x':>7} {'rope MiB':>9} {'hirope MiB':>11}")
     for length in lengths:
         row = {"length": length}
         for method in ("rope", "hirope"):
             out = subprocess.run(
-                [sys.executable, "-m", "hirope_lsp.bench", "attention-child", method, str(length), str(repeats), device],
+                [sys.executable, "-m", "hirope_lsp.bench", "attention-child", method, str(length), str(repeats), device,
+                 str(query_chunk)],
                 capture_output=True, text=True, check=True,
             )
             result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -72,13 +73,14 @@ def bench_attention(lengths: list[int], repeats: int = 2, device: str = "cpu") -
         rows.append(row)
         print(f"{length:>7} {row['rope_seconds']:>8.3f} {row['hirope_seconds']:>9.3f} {row['time_ratio']:>7.2f} "
               f"{row['rope_peak_mib']:>9.1f} {row['hirope_peak_mib']:>11.1f}", flush=True)
-    return {"device": device, "model": "llama 4x256, 4 heads of 64, window 128, 128-token units", "rows": rows}
+    return {"device": device, "query_chunk": query_chunk,
+            "model": "llama 4x256, 4 heads of 64, trained length 512, window 256, 128-token units", "rows": rows}
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "attention-child":
         method, length, repeats, device = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
-        print(json.dumps(_attention_child(method, length, repeats, device)))
+        print(json.dumps(_attention_child(method, length, repeats, device, int(sys.argv[6]))))
 
 
 def _rss_mib() -> float:

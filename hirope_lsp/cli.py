@@ -51,6 +51,7 @@ def _add_bench(sub) -> None:
     a.add_argument("--lengths", default="1024,4096,8192,16384")
     a.add_argument("--repeats", type=int, default=2)
     a.add_argument("--device", default="cpu")
+    a.add_argument("--query-chunk", type=int, default=256)
     a.add_argument("--json", type=Path, default=None)
     t = bsub.add_parser("typing", help="replay typing against the real server, reuse on and off")
     t.add_argument("--keystrokes", type=int, default=40)
@@ -68,7 +69,8 @@ def _run_bench(args) -> int:
     if args.bench == "attention":
         from .bench import bench_attention
 
-        result = bench_attention([int(x) for x in args.lengths.split(",")], repeats=args.repeats, device=args.device)
+        result = bench_attention([int(x) for x in args.lengths.split(",")], repeats=args.repeats, device=args.device,
+                                 query_chunk=args.query_chunk)
     elif args.bench == "typing":
         from .bench import bench_typing
 

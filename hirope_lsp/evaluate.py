@@ -22,7 +22,7 @@ from .hierarchy.languages import language_for_path
 from .hierarchy.positions import positions_from_unit_keys, token_unit_keys
 from .model.loading import load_model
 from .model.patch import attach, trained_length
-from .model.rope import RopeMethodConfig, fixed_unit_positions, plain_positions
+from .model.rope import RopeMethodConfig, default_window, fixed_unit_positions, plain_positions
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +99,11 @@ def make_windows(files: list[TokenizedFile], length: int, max_windows: int, seed
 
 def method_config(method: str, train_len: int, length: int, base: RopeMethodConfig) -> RopeMethodConfig:
     factor = max(1.0, length / train_len)
+    window = base.window or default_window(train_len)
+    # Self-Extend as its authors size it: groups large enough that the far positions fit the trained range
+    group = max(base.group_size, math.ceil(length / max(1, train_len - window)))
     return RopeMethodConfig(method=method if method != "truncate" else "rope", split=base.split, window=base.window,
-                            token_index=base.token_index, unit_size=base.unit_size, group_size=base.group_size,
+                            token_index=base.token_index, unit_size=base.unit_size, group_size=group,
                             factor=factor if method in ("ntk", "yarn") else None, query_chunk=base.query_chunk)
 
 

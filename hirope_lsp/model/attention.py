@@ -33,8 +33,9 @@ class AttentionPlan:
     query_sin: torch.Tensor
     key_cos: torch.Tensor  # [B, T, D] far turn of the keys
     key_sin: torch.Tensor
-    query_chunk: int = 1024
+    query_chunk: int = 256
     blocks: dict = field(default_factory=dict)  # (a, b) -> [KeyBlock], filled by the first layer
+    far_keys: "FarKeyStore | None" = None  # far-turned keys kept with the KV cache across forwards
 
     @property
     def keys_sorted(self) -> bool:
@@ -185,13 +186,43 @@ def chunk_blocks(plan: AttentionPlan, a: int, b: int) -> list[KeyBlock]:
     return blocks
 
 
-def windowed_attention(query, key, value, plan: AttentionPlan, scale: float) -> torch.Tensor:
+class FarKeyStore:
+    """Far-turned keys of cached tokens, per layer, kept beside a KV cache so a decoding step turns
+    only its new keys.  Valid while the cache's prefix (tokens and positions) is unchanged: the
+    caller cuts it back to the cache length before every forward."""
+
+    def __init__(self):
+        self.keys: dict[int, torch.Tensor] = {}
+
+    def truncate(self, length: int) -> None:
+        for layer, k in list(self.keys.items()):
+            if k.shape[-2] > length:
+                self.keys[layer] = k[..., :length, :]
+
+    def far_keys(self, layer: int, key: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
+        have = self.keys.get(layer)
+        n = 0 if have is None else have.shape[-2]
+        if n > key.shape[-2]:
+            have, n = have[..., : key.shape[-2], :], key.shape[-2]
+        fresh = turn(key[..., n:, :], plan.key_cos[:, n:], plan.key_sin[:, n:])
+        far = fresh if have is None or n == 0 else torch.cat([have, fresh], dim=-2)
+        self.keys[layer] = far
+        return far
+
+    def nbytes(self) -> int:
+        return sum(k.numel() * k.element_size() for k in self.keys.values())
+
+
+def windowed_attention(query, key, value, plan: AttentionPlan, scale: float, layer: int | None = None) -> torch.Tensor:
     """Attention output ``[B, S, Hq, D]`` for plain-rotated ``query`` ``[B, Hq, S, D]``,
     ``key``/``value`` ``[B, Hkv, T, D]``: plain scores within ``plan.window``, far scores beyond."""
     B, Hq, S, D = query.shape
     Hkv = key.shape[1]
     G = Hq // Hkv
-    far_key = turn(key, plan.key_cos, plan.key_sin)
+    if plan.far_keys is not None and layer is not None:
+        far_key = plan.far_keys.far_keys(layer, key, plan)
+    else:
+        far_key = turn(key, plan.key_cos, plan.key_sin)
     far_query = turn(query, plan.query_cos, plan.query_sin)
     out = torch.empty(B, Hq, S, D, dtype=query.dtype, device=query.device)
     chunk = max(1, plan.query_chunk // G)

@@ -36,10 +36,14 @@ class CacheSlot:
             for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
                 if isinstance(t, torch.Tensor):
                     total += t.numel() * t.element_size()
-        return total
+        far = getattr(self.cache, "hirope_far_keys", None)
+        return total + (far.nbytes() if far is not None else 0)
 
     def truncate(self, length: int) -> None:
         truncate_cache(self.cache, length)
+        far = getattr(self.cache, "hirope_far_keys", None)
+        if far is not None:
+            far.truncate(length)
         self.token_ids = self.token_ids[:length]
         if self.positions is not None:
             self.positions = self.positions[:length]

@@ -22,7 +22,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from .attention import AttentionPlan, windowed_attention
+from .attention import AttentionPlan, FarKeyStore, windowed_attention
 from .rope import (
     WINDOW_METHODS,
     RopeMethodConfig,
@@ -45,7 +45,7 @@ def _hirope_attention(module, query, key, value, attention_mask, scaling=None, d
         )
     if scaling is None:
         scaling = module.head_dim**-0.5
-    return windowed_attention(query, key, value, plan, scaling), None
+    return windowed_attention(query, key, value, plan, scaling, getattr(module, "layer_idx", None)), None
 
 
 def _no_mask(*args, attention_mask=None, **kwargs):
@@ -155,7 +155,15 @@ class PositionHandle:
         if self.cfg.method == "dynamic-ntk":
             self._rescale(max(1.0, positions.shape[1] / self.train_length))
         if self.windowed:
-            kwargs["hirope_plan"] = self.plan(positions, S)
+            plan = self.plan(positions, S)
+            if past_key_values is not None:
+                store = getattr(past_key_values, "hirope_far_keys", None)
+                if store is None:
+                    store = FarKeyStore()
+                    past_key_values.hirope_far_keys = store
+                store.truncate(past)  # keys past the cache's length were cut away (or never cached)
+                plan.far_keys = store
+            kwargs["hirope_plan"] = plan
         return self.model(
             input_ids=input_ids,
             position_ids=positions[:, -S:, -1],
