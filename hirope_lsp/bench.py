@@ -266,3 +266,79 @@ def bench_typing(keystrokes: int = 40, budget: int = 4000, pause: float = 0.05, 
               f"{reused_share:>10.1%}")
     print(f"p50 speed-up with reuse: {results['speedup_p50']:.1f}x")
     return results
+
+
+def bench_soak(requests: int = 10000, report_every: int = 500, cache_budget_mb: int = 64) -> dict:
+    """One long session through the real server: edits and a completion request after each, with
+    RSS, KV-cache bytes and latency reported every ``report_every`` requests."""
+    import random
+    import statistics
+
+    from .rawclient import RawClient
+
+    text, _ = _typing_file(2000)
+    lines = text.split("\n")[:1500]
+    rng = random.Random(0)
+    client = RawClient()
+    rows = []
+    try:
+        client.initialize(None, {"promptBudget": 1024, "maxNewTokens": 4, "crossFile": False, "watchFiles": False,
+                                 "cacheBudgetMb": cache_budget_mb})
+        # four documents, typed into at a cursor each; the budget holds the KV state of about three
+        uris = [f"file:///soak/doc{k}.py" for k in range(4)]
+        versions, cursors, indents = {}, {}, {}
+        for n, uri in enumerate(uris):
+            versions[uri] = 1
+            line = 400 + 200 * n
+            while not lines[line].startswith("        ") or not lines[line].strip():
+                line += 1  # the end of a statement inside a function body
+            indents[uri] = lines[line][: len(lines[line]) - len(lines[line].lstrip())]
+            cursors[uri] = [line, len(lines[line]), len(lines[line])]
+            client.notify("textDocument/didOpen", {"textDocument": {"uri": uri, "languageId": "python", "version": 1,
+                                                                    "text": "\n".join(lines)}})
+        latencies, unanswered, errors = [], 0, 0
+        started = time.time()
+        for k in range(1, requests + 1):
+            uri = uris[0] if rng.random() < 0.7 else rng.choice(uris)  # mostly one buffer, sometimes another
+            line, col, start = cursors[uri]
+            # words and operators, a new statement line (same indentation) every 40 characters
+            ch = "\n" + indents[uri] if col >= start + 40 else rng.choice("abcdefghij =+_")
+            versions[uri] += 1
+            client.notify("textDocument/didChange", {"textDocument": {"uri": uri, "version": versions[uri]},
+                                                     "contentChanges": [{"range": {"start": {"line": line, "character": col},
+                                                                                   "end": {"line": line, "character": col}},
+                                                                         "text": ch}]})
+            if ch.startswith("\n"):
+                cursors[uri] = [line + 1, len(indents[uri]), len(indents[uri])]
+            else:
+                cursors[uri] = [line, col + 1, start]
+            line, col, _ = cursors[uri]
+            t0 = time.perf_counter()
+            try:
+                reply = client.call("textDocument/inlineCompletion", {"textDocument": {"uri": uri},
+                                    "position": {"line": line, "character": col}, "context": {"triggerKind": 2}}, 120)
+                errors += "error" in reply
+            except TimeoutError:
+                unanswered += 1
+            latencies.append(time.perf_counter() - t0)
+            if k % report_every == 0:
+                status = client.call("hirope/status", {})["result"]
+                with open(f"/proc/{client.proc.pid}/status") as f:
+                    rss = next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+                window = latencies[-report_every:]
+                row = {"requests": k, "rss_mib": rss, "cache_mib": status["cacheBytes"] / 2**20,
+                       "p50_ms": statistics.median(window) * 1000,
+                       "p95_ms": sorted(window)[int(0.95 * (len(window) - 1))] * 1000, "elapsed_s": time.time() - started}
+                rows.append(row)
+                print(f"{k:>6} requests: RSS {rss:7.1f} MiB, KV cache {row['cache_mib']:6.1f} MiB "
+                      f"(budget {cache_budget_mb}), p50 {row['p50_ms']:6.1f} ms, p95 {row['p95_ms']:6.1f} ms", flush=True)
+        alive = client.proc.poll() is None
+    finally:
+        client.close()
+    result = {"requests": requests, "unanswered": unanswered, "errors": errors, "server_alive": alive,
+              "cache_budget_mib": cache_budget_mb, "rows": rows,
+              "cache_within_budget": all(r["cache_mib"] <= cache_budget_mb for r in rows)}
+    print(f"{requests} requests: {unanswered} unanswered, {errors} errors, server alive: {alive}, "
+          f"KV cache within budget: {result['cache_within_budget']}; RSS {rows[0]['rss_mib']:.0f} -> "
+          f"{rows[-1]['rss_mib']:.0f} MiB; p50 {rows[0]['p50_ms']:.0f} -> {rows[-1]['p50_ms']:.0f} ms")
+    return result

@@ -58,6 +58,11 @@ def _add_bench(sub) -> None:
     t.add_argument("--budget", type=int, default=4000)
     t.add_argument("--max-new-tokens", type=int, default=8)
     t.add_argument("--json", type=Path, default=None)
+    k = bsub.add_parser("soak", help="one long session: memory and latency over many requests")
+    k.add_argument("--requests", type=int, default=10000)
+    k.add_argument("--report-every", type=int, default=500)
+    k.add_argument("--cache-budget-mb", type=int, default=64)
+    k.add_argument("--json", type=Path, default=None)
     h = bsub.add_parser("hierarchy", help="per-keystroke hierarchy update time and workspace indexing")
     h.add_argument("--lines", type=int, default=10000)
     h.add_argument("--keystrokes", type=int, default=300)
@@ -71,6 +76,10 @@ def _run_bench(args) -> int:
 
         result = bench_attention([int(x) for x in args.lengths.split(",")], repeats=args.repeats, device=args.device,
                                  query_chunk=args.query_chunk)
+    elif args.bench == "soak":
+        from .bench import bench_soak
+
+        result = bench_soak(args.requests, args.report_every, args.cache_budget_mb)
     elif args.bench == "typing":
         from .bench import bench_typing
 

@@ -86,3 +86,40 @@ def test_missing_model_is_reported_and_requests_get_errors(workspace):
         assert client.call("hirope/status", {})["result"]["status"].startswith("error")
     finally:
         client.close()
+
+
+def test_tcp_transport(workspace):
+    import json
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "hirope_lsp", "serve", "--tcp", f"127.0.0.1:{port}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                conn = socket.create_connection(("127.0.0.1", port), timeout=60)
+                break
+            except OSError:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.2)
+        body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "initialize",
+                           "params": {"processId": None, "rootUri": None, "capabilities": {}}}).encode()
+        conn.sendall(b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        data = b""
+        while b"inlineCompletionProvider" not in data:
+            chunk = conn.recv(65536)
+            assert chunk, "the server closed the connection"
+            data += chunk
+        assert b'"id": 1' in data or b'"id":1' in data
+        conn.close()
+    finally:
+        proc.kill()
+        proc.wait()
