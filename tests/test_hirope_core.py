@@ -1,3 +1,4 @@
+import contextlib
 import math
 
 import pytest
@@ -6,6 +7,7 @@ from tiny_models import FAMILIES, tiny_model
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 
 from hirope_lsp.model import attention
+from hirope_lsp.model.buffers import GrowingTensor, growing_cache
 from hirope_lsp.model.patch import attach, make_plan, truncate_cache
 from hirope_lsp.model.rope import (
     RopeMethodConfig,
@@ -78,29 +80,41 @@ def test_one_unit_far_scores_see_window_distance():
     assert (one_unit - model(ids).logits).abs().max() > 1e-4
 
 
+def new_cache(kind, config):
+    """transformers' concatenating cache (run with gradients on), or the in-place one the server
+    uses (run in inference mode, where it writes into spare capacity)."""
+    if kind == "growing":
+        return growing_cache(config), torch.inference_mode()
+    return DynamicCache(config=config), contextlib.nullcontext()
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("method", ["hirope", "hirope-fixed", "rerope", "self-extend"])
-def test_incremental_decoding_equals_full_forward(family, method):
+@pytest.mark.parametrize("cache_kind", ["dynamic", "growing"])
+def test_incremental_decoding_equals_full_forward(family, method, cache_kind):
     model = tiny_model(family)
     T = 56
     ids = torch.randint(0, 97, (1, T))
     positions = random_units(T)
     handle = attach(model, RopeMethodConfig(method=method, window=6, unit_size=5, group_size=3, query_chunk=8))
     full = handle.forward(ids, positions).logits
-    cache = DynamicCache(config=model.config)
-    steps = [handle.forward(ids[:, :40], positions[:, :40], past_key_values=cache).logits]
-    for t in range(40, T):
-        steps.append(handle.forward(ids[:, t : t + 1], positions[:, : t + 1], past_key_values=cache).logits)
+    cache, mode = new_cache(cache_kind, model.config)
+    with mode:
+        steps = [handle.forward(ids[:, :40], positions[:, :40], past_key_values=cache).logits]
+        for t in range(40, T):
+            steps.append(handle.forward(ids[:, t : t + 1], positions[:, : t + 1], past_key_values=cache).logits)
     assert torch.allclose(torch.cat(steps, 1), full, atol=ATOL)
 
 
-def test_cache_cut_back_and_extended_equals_fresh_forward():
+@pytest.mark.parametrize("cache_kind", ["dynamic", "growing"])
+def test_cache_cut_back_and_extended_equals_fresh_forward(cache_kind):
     model = tiny_model("qwen3")
     handle = attach(model, RopeMethodConfig(window=5))
     ids = torch.randint(0, 97, (1, 48))
     positions = random_units(48)
-    cache = DynamicCache(config=model.config)
-    handle.forward(ids, positions, past_key_values=cache)
+    cache, mode = new_cache(cache_kind, model.config)
+    with mode:
+        handle.forward(ids, positions, past_key_values=cache)
     # an edit at token 30: keep the first 30, re-run a different tail with a different hierarchy
     truncate_cache(cache, 30)
     assert cache.get_seq_length() == 30
@@ -108,7 +122,8 @@ def test_cache_cut_back_and_extended_equals_fresh_forward():
     new_ids = torch.cat([ids[:, :30], new_tail], 1)
     new_positions = torch.cat([positions[:, :30], random_units(55, seed=9)[:, 30:]], 1)
     new_positions[0, 30:, 0] += positions[0, 29, 0]
-    extended = handle.forward(new_tail, new_positions, past_key_values=cache).logits
+    with mode:
+        extended = handle.forward(new_tail, new_positions, past_key_values=cache).logits
     fresh = handle.forward(new_ids, new_positions).logits[:, 30:]
     assert torch.allclose(extended, fresh, atol=ATOL)
     with pytest.raises(ValueError, match="cannot cut"):
@@ -303,3 +318,25 @@ def test_positions_out_of_order_take_the_general_path():
     assert not plan.keys_sorted
     got = attention.windowed_attention(q, k, v, plan, 0.25)
     assert torch.allclose(got, dense_windowed(q, k, v, plan, 0.25), atol=1e-5)
+
+
+def test_growing_tensor_writes_in_place_and_cuts_back_as_a_view():
+    grown = GrowingTensor()
+    reference = torch.empty(1, 2, 0, 4)
+    with torch.inference_mode():
+        for step, n in enumerate([5, 1, 1, 300, 1]):
+            x = torch.full((1, 2, n, 4), float(step))
+            reference = torch.cat([reference, x], -2)
+            assert torch.equal(grown.append(x), reference)
+        capacity = grown.capacity
+        assert capacity >= 308 and capacity % 256 == 0
+        grown.truncate(6)
+        reference = reference[..., :6, :]
+        y = torch.full((1, 2, 3, 4), 9.0)
+        assert torch.equal(grown.append(y), torch.cat([reference, y], -2))
+        assert grown.capacity == capacity  # no copy: written into the room it had
+        grown.compact()
+        assert grown.capacity == 9 and torch.equal(grown.view, torch.cat([reference, y], -2))
+    # outside inference mode the inference-mode buffer is copied, not written
+    z = torch.ones(1, 2, 1, 4)
+    assert torch.equal(grown.append(z)[..., -1:, :], z) and not grown.buffer.is_inference()

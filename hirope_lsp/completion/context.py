@@ -75,33 +75,39 @@ class PromptBuilder:
         return [] if token is None else [self.tokenizer.convert_tokens_to_ids(token)]
 
     def _encode(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        fast = getattr(self.tokenizer, "_tokenizer", None)  # the Rust tokenizer, without the wrapper's copies
+        if fast is not None:
+            enc = fast.encode(text, add_special_tokens=False)
+            return enc.ids, enc.offsets
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         return enc["input_ids"], enc["offset_mapping"]
 
-    def _file_part(self, kind: str, doc: Document, text: str, char_base: int) -> PromptPart:
-        ids, offsets = self._encode(text)
+    def _file_part(self, kind: str, doc: Document, text: str, char_base: int, encoded=None) -> PromptPart:
+        ids, offsets = encoded or self._encode(text)
         spans = [(char_base + s, char_base + e) for s, e in offsets]
         # fixed-size units restart per part; tree-sitter units are shared by the suffix and the prefix
         tag = kind if doc.units is None else doc.uri
         return PromptPart(kind, ids, token_unit_keys(doc, spans, tag, self.settings.fixed_unit))
 
-    def _prefix_start_line(self, doc: Document, cursor: int, cursor_line: int, budget: int) -> int:
+    def _kept_prefix(self, doc: Document, cursor: int, cursor_line: int, budget: int):
         """A start line for the kept prefix that stays put while typing (cache-friendly): moved
-        forward only when the prefix overflows, back when it shrank below half; then ~80 % full."""
+        forward only when the prefix overflows, back when it shrank below half; then ~80 % full.
+        Returns the line and the encoding of the text from it to the cursor."""
         # never tokenize more than ~16 characters per budget token (huge files, minified lines)
         earliest = int(np.searchsorted(doc.line_char, max(0, cursor - 16 * budget), side="left"))
         start = min(max(self._prefix_starts.get(doc.uri, 0), earliest), cursor_line)
-        if start > earliest:
-            ids, _ = self._encode(doc.text[int(doc.line_char[start]) : cursor])
-            if len(ids) < budget // 2:
-                start = earliest
-        ids, offsets = self._encode(doc.text[int(doc.line_char[start]) : cursor])
+        encoded = self._encode(doc.text[int(doc.line_char[start]) : cursor])
+        if start > earliest and len(encoded[0]) < budget // 2:
+            start = earliest
+            encoded = self._encode(doc.text[int(doc.line_char[start]) : cursor])
+        ids, offsets = encoded
         if len(ids) > budget:
             drop = len(ids) - int(budget * 0.8)
             cut_char = int(doc.line_char[start]) + offsets[drop][0]
             start = min(int(np.searchsorted(doc.line_char, cut_char, side="left")), cursor_line)
+            encoded = self._encode(doc.text[int(doc.line_char[start]) : cursor])
         self._prefix_starts[doc.uri] = start
-        return start
+        return start, encoded
 
     def forget(self, uri: str) -> None:
         self._prefix_starts.pop(uri, None)
@@ -130,10 +136,12 @@ class PromptBuilder:
         prefix_budget = max(16, s.budget_tokens - used)
         # the kept prefix starts no later than the line of its last character (never empty at a line start)
         last_line = doc.position_at(cursor - 1)[0] if cursor > 0 else 0
-        start_line = self._prefix_start_line(doc, cursor, last_line, prefix_budget)
-        start_char = max(int(doc.line_char[start_line]), cursor - 16 * prefix_budget)  # a huge single line
+        start_line, encoded = self._kept_prefix(doc, cursor, last_line, prefix_budget)
+        start_char = int(doc.line_char[start_line])
+        if start_char < cursor - 16 * prefix_budget:  # a huge single line
+            start_char, encoded = cursor - 16 * prefix_budget, None
         prefix_text = doc.text[start_char:cursor]
-        prefix_part = self._file_part("prefix", doc, prefix_text, start_char)
+        prefix_part = self._file_part("prefix", doc, prefix_text, start_char, encoded)
         if len(prefix_part.ids) > prefix_budget:  # a single very long line: keep its end
             prefix_part.ids = prefix_part.ids[-prefix_budget:]
             prefix_part.units = prefix_part.units[-prefix_budget:]

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .buffers import GrowingTensor
+
 log = logging.getLogger(__name__)
 
 NEG_INF = float("-inf")
@@ -31,8 +33,9 @@ class AttentionPlan:
     key_pos: torch.Tensor  # [B, T] global token positions of every cached token
     query_cos: torch.Tensor  # [B, S, D] far turn of the queries
     query_sin: torch.Tensor
-    key_cos: torch.Tensor  # [B, T, D] far turn of the keys
+    key_cos: torch.Tensor  # [B, T - key_offset, D] far turn of the keys from key_offset on
     key_sin: torch.Tensor
+    key_offset: int = 0  # keys before it are turned already (kept in far_keys)
     query_chunk: int = 256
     blocks: dict = field(default_factory=dict)  # (a, b) -> [KeyBlock], filled by the first layer
     far_keys: "FarKeyStore | None" = None  # far-turned keys kept with the KV cache across forwards
@@ -98,7 +101,7 @@ def attend(q, k, v, allowed, scale):
 
     ``allowed=None`` means every pair is allowed (no mask is built)."""
     device = q.device.type
-    if device not in _fused_disabled and q.shape[-2] > 1:
+    if device not in _fused_disabled:
         try:
             out, lse = _attend_fused(q, k, v, allowed, scale)
         except (RuntimeError, NotImplementedError) as err:  # kernel missing for this device/dtype
@@ -178,7 +181,8 @@ def chunk_blocks(plan: AttentionPlan, a: int, b: int) -> list[KeyBlock]:
             blocks.append(KeyBlock(True, far_full, far_hi, dist >= W))
         if near_hi > near_lo:
             dist = qpos[:, :, None] - kpos[:, None, near_lo:near_hi]
-            blocks.append(KeyBlock(False, near_lo, near_hi, (dist >= 0) & (dist < W)))
+            near = (dist >= 0) & (dist < W)
+            blocks.append(KeyBlock(False, near_lo, near_hi, None if bool(near.all()) else near))  # decoding: all near
     else:
         dist = qpos[:, :, None] - kpos[:, None, :]
         blocks = _blocks_from_mask((dist >= 0) & (dist < W), False) + _blocks_from_mask(dist >= W, True)
@@ -191,26 +195,35 @@ class FarKeyStore:
     only its new keys.  Valid while the cache's prefix (tokens and positions) is unchanged: the
     caller cuts it back to the cache length before every forward."""
 
-    def __init__(self):
-        self.keys: dict[int, torch.Tensor] = {}
+    def __init__(self, num_layers: int):
+        self.num_layers = num_layers
+        self.keys: dict[int, GrowingTensor] = {}
 
     def truncate(self, length: int) -> None:
-        for layer, k in list(self.keys.items()):
-            if k.shape[-2] > length:
-                self.keys[layer] = k[..., :length, :]
+        for far in self.keys.values():
+            far.truncate(length)
+
+    def ready(self) -> int:
+        """How many leading keys every layer holds turned already (a plan need not turn them)."""
+        if len(self.keys) < self.num_layers:
+            return 0
+        return min(far.length for far in self.keys.values())
 
     def far_keys(self, layer: int, key: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
-        have = self.keys.get(layer)
-        n = 0 if have is None else have.shape[-2]
-        if n > key.shape[-2]:
-            have, n = have[..., : key.shape[-2], :], key.shape[-2]
-        fresh = turn(key[..., n:, :], plan.key_cos[:, n:], plan.key_sin[:, n:])
-        far = fresh if have is None or n == 0 else torch.cat([have, fresh], dim=-2)
-        self.keys[layer] = far
-        return far
+        far = self.keys.setdefault(layer, GrowingTensor())
+        far.truncate(key.shape[-2])
+        n = far.length
+        if n < plan.key_offset:
+            raise RuntimeError(f"layer {layer} holds {n} far keys, the plan starts at {plan.key_offset}")
+        start = n - plan.key_offset
+        return far.append(turn(key[..., n:, :], plan.key_cos[:, start:], plan.key_sin[:, start:]))
+
+    def compact(self) -> None:
+        for far in self.keys.values():
+            far.compact()
 
     def nbytes(self) -> int:
-        return sum(k.numel() * k.element_size() for k in self.keys.values())
+        return sum(far.nbytes() for far in self.keys.values())
 
 
 def windowed_attention(query, key, value, plan: AttentionPlan, scale: float, layer: int | None = None) -> torch.Tensor:
@@ -222,6 +235,8 @@ def windowed_attention(query, key, value, plan: AttentionPlan, scale: float, lay
     if plan.far_keys is not None and layer is not None:
         far_key = plan.far_keys.far_keys(layer, key, plan)
     else:
+        if plan.key_offset:
+            raise ValueError("a plan that skips turned keys needs the store that holds them")
         far_key = turn(key, plan.key_cos, plan.key_sin)
     far_query = turn(query, plan.query_cos, plan.query_sin)
     out = torch.empty(B, Hq, S, D, dtype=query.dtype, device=query.device)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from .buffers import growing_cache
 from .patch import truncate_cache
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,9 @@ class CacheSlot:
     def nbytes(self) -> int:
         total = 0
         for layer in getattr(self.cache, "layers", []):
+            if hasattr(layer, "nbytes"):  # growing layers: spare capacity counts too
+                total += layer.nbytes()
+                continue
             for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
                 if isinstance(t, torch.Tensor):
                     total += t.numel() * t.element_size()
@@ -47,6 +51,15 @@ class CacheSlot:
         self.token_ids = self.token_ids[:length]
         if self.positions is not None:
             self.positions = self.positions[:length]
+
+    def compact(self) -> None:
+        """Give back the spare capacity the growing buffers keep."""
+        for layer in getattr(self.cache, "layers", []):
+            if hasattr(layer, "compact"):
+                layer.compact()
+        far = getattr(self.cache, "hirope_far_keys", None)
+        if far is not None:
+            far.compact()
 
 
 @dataclass
@@ -87,7 +100,7 @@ class KVCachePool:
         one token: the last is recomputed to get its logits), and that prefix's length."""
         slot = self.slots.get(key)
         if slot is None or not self.enabled:
-            slot = CacheSlot(key, DynamicCache(config=self.model_config))
+            slot = CacheSlot(key, growing_cache(self.model_config))
             self.slots[key] = slot
         keep = common_prefix(slot.token_ids, slot.positions, token_ids, positions) if self.enabled else 0
         keep = min(keep, len(token_ids) - 1)
@@ -120,8 +133,10 @@ class KVCachePool:
         while self.slots and self.total_bytes() > self.budget_bytes:
             if len(self.slots) == 1:
                 slot = next(iter(self.slots.values()))
+                slot.compact()
                 per_token = slot.nbytes() / max(1, len(slot.token_ids))
                 slot.truncate(int(self.budget_bytes // max(per_token, 1)))
+                slot.compact()
                 break
             key, _ = self.slots.popitem(last=False)
             self.counters.evictions += 1

@@ -126,9 +126,10 @@ class PositionHandle:
         self.rotary.inv_freq.copy_(inv_freq.to(self.rotary.inv_freq.dtype))
         self.rotary.attention_scaling = scaling
 
-    def plan(self, positions: torch.Tensor, new_tokens: int) -> AttentionPlan:
+    def plan(self, positions: torch.Tensor, new_tokens: int, keys_from: int = 0) -> AttentionPlan:
         dtype = next(self.model.parameters()).dtype
-        return make_plan(self.cfg, positions, new_tokens, self.rotary.inv_freq, self.split, self.window, dtype)
+        return make_plan(self.cfg, positions, new_tokens, self.rotary.inv_freq, self.split, self.window, dtype,
+                         keys_from)
 
     def check_positions(self, input_ids: torch.Tensor, positions: torch.Tensor, past: int) -> None:
         if positions.dim() != 3:
@@ -155,14 +156,15 @@ class PositionHandle:
         if self.cfg.method == "dynamic-ntk":
             self._rescale(max(1.0, positions.shape[1] / self.train_length))
         if self.windowed:
-            plan = self.plan(positions, S)
+            store = None
             if past_key_values is not None:
                 store = getattr(past_key_values, "hirope_far_keys", None)
                 if store is None:
-                    store = FarKeyStore()
+                    store = FarKeyStore(self.model.config.num_hidden_layers)
                     past_key_values.hirope_far_keys = store
                 store.truncate(past)  # keys past the cache's length were cut away (or never cached)
-                plan.far_keys = store
+            plan = self.plan(positions, S, store.ready() if store is not None else 0)
+            plan.far_keys = store
             kwargs["hirope_plan"] = plan
         return self.model(
             input_ids=input_ids,
@@ -183,11 +185,12 @@ class PositionHandle:
 
 
 def make_plan(cfg: RopeMethodConfig, positions: torch.Tensor, new_tokens: int, inv_freq: torch.Tensor,
-              split: float, window: int, dtype: torch.dtype) -> AttentionPlan:
-    """Attention plan for ``positions`` ``[B, T, levels]`` of which the last ``new_tokens`` are queries."""
+              split: float, window: int, dtype: torch.dtype, keys_from: int = 0) -> AttentionPlan:
+    """Attention plan for ``positions`` ``[B, T, levels]`` of which the last ``new_tokens`` are queries;
+    keys before ``keys_from`` are turned already (kept beside the cache) and get no rotation here."""
     token = positions[..., -1]
     far = far_positions(cfg, positions, inv_freq.numel(), split, window)
-    kc, ks = delta_rotation(far.key, token, inv_freq, dtype)
+    kc, ks = delta_rotation(far.key[:, keys_from:], token[:, keys_from:], inv_freq, dtype)
     qc, qs = delta_rotation(far.query[:, -new_tokens:], token[:, -new_tokens:], inv_freq, dtype)
     return AttentionPlan(
         window=window,
@@ -197,6 +200,7 @@ def make_plan(cfg: RopeMethodConfig, positions: torch.Tensor, new_tokens: int, i
         query_sin=qs,
         key_cos=kc,
         key_sin=ks,
+        key_offset=keys_from,
         query_chunk=cfg.query_chunk,
     )
 
