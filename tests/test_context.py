@@ -83,3 +83,45 @@ def test_stop_rules():
     assert finish(stop_policy("x = ", ""), "   \n") == ""
     never = stop_policy("def f(x):", "", mode="never")
     assert finish(never, "\n    return x") == ""
+
+
+def test_incremental_prefix_tokens_equal_tokenizing_the_whole_text():
+    import random
+
+    from hirope_lsp.completion.tokens import IncrementalEncoder
+    from hirope_lsp.train import stdlib_files
+
+    tok = tokenizer()
+    whole = lambda text: tuple(map(list, (tok(text, add_special_tokens=False, return_offsets_mapping=True)[k]  # noqa: E731
+                                          for k in ("input_ids", "offset_mapping"))))
+    encoded_chars = []
+    encode_text = PromptBuilder(tok, FimFormat(None, None, None, "psm", None))._encode
+
+    def encode(text):
+        encoded_chars.append(len(text))
+        return encode_text(text)
+
+    encoder = IncrementalEncoder(encode)
+    assert encoder.rules, "the embedded tokenizer splits at line boundaries"
+    encoded_chars.clear()
+    text = next(p for p in stdlib_files() if p.name == "argparse.py").read_text()[:20000]
+    rng = random.Random(3)
+    cursor, prefix_chars = 15000, 0
+    for step in range(400):
+        # typing at a cursor, with some deletions, newlines, multi-byte text and jumps elsewhere
+        choice = rng.random()
+        if choice < 0.05:
+            cursor = rng.randrange(1, len(text))
+        elif choice < 0.2 and cursor > 0:
+            cut = rng.randint(1, 3)
+            text, cursor = text[: cursor - cut] + text[cursor:], max(0, cursor - cut)
+        else:
+            piece = rng.choice(["a", "b", " ", "(", ")", ":", "\n    ", "\n", "é", "😀", "中", "\r\n", "x = 1\n"])
+            text, cursor = text[:cursor] + piece + text[cursor:], cursor + len(piece)
+        prefix = text[:cursor]
+        prefix_chars += len(prefix)
+        ids, offsets = encoder("doc", prefix)
+        expected_ids, expected_offsets = whole(prefix)
+        assert list(ids) == expected_ids, f"step {step}"
+        assert [tuple(o) for o in offsets] == [tuple(o) for o in expected_offsets], f"step {step}"
+    assert sum(encoded_chars) < 0.2 * prefix_chars, "only the end of the prefix is tokenized again"

@@ -106,6 +106,22 @@ def test_incremental_decoding_equals_full_forward(family, method, cache_kind):
     assert torch.allclose(torch.cat(steps, 1), full, atol=ATOL)
 
 
+@pytest.mark.parametrize("method", ["hirope", "hirope-fixed"])
+def test_incremental_decoding_with_restarting_token_index(method):
+    """Decoding turns only new keys; a restarting index still counts from a unit start before them."""
+    model = tiny_model("llama")
+    handle = attach(model, RopeMethodConfig(method=method, window=6, unit_size=5, token_index="restart", query_chunk=8))
+    ids = torch.randint(0, 97, (1, 50))
+    positions = random_units(50, mean_unit=12)
+    full = handle.forward(ids, positions).logits
+    cache, mode = new_cache("growing", model.config)
+    with mode:
+        steps = [handle.forward(ids[:, :30], positions[:, :30], past_key_values=cache).logits]
+        steps += [handle.forward(ids[:, t : t + 1], positions[:, : t + 1], past_key_values=cache).logits
+                  for t in range(30, 50)]
+    assert torch.allclose(torch.cat(steps, 1), full, atol=ATOL)
+
+
 @pytest.mark.parametrize("cache_kind", ["dynamic", "growing"])
 def test_cache_cut_back_and_extended_equals_fresh_forward(cache_kind):
     model = tiny_model("qwen3")

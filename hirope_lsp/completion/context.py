@@ -28,6 +28,7 @@ from ..hierarchy.document import Document
 from ..hierarchy.positions import positions_from_unit_keys, token_unit_keys
 from ..model.loading import FimFormat
 from ..workspace.index import WorkspaceIndex, uri_to_path
+from .tokens import IncrementalEncoder
 
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 KEYWORDS = frozenset("""False None True and as assert async await break class continue def del elif else except finally
@@ -70,6 +71,7 @@ class PromptBuilder:
         self.fim = fim
         self.settings = settings or ContextSettings()
         self._prefix_starts: dict[str, int] = {}  # document uri -> line the kept prefix starts at
+        self._prefix_encoder = IncrementalEncoder(self._encode)  # the prefix changes at its end while typing
 
     def _special(self, token: str | None) -> list[int]:
         return [] if token is None else [self.tokenizer.convert_tokens_to_ids(token)]
@@ -96,21 +98,23 @@ class PromptBuilder:
         # never tokenize more than ~16 characters per budget token (huge files, minified lines)
         earliest = int(np.searchsorted(doc.line_char, max(0, cursor - 16 * budget), side="left"))
         start = min(max(self._prefix_starts.get(doc.uri, 0), earliest), cursor_line)
-        encoded = self._encode(doc.text[int(doc.line_char[start]) : cursor])
+        encode = lambda line: self._prefix_encoder(doc.uri, doc.text[int(doc.line_char[line]) : cursor])  # noqa: E731
+        encoded = encode(start)
         if start > earliest and len(encoded[0]) < budget // 2:
             start = earliest
-            encoded = self._encode(doc.text[int(doc.line_char[start]) : cursor])
+            encoded = encode(start)
         ids, offsets = encoded
         if len(ids) > budget:
             drop = len(ids) - int(budget * 0.8)
             cut_char = int(doc.line_char[start]) + offsets[drop][0]
             start = min(int(np.searchsorted(doc.line_char, cut_char, side="left")), cursor_line)
-            encoded = self._encode(doc.text[int(doc.line_char[start]) : cursor])
+            encoded = encode(start)
         self._prefix_starts[doc.uri] = start
         return start, encoded
 
     def forget(self, uri: str) -> None:
         self._prefix_starts.pop(uri, None)
+        self._prefix_encoder.forget(uri)
 
     def build(self, doc: Document, line: int, character: int, index: WorkspaceIndex | None = None) -> BuiltPrompt:
         s = self.settings

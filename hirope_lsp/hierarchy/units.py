@@ -15,9 +15,9 @@ grammar have no units; callers give them fixed-size token units.
 
 from __future__ import annotations
 
-import bisect
 from dataclasses import dataclass
 
+import numpy as np
 from tree_sitter import Node, QueryCursor, Tree
 
 from .languages import Grammar
@@ -133,5 +133,6 @@ def build_units(definitions: list[Definition], source: bytes) -> list[Unit]:
 
 def unit_of_offsets(units: list[Unit], offsets: list[int]) -> list[int]:
     """Unit index of each byte offset."""
-    starts = [u.start for u in units]
-    return [max(0, bisect.bisect_right(starts, off) - 1) for off in offsets]
+    starts = np.fromiter((u.start for u in units), dtype=np.int64, count=len(units))
+    found = np.searchsorted(starts, np.asarray(offsets, dtype=np.int64), side="right") - 1
+    return np.maximum(found, 0).tolist()

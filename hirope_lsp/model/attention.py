@@ -226,6 +226,24 @@ class FarKeyStore:
         return sum(far.nbytes() for far in self.keys.values())
 
 
+FEW_ROWS = 32  # query rows (decoding steps) for which one softmax over all blocks beats a kernel per block
+
+
+def tiles(blocks: list[KeyBlock]) -> bool:
+    """Whether the blocks are unmasked and follow each other without gaps (a decoding step's far and near keys)."""
+    return bool(blocks) and all(b.allowed is None for b in blocks) and all(
+        x.hi == y.lo for x, y in zip(blocks, blocks[1:]))
+
+
+def attend_tiles(near_q, far_q, key, far_key, value, blocks: list[KeyBlock], scale: float) -> torch.Tensor:
+    """Attention over tiling blocks with one softmax: scores of each block against its own keys, side by side."""
+    scores = torch.cat([torch.matmul((far_q if b.far else near_q).float(),
+                                     (far_key if b.far else key)[:, :, b.lo : b.hi].float().transpose(-1, -2))
+                        for b in blocks], dim=-1)
+    weights = torch.softmax(scores * scale, dim=-1)
+    return torch.matmul(weights, value[:, :, blocks[0].lo : blocks[-1].hi].float()).to(near_q.dtype)
+
+
 def windowed_attention(query, key, value, plan: AttentionPlan, scale: float, layer: int | None = None) -> torch.Tensor:
     """Attention output ``[B, S, Hq, D]`` for plain-rotated ``query`` ``[B, Hq, S, D]``,
     ``key``/``value`` ``[B, Hkv, T, D]``: plain scores within ``plan.window``, far scores beyond."""
@@ -247,8 +265,12 @@ def windowed_attention(query, key, value, plan: AttentionPlan, scale: float, lay
         # grouped-query attention: the G query heads sharing a key head become rows
         near_q = query[:, :, a:b].reshape(B, Hkv, G * C, D)
         far_q = far_query[:, :, a:b].reshape(B, Hkv, G * C, D)
+        blocks = chunk_blocks(plan, a, b)
+        if G * C <= FEW_ROWS and tiles(blocks):
+            out[:, :, a:b] = attend_tiles(near_q, far_q, key, far_key, value, blocks, scale).reshape(B, Hq, C, D)
+            continue
         parts = []
-        for block in chunk_blocks(plan, a, b):
+        for block in blocks:
             mask = None
             if block.allowed is not None:
                 mask = block.allowed[:, None].expand(B, G, C, block.hi - block.lo).reshape(B, 1, G * C, -1)

@@ -189,8 +189,8 @@ def make_plan(cfg: RopeMethodConfig, positions: torch.Tensor, new_tokens: int, i
     """Attention plan for ``positions`` ``[B, T, levels]`` of which the last ``new_tokens`` are queries;
     keys before ``keys_from`` are turned already (kept beside the cache) and get no rotation here."""
     token = positions[..., -1]
-    far = far_positions(cfg, positions, inv_freq.numel(), split, window)
-    kc, ks = delta_rotation(far.key[:, keys_from:], token[:, keys_from:], inv_freq, dtype)
+    far = far_positions(cfg, positions, inv_freq.numel(), split, window, start=keys_from)
+    kc, ks = delta_rotation(far.key, token[:, keys_from:], inv_freq, dtype)
     qc, qs = delta_rotation(far.query[:, -new_tokens:], token[:, -new_tokens:], inv_freq, dtype)
     return AttentionPlan(
         window=window,

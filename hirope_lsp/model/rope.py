@@ -148,8 +148,15 @@ class FarPositions:
     key: torch.Tensor
 
 
-def far_positions(cfg: RopeMethodConfig, positions: torch.Tensor, num_pairs: int, split: float, window: int) -> FarPositions:
-    """Far positions of every token in ``positions`` (``[B, T, levels]``), as query and as key."""
+def far_positions(cfg: RopeMethodConfig, positions: torch.Tensor, num_pairs: int, split: float, window: int,
+                  start: int = 0) -> FarPositions:
+    """Far positions of the tokens from ``start`` on in ``positions`` (``[B, T, levels]``), as query and as key."""
+    if cfg.method == "hirope-fixed":
+        positions = torch.stack([torch.div(positions[..., -1], cfg.unit_size, rounding_mode="floor"), positions[..., -1]], -1)
+    if cfg.method in ("hirope", "hirope-fixed") and cfg.token_index == "restart":
+        # the restarting index counts from the start of each unit, which may lie before ``start``
+        positions = torch.cat([positions[..., :-1], restart_token_index(positions).unsqueeze(-1)], -1)
+    positions = positions[:, start:]
     token = positions[..., -1].to(torch.float64)
     B, T = token.shape
     if cfg.method == "rerope":
@@ -164,12 +171,8 @@ def far_positions(cfg: RopeMethodConfig, positions: torch.Tensor, num_pairs: int
         q = (grouped + shift).unsqueeze(-1).expand(B, T, num_pairs)
         k = grouped.unsqueeze(-1).expand(B, T, num_pairs)
         return FarPositions(q, k)
-    if cfg.method == "hirope-fixed":
-        positions = torch.stack([torch.div(positions[..., -1], cfg.unit_size, rounding_mode="floor"), positions[..., -1]], -1)
     levels = positions.shape[-1]
-    per_level = positions.to(torch.float64).clone()
-    if cfg.token_index == "restart":
-        per_level[..., -1] = restart_token_index(positions).to(torch.float64)
+    per_level = positions.to(torch.float64)
     level_of_pair = pair_levels(num_pairs, split, levels).to(positions.device)
     k = per_level[..., level_of_pair]  # [B, T, P]
     coarse = (level_of_pair < levels - 1).to(torch.float64)
