@@ -125,3 +125,22 @@ def test_incremental_prefix_tokens_equal_tokenizing_the_whole_text():
         assert list(ids) == expected_ids, f"step {step}"
         assert [tuple(o) for o in offsets] == [tuple(o) for o in expected_offsets], f"step {step}"
     assert sum(encoded_chars) < 0.2 * prefix_chars, "only the end of the prefix is tokenized again"
+
+
+def test_single_line_python_completion_is_cut_back_to_valid_syntax():
+    from hirope_lsp.completion.syntax import cut_to_valid_line, statement_line
+
+    source = "class C:\n    def f(self):\n        y = g(1,\n              2)\n        return 2 * self.\n"
+    doc = Document("file:///w/c.py", source, language_id="python")
+    assert statement_line(doc, 4, source.index("self.\n") + 5) == "return 2 * self."
+    assert statement_line(doc, 3, source.index("2)")) is None, "a continuation line inside brackets"
+    assert statement_line(Document("file:///w/c.js", "return a.", language_id="javascript"), 0, 9) is None
+    assert cut_to_valid_line("return 2 * self.", "radius = False") == "radius"
+    assert cut_to_valid_line("return 2 * self.", "radius") == "radius"
+    assert cut_to_valid_line("x = compute(", "a, b", ")") == "a, b"
+    assert cut_to_valid_line("x = compute(", "a, b) + [c", ")") == "a, b"
+    assert cut_to_valid_line("elif x", " > 0:") == " > 0:", "a statement that needs the lines after it is kept"
+    assert cut_to_valid_line("return total", " +") == " +", "nothing shorter parses either: kept"
+    policy = stop_policy("        return 2 * self.", "\n")
+    policy.statement_head = "return 2 * self."
+    assert finish(policy, "radius = False\n") == "radius"

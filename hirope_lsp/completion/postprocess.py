@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .syntax import cut_to_valid_line
+
 BLOCK_OPENERS = (":", "{", "(", "[", "=>", "->", " do", " then")
 MAX_LINES = 12
 
@@ -15,6 +17,7 @@ class StopPolicy:
     indent: int  # indentation (columns) of the cursor's line
     suffix_line: str  # the rest of the cursor's line after the cursor
     next_lines: list[str]  # the first non-empty lines after the cursor's line
+    statement_head: str | None = None  # Python: the line before the cursor when it starts a statement
 
     def should_stop(self, text: str) -> bool:
         return finish(self, text, final=False) is not None
@@ -61,7 +64,10 @@ def finish(policy: StopPolicy, text: str, final: bool = True) -> str | None:
                 break
     if cut is None and not final:
         return None
-    return _clean(policy, text if cut is None else cut)
+    text = _clean(policy, text if cut is None else cut)
+    if policy.statement_head is not None:
+        text = cut_to_valid_line(policy.statement_head, text, policy.suffix_line.rstrip())
+    return text
 
 
 def _clean(policy: StopPolicy, text: str) -> str:

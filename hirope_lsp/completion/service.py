@@ -14,6 +14,7 @@ from ..model.engine import Engine, Generation, Prompt
 from ..workspace.index import WorkspaceIndex
 from .context import BuiltPrompt, PromptBuilder
 from .postprocess import StopPolicy, finish, stop_policy
+from .syntax import statement_line
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ class CompletionService:
         cursor, _ = doc.offset_at(line, character)
         line, character = doc.position_at(cursor)  # clamped
         policy = stop_policy(doc.text[:cursor], doc.text[cursor:], self.multiline)
+        policy.statement_head = statement_line(doc, line, cursor)
         prompt = Prompt(doc.uri, built.token_ids, built.positions)
         return CompletionJob(doc.uri, doc.version, line, character, prompt, policy, built)
 

@@ -12,8 +12,8 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-GROWTH = 1.5
-ROUND = 256  # capacity is a multiple of this many tokens
+ROUND = 64  # capacity is a multiple of this many tokens
+SPARE = 16  # growing leaves room for 1/SPARE more (at least ROUND tokens): amortized copies, little waste
 
 
 class GrowingTensor:
@@ -35,7 +35,7 @@ class GrowingTensor:
             self.length = need
             return self.buffer
         if not self._fits(x, need):
-            capacity = max(need, int(self.capacity * GROWTH))
+            capacity = need + max(ROUND, need // SPARE)
             capacity = -(-capacity // ROUND) * ROUND
             grown = x.new_empty(*x.shape[:-2], capacity, x.shape[-1])
             if self.length:
