@@ -107,6 +107,28 @@ def test_cache_budget_evicts_least_recently_used(loaded):
     assert list(engine.pool.slots) == ["b"] and engine.pool.counters.evictions == 1
 
 
+def test_a_document_closed_while_its_slot_is_acquired(loaded, monkeypatch):
+    """The event loop drops a closed document's slot while the inference thread acquires it: the
+    drop waits for the pool instead of pulling the slot from under it (a fuzzed session found this)."""
+    import threading
+
+    from hirope_lsp.model import cache
+
+    engine = engine_for(loaded)
+    prompt = prompt_for(engine, SOURCE, 18, 20, budget=200)
+    real_common_prefix = cache.common_prefix
+
+    def closed_meanwhile(*args):
+        closer = threading.Thread(target=engine.pool.drop, args=("doc",))
+        closer.start()
+        closer.join(timeout=0.2)  # the event loop runs now (it blocks on the pool's lock when there is one)
+        return real_common_prefix(*args)
+
+    monkeypatch.setattr(cache, "common_prefix", closed_meanwhile)
+    generation = engine.generate(Prompt("doc", prompt.token_ids, prompt.positions), max_new_tokens=2)
+    assert generation.token_ids
+
+
 def test_missing_model_directory_is_a_clear_error():
     with pytest.raises(ModelLoadError, match="does not exist"):
         load_model("/nonexistent/model/dir")

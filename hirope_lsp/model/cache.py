@@ -10,6 +10,7 @@ cut back there, and only the rest is computed.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -94,50 +95,58 @@ class KVCachePool:
         self.enabled = enabled
         self.slots: OrderedDict[str, CacheSlot] = OrderedDict()
         self.counters = CacheCounters()
+        # the inference thread acquires and releases; the event loop drops closed documents and reports
+        self._lock = threading.RLock()
 
     def acquire(self, key: str, token_ids: list[int], positions: torch.Tensor) -> tuple[CacheSlot, int]:
         """The slot for ``key`` cut back to the longest reusable prefix of this prompt (at most all but
         one token: the last is recomputed to get its logits), and that prefix's length."""
-        slot = self.slots.get(key)
-        if slot is None or not self.enabled:
-            slot = CacheSlot(key, growing_cache(self.model_config))
-            self.slots[key] = slot
-        keep = common_prefix(slot.token_ids, slot.positions, token_ids, positions) if self.enabled else 0
-        keep = min(keep, len(token_ids) - 1)
-        slot.truncate(keep)
-        self.slots.move_to_end(key)
-        slot.last_used = time.monotonic()
-        self.counters.requests += 1
-        self.counters.reused_tokens += keep
-        self.counters.computed_tokens += len(token_ids) - keep
-        return slot, keep
+        with self._lock:
+            slot = self.slots.get(key)
+            if slot is None or not self.enabled:
+                slot = CacheSlot(key, growing_cache(self.model_config))
+                self.slots[key] = slot
+            keep = common_prefix(slot.token_ids, slot.positions, token_ids, positions) if self.enabled else 0
+            keep = min(keep, len(token_ids) - 1)
+            slot.truncate(keep)
+            self.slots.move_to_end(key)
+            slot.last_used = time.monotonic()
+            self.counters.requests += 1
+            self.counters.reused_tokens += keep
+            self.counters.computed_tokens += len(token_ids) - keep
+            return slot, keep
 
     def release(self, slot: CacheSlot, token_ids: list[int], positions: torch.Tensor) -> None:
         """Record that the slot now holds ``token_ids`` (the prompt), then keep within budget."""
-        slot.truncate(len(token_ids))
-        slot.token_ids = list(token_ids)
-        slot.positions = positions.clone()
-        self.evict()
+        with self._lock:
+            slot.truncate(len(token_ids))
+            slot.token_ids = list(token_ids)
+            slot.positions = positions.clone()
+            self.evict()
 
     def drop(self, key: str) -> None:
-        self.slots.pop(key, None)
+        with self._lock:
+            self.slots.pop(key, None)
 
     def clear(self) -> None:
-        self.slots.clear()
+        with self._lock:
+            self.slots.clear()
 
     def total_bytes(self) -> int:
-        return sum(s.nbytes() for s in self.slots.values())
+        with self._lock:
+            return sum(s.nbytes() for s in self.slots.values())
 
     def evict(self) -> None:
         """Drop least recently used slots until the budget holds; a single slot over budget is cut back."""
-        while self.slots and self.total_bytes() > self.budget_bytes:
-            if len(self.slots) == 1:
-                slot = next(iter(self.slots.values()))
-                slot.compact()
-                per_token = slot.nbytes() / max(1, len(slot.token_ids))
-                slot.truncate(int(self.budget_bytes // max(per_token, 1)))
-                slot.compact()
-                break
-            key, _ = self.slots.popitem(last=False)
-            self.counters.evictions += 1
-            log.info("KV cache over budget: evicted %s", key)
+        with self._lock:
+            while self.slots and self.total_bytes() > self.budget_bytes:
+                if len(self.slots) == 1:
+                    slot = next(iter(self.slots.values()))
+                    slot.compact()
+                    per_token = slot.nbytes() / max(1, len(slot.token_ids))
+                    slot.truncate(int(self.budget_bytes // max(per_token, 1)))
+                    slot.compact()
+                    break
+                key, _ = self.slots.popitem(last=False)
+                self.counters.evictions += 1
+                log.info("KV cache over budget: evicted %s", key)
