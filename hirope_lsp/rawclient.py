@@ -20,6 +20,7 @@ class RawClient:
         self.messages: queue.Queue = queue.Queue()
         self.notifications: list[dict] = []
         self.responses: dict = {}
+        self.arrived: dict = {}  # response id -> time.monotonic() of arrival
         self._next_id = 0
         threading.Thread(target=self._read, daemon=True).start()
         threading.Thread(target=self._drain_stderr, daemon=True).start()
@@ -42,7 +43,10 @@ class RawClient:
                 if line.lower().startswith(b"content-length:"):
                     length = int(line.split(b":")[1])
             body = out.read(length)
-            self.messages.put(json.loads(body))
+            msg = json.loads(body)
+            if "id" in msg and "method" not in msg:
+                self.arrived[msg["id"]] = time.monotonic()  # when the response came in (clients order by it)
+            self.messages.put(msg)
 
     def send_raw(self, body: bytes) -> None:
         self.proc.stdin.write(b"Content-Length: %d\r\n\r\n" % len(body) + body)

@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
@@ -413,6 +414,10 @@ def create_server(settings: Settings | None = None) -> HiropeServer:
 
 
 def serve(tcp: str | None = None, settings: Settings | None = None) -> None:
+    # pygls reads each header line and body through a thread of its own; with the default 5 ms switch
+    # interval the generating thread holds it off for that long per line: $/cancelRequest reached the
+    # reply in 4.5 ms (p50), 1.2 ms with this
+    sys.setswitchinterval(0.0005)
     server = create_server(settings)
     if tcp:
         host, _, port = tcp.rpartition(":")
