@@ -92,21 +92,20 @@ def _rss_mib() -> float:
 
 def _ten_thousand_lines(lines: int) -> str:
     """Real code: standard library modules concatenated up to ``lines`` lines."""
-    from .train import stdlib_files
+    from .train import read_text, stdlib_files
 
     parts, count = [], 0
     for path in stdlib_files():
         if path.parent.name in ("test", "tests"):
             continue
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
+        text = read_text(path)
+        if text is None:
             continue
         parts.append(text)
         count += text.count("\n")
         if count >= lines:
             break
-    return "".join(parts)[: sum(len(p) for p in parts)]
+    return "".join(parts)
 
 
 def bench_hierarchy(lines: int = 10000, keystrokes: int = 300, index_root=None) -> dict:

@@ -23,6 +23,7 @@ from .hierarchy.positions import positions_from_unit_keys, token_unit_keys
 from .model.loading import load_model
 from .model.patch import attach, trained_length
 from .model.rope import RopeMethodConfig, default_window, fixed_unit_positions, plain_positions
+from .train import read_text
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +62,8 @@ def collect_files(data: list[Path]) -> list[Path]:
 def tokenize_files(tokenizer, files: list[Path]) -> list[TokenizedFile]:
     out = []
     for path in files:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
+        text = read_text(path)
+        if text is None:
             continue
         doc = Document(path.as_uri(), text, language_id=language_for_path(path))
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -248,9 +248,8 @@ def completion_samples(tokenizer, files: list[Path], prompt_tokens: int, train_l
     samples = []
     candidates = []
     for path in files:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
+        text = read_text(path)
+        if text is None:
             continue
         lines = text.split("\n")
         offsets = [0]

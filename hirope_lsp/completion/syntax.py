@@ -60,7 +60,7 @@ def cut_to_valid_line(line_head: str, completion: str, line_tail: str = "") -> s
         return completion
     for end in range(len(completion) - 1, 0, -1):
         piece = completion[:end]
-        if piece[-1].isspace() or (end < len(completion) and completion[end].isalnum() and piece[-1].isalnum()):
+        if piece[-1].isspace() or (completion[end].isalnum() and piece[-1].isalnum()):
             continue  # never end in the middle of a word or on a space
         if parses(line_head + piece + line_tail):
             return piece

@@ -115,7 +115,7 @@ class IncrementalEncoder:
         same = common_prefix_length(old_text, text)
         if same == len(text) == len(old_text):
             return old_ids, old_offsets
-        split = self._split_point(old_text, text, same)
+        split = self._split_point(text, same)
         if split is None:
             return None
         starts = [s for s, _ in old_offsets]
@@ -125,10 +125,10 @@ class IncrementalEncoder:
         tail_ids, tail_offsets = self.encode(text[split:])
         return old_ids[:i] + list(tail_ids), old_offsets[:i] + [(s + split, e + split) for s, e in tail_offsets]
 
-    def _split_point(self, old_text: str, text: str, same: int) -> int | None:
-        """The latest split point of both texts at or before ``same`` (where they still agree), looking
-        back at most ``MAX_LINES_BACK`` lines.  A point must split both texts, so it is taken where
-        what follows it up to ``same`` is shared and the character after it is shared too."""
+    def _split_point(self, text: str, same: int) -> int | None:
+        """The latest split point before ``same``, looking back at most ``MAX_LINES_BACK`` lines.
+        The old and new texts agree up to ``same``, so a point found in ``text`` whose characters on
+        both sides lie before ``same`` splits both."""
         limit = max(0, same - 1)
         lo = limit
         for _ in range(MAX_LINES_BACK):

@@ -41,14 +41,17 @@ class CacheSlot:
             for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
                 if isinstance(t, torch.Tensor):
                     total += t.numel() * t.element_size()
-        far = getattr(self.cache, "hirope_far_keys", None)
-        return total + (far.nbytes() if far is not None else 0)
+        return total + (self.far_keys.nbytes() if self.far_keys is not None else 0)
+
+    @property
+    def far_keys(self):
+        """The far-turned keys a windowed method keeps beside this cache (``FarKeyStore``), if any."""
+        return getattr(self.cache, "hirope_far_keys", None)
 
     def truncate(self, length: int) -> None:
         truncate_cache(self.cache, length)
-        far = getattr(self.cache, "hirope_far_keys", None)
-        if far is not None:
-            far.truncate(length)
+        if self.far_keys is not None:
+            self.far_keys.truncate(length)
         self.token_ids = self.token_ids[:length]
         if self.positions is not None:
             self.positions = self.positions[:length]
@@ -58,9 +61,8 @@ class CacheSlot:
         for layer in getattr(self.cache, "layers", []):
             if hasattr(layer, "compact"):
                 layer.compact()
-        far = getattr(self.cache, "hirope_far_keys", None)
-        if far is not None:
-            far.compact()
+        if self.far_keys is not None:
+            self.far_keys.compact()
 
 
 @dataclass
