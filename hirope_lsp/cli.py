@@ -200,7 +200,6 @@ def _add_complete(sub) -> None:
 
 
 def _run_complete(args) -> int:
-    from .completion.context import PromptBuilder
     from .completion.service import CompletionService
     from .hierarchy.document import Document
     from .hierarchy.languages import language_for_path
@@ -224,8 +223,8 @@ def _run_complete(args) -> int:
     index.scan()
     doc = Document(path.as_uri(), text, 0, language_for_path(path))
     index.open_document(doc)
-    service = CompletionService(engine, index, PromptBuilder(engine.tokenizer, engine.fim, settings.context),
-                                args.max_new_tokens, args.multiline)
+    settings.max_new_tokens, settings.multiline = args.max_new_tokens, args.multiline
+    service = CompletionService.from_settings(engine, index, settings)
     try:
         result = service.complete(doc, args.line, args.character)
     except ValueError as err:

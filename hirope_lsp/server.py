@@ -23,7 +23,6 @@ from pygls.lsp.server import LanguageServer
 from pygls.protocol import LanguageServerProtocol
 
 from . import __version__
-from .completion.context import PromptBuilder
 from .completion.service import CompletionService
 from .config import Settings, apply_options
 from .hierarchy.document import Change, Document
@@ -75,6 +74,7 @@ class HiropeServer(LanguageServer):
         self.service: CompletionService | None = None
         self.latest: dict[str, RequestToken] = {}
         self.status = "starting"
+        self.startup_problems: list[str] = []  # bad initializationOptions, shown once the client is initialized
 
     # ---- out-of-band errors ----
 
@@ -125,9 +125,7 @@ class HiropeServer(LanguageServer):
                 self.engine_future.set_exception(ModelLoadError(str(err)))
                 self.engine_future.exception()  # retrieved: no "never retrieved" warning
                 return
-            self.service = CompletionService(engine, self.index, PromptBuilder(engine.tokenizer, engine.fim,
-                                             self.settings.context), self.settings.max_new_tokens,
-                                             self.settings.multiline)
+            self.service = CompletionService.from_settings(engine, self.index, self.settings)
             self.status = f"ready: {engine.description}"
             log.info("model ready: %s", engine.description)
             report("report", "indexing workspace")
@@ -165,8 +163,7 @@ class HiropeServer(LanguageServer):
             raise JsonRpcInvalidParams(
                 f"position {position.line}:{position.character} is past the end of {doc.uri} ({doc.line_count} lines)")
         content = doc.line_text(position.line)
-        width = len(content.encode("utf-16-le")) // 2 if doc.encoding == "utf-16" else \
-            len(content.encode("utf-8")) if doc.encoding == "utf-8" else len(content)
+        width = doc.position_at(int(doc.line_char[position.line]) + len(content))[1]  # in the document's encoding
         if position.character > width:
             raise JsonRpcInvalidParams(
                 f"position {position.line}:{position.character} is past the end of line {position.line} ({width})")
@@ -229,7 +226,7 @@ def initialize(ls: HiropeServer, params: types.InitializeParams):
 
 @handler(types.INITIALIZED)
 def initialized(ls: HiropeServer, params: types.InitializedParams):
-    for problem in getattr(ls, "startup_problems", []):
+    for problem in ls.startup_problems:
         ls.show(problem)
     ls.start_background()
 

@@ -48,6 +48,12 @@ class CompletionService:
         self.max_new_tokens = max_new_tokens
         self.multiline = multiline
 
+    @classmethod
+    def from_settings(cls, engine: Engine, index: WorkspaceIndex | None, settings) -> CompletionService:
+        """The service the server and the command line run, from a ``config.Settings``."""
+        return cls(engine, index, PromptBuilder(engine.tokenizer, engine.fim, settings.context),
+                   settings.max_new_tokens, settings.multiline)
+
     def prepare(self, doc: Document, line: int, character: int) -> CompletionJob:
         built = self.builder.build(doc, line, character, self.index)
         cursor, _ = doc.offset_at(line, character)
