@@ -28,6 +28,20 @@ class Change:
     range: tuple[tuple[int, int], tuple[int, int]] | None = None
 
 
+def char_to_byte_offsets(text: str, chars: list[int]) -> list[int]:
+    """UTF-8 byte offsets of char offsets into ``text``, in one pass when they ascend."""
+    if text.isascii():
+        return list(chars)
+    out, last_c, last_b = [], 0, 0
+    for c in chars:
+        if c < last_c:
+            last_c, last_b = 0, 0
+        last_b += len(text[last_c:c].encode("utf-8"))
+        last_c = c
+        out.append(last_b)
+    return out
+
+
 def _line_starts(text: str, base: int = 0) -> list[int]:
     return [base] + [base + m.end() for m in LINE_BREAK.finditer(text)]
 
@@ -65,8 +79,7 @@ class Document:
         self.source = text.encode("utf-8")
         starts = _line_starts(text)
         self.line_char = np.array(starts, dtype=np.int64)
-        self.line_byte = np.array([len(text[:s].encode("utf-8")) for s in starts] if not text.isascii() else starts,
-                                  dtype=np.int64)
+        self.line_byte = np.array(char_to_byte_offsets(text, starts), dtype=np.int64)
         self._lone_cr = bool(LONE_CR.search(text))
         self._full_parse()
 
@@ -149,11 +162,7 @@ class Document:
         if tail < self.line_count:  # the break ending the window starts the first kept line
             starts = [x for x in starts if x < win_end]
         byte_start = int(self.line_byte[ls])
-        window_text = text[win_start:win_end]
-        if window_text.isascii():
-            bstarts = [byte_start + (x - win_start) for x in starts]
-        else:
-            bstarts = [byte_start + len(window_text[: x - win_start].encode("utf-8")) for x in starts]
+        bstarts = [byte_start + b for b in char_to_byte_offsets(text[win_start:win_end], [x - win_start for x in starts])]
         self.line_char = np.concatenate([self.line_char[:ls], np.array(starts, dtype=np.int64),
                                          self.line_char[tail:] + delta_char])
         self.line_byte = np.concatenate([self.line_byte[:ls], np.array(bstarts, dtype=np.int64),

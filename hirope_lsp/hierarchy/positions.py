@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..hierarchy.document import Document
+from ..hierarchy.document import Document, char_to_byte_offsets
 
 
 def positions_from_unit_keys(keys: list) -> torch.Tensor:
@@ -35,16 +35,3 @@ def token_unit_keys(doc: Document, char_spans: list[tuple[int, int]], tag=None, 
     ends = [max(s, e - 1) for s, e in char_spans]
     units = doc.unit_of_bytes(char_to_byte_offsets(doc.text, ends))
     return [(tag, "unit", u) for u in units]
-
-
-def char_to_byte_offsets(text: str, chars: list[int]) -> list[int]:
-    if text.isascii():
-        return list(chars)
-    out, last_c, last_b = [], 0, 0
-    for c in chars:
-        if c < last_c:
-            last_c, last_b = 0, 0
-        last_b += len(text[last_c:c].encode("utf-8"))
-        last_c = c
-        out.append(last_b)
-    return out
