@@ -187,11 +187,15 @@ class PromptBuilder:
                 chosen.append(symbol)
         chosen.sort(key=lambda sym: (str(sym.path), sym.start))
         parts, used, picked = [], 0, []
+        sources: dict[Path, bytes | None] = {}  # a file read and encoded once, however many of its definitions
         for sym in chosen:
-            text = index.text_of(sym.path)
-            if text is None:
+            if sym.path not in sources:
+                text = index.text_of(sym.path)
+                sources[sym.path] = None if text is None else text.encode("utf-8")
+            source = sources[sym.path]
+            if source is None:
                 continue
-            body = text.encode("utf-8")[sym.start : sym.end].decode("utf-8", "replace")
+            body = source[sym.start : sym.end].decode("utf-8", "replace")
             body_lines = body.splitlines()[: s.max_definition_lines]
             block = f"# {_display_path(sym.path, index)}\n" + "\n".join(body_lines) + "\n\n"
             ids, _ = self._encode(block)
