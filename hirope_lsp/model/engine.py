@@ -66,6 +66,7 @@ class Engine:
         self.pool = KVCachePool(self.model.config, settings.cache_budget_mb << 20, settings.reuse_cache)
         self.lock = threading.Lock()  # one inference at a time
         self._token_texts: list[str] | None = None
+        self._healing: dict[str, list[int]] = {}  # token text -> ids of the tokens that start with it
         eos = self.tokenizer.eos_token_id
         self.eos_ids = {eos} if eos is not None else set()
         for name in ("<|endoftext|>", "<|file_sep|>", "<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>", "<|im_end|>"):
@@ -93,7 +94,10 @@ class Engine:
         removed = texts[ids[at]]
         if not removed or "\ufffd" in removed:
             return ids, positions, "", None
-        allowed = [i for i, t in enumerate(texts) if t.startswith(removed) and i not in special]
+        allowed = self._healing.get(removed)
+        if allowed is None:  # a scan of the whole vocabulary: once per distinct token text
+            allowed = [i for i, t in enumerate(texts) if t.startswith(removed) and i not in special]
+            self._healing[removed] = allowed
         if len(allowed) <= 1:
             return ids, positions, "", None
         new_ids = ids[:at] + ids[at + 1 :]
