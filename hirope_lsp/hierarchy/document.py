@@ -151,6 +151,8 @@ class Document:
         source = self.source[:sb] + new_bytes + self.source[eb:]
         delta_char = len(new) - (e - s)
         delta_byte = len(new_bytes) - (eb - sb)
+        if self._tree is not None:  # points in the old text, so before the line tables change
+            old_start, old_end = self._point(sb), self._point(eb)
         # re-scan the lines around the edit, one line of margin each side (CRLF pairs split or joined)
         ls = max(0, int(np.searchsorted(self.line_char, s, side="right")) - 2)
         le = int(np.searchsorted(self.line_char, e, side="right")) - 1
@@ -167,8 +169,6 @@ class Document:
                                          self.line_char[tail:] + delta_char])
         self.line_byte = np.concatenate([self.line_byte[:ls], np.array(bstarts, dtype=np.int64),
                                          self.line_byte[tail:] + delta_byte])
-        if self._tree is not None:
-            old_start, old_end = self._point(sb), self._point(eb)
         if "\r" in new or "\r" in old_text[max(0, s - 1) : e + 1]:
             self._lone_cr = bool(LONE_CR.search(text))
         self.text, self.source = text, source
