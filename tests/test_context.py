@@ -43,9 +43,15 @@ def test_budget_is_kept_and_the_prefix_start_is_stable_while_typing():
     starts = {first.prefix_start}
     for k, ch in enumerate("value = compute(1)"):
         doc.apply_changes([Change(ch, ((line, k), (line, k)))], k + 2)
+        kept_starts = dict(b._prefix_starts)
         built = b.build(doc, line, k + 1)
         assert len(built.token_ids) <= 300
         starts.add(built.prefix_start)
+        # what the builder re-tokenized only in part equals a builder without memory (same kept start)
+        _, fresh = builder(budget=300)
+        fresh._prefix_starts = kept_starts
+        again = fresh.build(doc, line, k + 1)
+        assert built.token_ids == again.token_ids and torch.equal(built.positions, again.positions)
     assert len(starts) == 1, "the kept prefix does not slide on every keystroke"
 
 

@@ -71,7 +71,8 @@ class PromptBuilder:
         self.fim = fim
         self.settings = settings or ContextSettings()
         self._prefix_starts: dict[str, int] = {}  # document uri -> line the kept prefix starts at
-        self._prefix_encoder = IncrementalEncoder(self._encode)  # the prefix changes at its end while typing
+        # typing changes the prefix at its end and leaves the suffix as it was (its window's end moves)
+        self._incremental = IncrementalEncoder(self._encode)
 
     def _special(self, token: str | None) -> list[int]:
         return [] if token is None else [self.tokenizer.convert_tokens_to_ids(token)]
@@ -98,7 +99,7 @@ class PromptBuilder:
         # never tokenize more than ~16 characters per budget token (huge files, minified lines)
         earliest = int(np.searchsorted(doc.line_char, max(0, cursor - 16 * budget), side="left"))
         start = min(max(self._prefix_starts.get(doc.uri, 0), earliest), cursor_line)
-        encode = lambda line: self._prefix_encoder(doc.uri, doc.text[int(doc.line_char[line]) : cursor])  # noqa: E731
+        encode = lambda line: self._incremental(("prefix", doc.uri), doc.text[int(doc.line_char[line]) : cursor])  # noqa: E731
         encoded = encode(start)
         if start > earliest and len(encoded[0]) < budget // 2:
             start = earliest
@@ -114,7 +115,8 @@ class PromptBuilder:
 
     def forget(self, uri: str) -> None:
         self._prefix_starts.pop(uri, None)
-        self._prefix_encoder.forget(uri)
+        self._incremental.forget(("prefix", uri))
+        self._incremental.forget(("suffix", uri))
 
     def build(self, doc: Document, line: int, character: int, index: WorkspaceIndex | None = None) -> BuiltPrompt:
         s = self.settings
@@ -129,7 +131,8 @@ class PromptBuilder:
         suffix_text = ""
         if suffix_budget:
             suffix_text = doc.text[cursor : cursor + 16 * suffix_budget]
-            suffix_part = self._file_part("suffix", doc, suffix_text, cursor)
+            suffix_part = self._file_part("suffix", doc, suffix_text, cursor,
+                                          self._incremental(("suffix", doc.uri), suffix_text))
             if len(suffix_part.ids) > suffix_budget:
                 suffix_part.ids = suffix_part.ids[:suffix_budget]
                 suffix_part.units = suffix_part.units[:suffix_budget]
