@@ -75,6 +75,14 @@ def test_cross_file_definitions_of_names_near_the_cursor(tmp_path):
     assert built.context_names == ["clamp"]
     assert "return max(low, min(value, high))" in tok.decode(built.token_ids)
     assert "unrelated" not in tok.decode(built.token_ids)
+    # names imported anywhere in the file count, even far above the cursor and indented
+    far = "def main():\n    from helpers import clamp\n" + "    pass\n" * 80 + "    y = "
+    doc = Document((tmp_path / "main.py").as_uri(), far, language_id="python")
+    assert b.build(doc, 82, 8, index).context_names == ["clamp"]
+    # a definition edited on disk is read again, not served from what was encoded before
+    (tmp_path / "helpers.py").write_text("def clamp(value, low, high):\n    return sorted((low, value, high))[1]\n")
+    index.scan()
+    assert "sorted((low, value, high))" in tok.decode(b.build(doc, 82, 8, index).token_ids)
 
 
 def test_stop_rules():

@@ -17,6 +17,7 @@ increasing along the prompt even when the suffix comes before the prefix.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ from ..workspace.index import WorkspaceIndex, uri_to_path
 from .tokens import IncrementalEncoder
 
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+IMPORT_LINE = re.compile(r"^[ \t]*(?:import |from |#include|use ).*$", re.MULTILINE)
 KEYWORDS = frozenset("""False None True and as assert async await break class continue def del elif else except finally
 for from global if import in is lambda nonlocal not or pass raise return try while with yield self cls print len range
 str int list dict set tuple const let var function return new this export default interface type struct impl fn pub use
@@ -73,6 +75,8 @@ class PromptBuilder:
         self._prefix_starts: dict[str, int] = {}  # document uri -> line the kept prefix starts at
         # typing changes the prefix at its end and leaves the suffix as it was (its window's end moves)
         self._incremental = IncrementalEncoder(self._encode)
+        # the same definitions are picked again on most keystrokes
+        self._encode_block = functools.lru_cache(maxsize=1024)(lambda block: tuple(self._encode(block)[0]))
 
     def _special(self, token: str | None) -> list[int]:
         return [] if token is None else [self.tokenizer.convert_tokens_to_ids(token)]
@@ -180,7 +184,7 @@ class PromptBuilder:
         hi_line = min(doc.line_count - 1, line + 5)
         hi = int(doc.line_char[hi_line]) + len(doc.line_text(hi_line))
         window = doc.text[lo:hi]
-        imports = "\n".join(l for l in doc.text.splitlines() if l.lstrip().startswith(("import ", "from ", "#include", "use ")))
+        imports = "\n".join(IMPORT_LINE.findall(doc.text))
         names = sorted({m.group(0) for m in IDENTIFIER.finditer(window + "\n" + imports)} - KEYWORDS)
         chosen = []
         for name in names:
@@ -201,12 +205,12 @@ class PromptBuilder:
             body = source[sym.start : sym.end].decode("utf-8", "replace")
             body_lines = body.splitlines()[: s.max_definition_lines]
             block = f"# {_display_path(sym.path, index)}\n" + "\n".join(body_lines) + "\n\n"
-            ids, _ = self._encode(block)
+            ids = self._encode_block(block)
             if used + len(ids) > budget:
                 continue
             used += len(ids)
             picked.append(sym.name)
-            parts.append(PromptPart("context", ids, [("def", str(sym.path), sym.start)] * len(ids)))
+            parts.append(PromptPart("context", list(ids), [("def", str(sym.path), sym.start)] * len(ids)))
         return parts, picked
 
 
