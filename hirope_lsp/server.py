@@ -15,6 +15,7 @@ import logging
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 from lsprotocol import types
@@ -24,6 +25,7 @@ from pygls.protocol import LanguageServerProtocol
 
 from . import __version__
 from .completion.service import CompletionService
+from .completion.typed_ahead import ShownSuggestions
 from .config import Settings, apply_options
 from .hierarchy.document import Change, Document
 from .model.engine import Cancelled, Engine
@@ -62,6 +64,14 @@ class RequestToken:
         return self._event.is_set()
 
 
+@dataclass
+class Suggestion:
+    text: str
+    uri: str
+    line: int  # the cursor it is inserted at, in the document's position encoding
+    character: int
+
+
 class HiropeServer(LanguageServer):
     def __init__(self, settings: Settings | None = None):
         super().__init__("hirope-lsp", __version__, protocol_cls=HiropeProtocol)
@@ -73,6 +83,7 @@ class HiropeServer(LanguageServer):
         self.engine_future: asyncio.Future | None = None
         self.service: CompletionService | None = None
         self.latest: dict[str, RequestToken] = {}
+        self.shown = ShownSuggestions()
         self.status = "starting"
         self.startup_problems: list[str] = []  # bad initializationOptions, shown once the client is initialized
 
@@ -168,19 +179,30 @@ class HiropeServer(LanguageServer):
             raise JsonRpcInvalidParams(
                 f"position {position.line}:{position.character} is past the end of line {position.line} ({width})")
 
-    async def completion_text(self, uri: str, position: types.Position):
-        """(text, job) for the cursor, None when superseded or stale."""
+    def supersede(self, uri: str, token: RequestToken | None = None) -> None:
+        """Cancel the request in flight for ``uri`` (Neovim does not cancel its older requests)."""
+        previous = self.latest.pop(uri, None)
+        if previous is not None:
+            previous.cancel()
+        if token is not None:
+            self.latest[uri] = token
+
+    async def completion_text(self, uri: str, position: types.Position) -> Suggestion | None:
+        """The suggestion for the cursor; None when superseded or stale."""
         doc = self.document(uri)
         self.check_position(doc, position)
+        cursor, cursor_byte = doc.offset_at(position.line, position.character)
+        rest = self.shown.rest(doc, cursor_byte)
+        if rest is not None:
+            self.supersede(uri)
+            log.info("completion %s v%d: typed along the last suggestion, %d chars left", uri, doc.version, len(rest))
+            return Suggestion(rest, uri, *doc.position_at(cursor))
         service = await self.service_ready()
         doc = self.document(uri)  # it may have changed or closed while the model loaded
         self.check_position(doc, position)
         job = service.prepare(doc, position.line, position.character)
         token = RequestToken()
-        previous = self.latest.get(uri)
-        if previous is not None:
-            previous.cancel()  # superseded: Neovim does not cancel its older requests
-        self.latest[uri] = token
+        self.supersede(uri, token)
         loop = asyncio.get_running_loop()
         try:
             result = await loop.run_in_executor(self.worker, service.run, job, token.cancelled)
@@ -196,7 +218,8 @@ class HiropeServer(LanguageServer):
         if current is None or current.version != job.version:
             log.info("dropping a completion for %s v%d: the document moved on", uri, job.version)
             return None
-        return result.text, job
+        self.shown.remember(current, current.offset_at(job.line, job.character)[1], result.text)
+        return Suggestion(result.text, uri, job.line, job.character)
 
 
 SERVER_HANDLERS = []
@@ -273,6 +296,7 @@ def did_change(ls: HiropeServer, params: types.DidChangeTextDocumentParams):
 def did_close(ls: HiropeServer, params: types.DidCloseTextDocumentParams):
     uri = params.text_document.uri
     ls.documents.pop(uri, None)
+    ls.shown.forget(uri)
     ls.index.close_document(uri)
     if ls.service is not None:
         ls.service.engine.pool.drop(uri)
@@ -323,6 +347,8 @@ def did_change_configuration(ls: HiropeServer, params: types.DidChangeConfigurat
     ls.settings, problems = apply_options(old, options)
     for problem in problems:
         ls.show(problem)
+    if ls.settings != old:
+        ls.shown.clear()  # suggestions made under the old settings are not typed along with
     service = ls.service
     if service is None:
         return
@@ -344,29 +370,28 @@ def did_change_configuration(ls: HiropeServer, params: types.DidChangeConfigurat
 @handler(types.TEXT_DOCUMENT_INLINE_COMPLETION, types.InlineCompletionOptions())
 async def inline_completion(ls: HiropeServer, params: types.InlineCompletionParams):
     found = await ls.completion_text(params.text_document.uri, params.position)
-    if found is None or not found[0]:
+    if found is None or not found.text:
         return types.InlineCompletionList(items=[])
-    text, job = found
-    at = types.Position(job.line, job.character)
-    return types.InlineCompletionList(items=[types.InlineCompletionItem(insert_text=text, range=types.Range(at, at))])
+    at = types.Position(found.line, found.character)
+    return types.InlineCompletionList(items=[types.InlineCompletionItem(insert_text=found.text, range=types.Range(at, at))])
 
 
 @handler(types.TEXT_DOCUMENT_COMPLETION, types.CompletionOptions(trigger_characters=[".", "(", " "]))
 async def completion(ls: HiropeServer, params: types.CompletionParams):
     """Fallback for clients without inline completion: one item carrying the completion."""
     found = await ls.completion_text(params.text_document.uri, params.position)
-    if found is None or not found[0]:
+    if found is None or not found.text:
         return types.CompletionList(is_incomplete=True, items=[])
-    text, job = found
-    doc = ls.documents[job.uri]
-    line_text = doc.line_text(job.line)
-    cursor_cp = len(doc.text[int(doc.line_char[job.line]) : doc.offset_at(job.line, job.character)[0]])
+    text, line, character = found.text, found.line, found.character
+    doc = ls.documents[found.uri]
+    line_text = doc.line_text(line)
+    cursor_cp = len(doc.text[int(doc.line_char[line]) : doc.offset_at(line, character)[0]])
     word_start = cursor_cp
     while word_start > 0 and (line_text[word_start - 1].isalnum() or line_text[word_start - 1] == "_"):
         word_start -= 1
     word = line_text[word_start:cursor_cp]
-    start_char = doc.position_at(int(doc.line_char[job.line]) + word_start)[1]
-    edit_range = types.Range(types.Position(job.line, start_char), types.Position(job.line, job.character))
+    start_char = doc.position_at(int(doc.line_char[line]) + word_start)[1]
+    edit_range = types.Range(types.Position(line, start_char), types.Position(line, character))
     first_line = text.split("\n", 1)[0]
     item = types.CompletionItem(
         label=(word + first_line).strip()[:80] or text.strip()[:80],

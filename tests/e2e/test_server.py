@@ -30,6 +30,17 @@ def open_doc(client: LanguageClient, uri: str, text: str, version: int = 1):
         text_document=types.TextDocumentItem(uri=uri, language_id="python", version=version, text=text)))
 
 
+def type_text(client: LanguageClient, uri: str, version: int, line: int, character: int, text: str):
+    """Insert ``text`` at a cursor as an editor does; returns the cursor after it (UTF-16 columns)."""
+    client.text_document_did_change(types.DidChangeTextDocumentParams(
+        text_document=types.VersionedTextDocumentIdentifier(uri=uri, version=version),
+        content_changes=[types.TextDocumentContentChangePartial(
+            range=types.Range(types.Position(line, character), types.Position(line, character)), text=text)]))
+    *above, last = text.split("\n")
+    width = len(last.encode("utf-16-le")) // 2
+    return (line + len(above), width) if above else (line, character + width)
+
+
 def inline(client, uri, line, character):
     return client.text_document_inline_completion_async(types.InlineCompletionParams(
         text_document=types.TextDocumentIdentifier(uri=uri), position=types.Position(line, character),
@@ -47,17 +58,40 @@ async def test_open_complete_edit_complete_again(client: LanguageClient):
     for item in first.items:
         assert item.range == types.Range(types.Position(line, character), types.Position(line, character))
         assert isinstance(item.insert_text, str) and item.insert_text.strip()
-    # type "ra" and ask again: the new result is for the new cursor and version
-    client.text_document_did_change(types.DidChangeTextDocumentParams(
-        text_document=types.VersionedTextDocumentIdentifier(uri=uri, version=2),
-        content_changes=[types.TextDocumentContentChangePartial(
-            range=types.Range(types.Position(line, character), types.Position(line, character)), text="ra")]))
+    # type two characters that are not the suggestion's start (that would be answered without the model)
+    # and ask again: the new result is for the new cursor and version
+    typed = "ra" if not any(item.insert_text.startswith("r") for item in first.items) else "zq"
+    type_text(client, uri, 2, line, character, typed)
     second = await inline(client, uri, line, character + 2)
     for item in second.items:
         assert item.range.start == types.Position(line, character + 2)
     status = await client.protocol.send_request_async("hirope/status", {})
     assert status.status.startswith("ready")
     assert status.reusedTokens > 0, "the second prompt reuses the first one's KV state"
+
+
+async def test_typing_along_a_suggestion_gets_its_rest_without_the_model(client: LanguageClient):
+    uri = (client.workspace_root / "along.py").as_uri()
+    text = "def area(width, height):\n    return width * height\n\n\ndef perimeter(width, height):\n    return "
+    open_doc(client, uri, text)
+    first = await inline(client, uri, 5, 11)
+    suggestion = first.items[0].insert_text
+    assert len(suggestion) >= 3, suggestion
+    computed = (await client.protocol.send_request_async("hirope/status", {})).computedTokens
+    # type its first two characters: the rest comes back, the model did not run
+    line, character = type_text(client, uri, 2, 5, 11, suggestion[:2])
+    second = await inline(client, uri, line, character)
+    assert [item.insert_text for item in second.items] == [suggestion[2:]]
+    assert second.items[0].range.start == types.Position(line, character)
+    assert (await client.protocol.send_request_async("hirope/status", {})).computedTokens == computed
+    # type something else: the model runs again on the new text
+    other = "Z" if suggestion[2] != "Z" else "Q"
+    line, character = type_text(client, uri, 3, line, character, other)
+    third = await inline(client, uri, line, character)
+    assert isinstance(third, types.InlineCompletionList)
+    assert (await client.protocol.send_request_async("hirope/status", {})).computedTokens > computed
+    state = await client.protocol.send_request_async("hirope/documentState", {"uri": uri})
+    assert state.version == 3
 
 
 async def test_a_newline_ending_block_opener_gets_a_completion(client: LanguageClient):

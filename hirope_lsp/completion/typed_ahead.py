@@ -1,0 +1,62 @@
+"""The rest of a suggestion the user is typing along with, without the model.
+
+When the only change to a document since a suggestion was shown is that the user typed its
+first characters at the cursor, the rest of that suggestion is the answer: the model already
+read everything but those characters, and it wrote them itself.  Checked on the document's
+bytes (everything before the cursor, the typed text, everything after), so any other edit,
+anywhere, falls back to the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..hierarchy.document import Document
+
+MAX_KEPT_BYTES = 8 << 20  # a document's text is kept with its suggestion; not for huge ones
+
+
+@dataclass
+class Shown:
+    source: bytes  # the document's text when the suggestion was made
+    cursor: int  # byte offset of the cursor in it
+    text: bytes  # the suggestion
+
+
+class ShownSuggestions:
+    def __init__(self) -> None:
+        self._shown: dict[str, Shown] = {}
+
+    def remember(self, doc: Document, cursor_byte: int, text: str) -> None:
+        if not text or len(doc.source) > MAX_KEPT_BYTES:
+            self._shown.pop(doc.uri, None)
+            return
+        self._shown[doc.uri] = Shown(doc.source, cursor_byte, text.encode("utf-8"))
+
+    def forget(self, uri: str) -> None:
+        self._shown.pop(uri, None)
+
+    def clear(self) -> None:
+        self._shown.clear()
+
+    def rest(self, doc: Document, cursor_byte: int) -> str | None:
+        """What is left of the suggestion shown for ``doc`` if the user typed its start up to the
+        cursor and changed nothing else; None otherwise (the rest is remembered as shown)."""
+        shown = self._shown.get(doc.uri)
+        if shown is None:
+            return None
+        typed = cursor_byte - shown.cursor
+        new, old = doc.source, shown.source
+        if not 0 < typed < len(shown.text) or len(new) != len(old) + typed:
+            return None
+        before, after = memoryview(new), memoryview(old)
+        if (new[shown.cursor : cursor_byte] != shown.text[:typed]
+                or before[: shown.cursor] != after[: shown.cursor]
+                or before[cursor_byte:] != after[shown.cursor :]):
+            return None
+        try:
+            rest = shown.text[typed:].decode("utf-8")
+        except UnicodeDecodeError:  # the cursor is inside a character of the suggestion
+            return None
+        self._shown[doc.uri] = Shown(new, cursor_byte, shown.text[typed:])
+        return rest

@@ -1,0 +1,50 @@
+from hirope_lsp.completion.typed_ahead import ShownSuggestions
+from hirope_lsp.hierarchy.document import Change, Document
+
+TEXT = "def f(x):\n    return \n\nprint('é')\n"
+
+
+def shown_at(text=TEXT, suggestion="x * 2  # 😀 done"):
+    doc = Document("file:///w/a.py", text, language_id="python")
+    shown = ShownSuggestions()
+    cursor = doc.offset_at(1, 11)[1]
+    shown.remember(doc, cursor, suggestion)
+    return doc, shown
+
+
+def type_at(doc: Document, line: int, character: int, text: str) -> int:
+    doc.apply_changes([Change(text, ((line, character), (line, character)))])
+    return doc.offset_at(line, character + len(text.encode("utf-16-le")) // 2)[1]
+
+
+def test_typing_the_start_of_a_suggestion_leaves_its_rest():
+    doc, shown = shown_at()
+    assert shown.rest(doc, doc.offset_at(1, 11)[1]) is None, "nothing typed: the model answers"
+    cursor = type_at(doc, 1, 11, "x ")
+    assert shown.rest(doc, cursor) == "* 2  # 😀 done"
+    cursor = type_at(doc, 1, 13, "* 2  # 😀")  # the emoji is two UTF-16 units, four bytes
+    assert shown.rest(doc, cursor) == " done"
+    cursor = type_at(doc, 1, 22, " done")
+    assert shown.rest(doc, cursor) is None, "all of it typed: nothing left to suggest"
+
+
+def test_anything_else_falls_back_to_the_model():
+    doc, shown = shown_at()
+    cursor = type_at(doc, 1, 11, "y")  # not the suggestion's start
+    assert shown.rest(doc, cursor) is None
+    doc, shown = shown_at()
+    cursor = type_at(doc, 1, 11, "x ")
+    doc.apply_changes([Change("Z", ((3, 7), (3, 8)))])  # same length, elsewhere (the é)
+    assert shown.rest(doc, cursor) is None
+    doc, shown = shown_at()
+    type_at(doc, 0, 0, "x ")  # the suggestion's start typed, but not at the cursor
+    assert shown.rest(doc, doc.offset_at(1, 13)[1]) is None
+    doc, shown = shown_at()
+    cursor = type_at(doc, 1, 11, "x ")
+    shown.forget(doc.uri)
+    assert shown.rest(doc, cursor) is None
+
+
+def test_an_empty_suggestion_is_not_remembered():
+    doc, shown = shown_at(suggestion="")
+    assert shown.rest(doc, type_at(doc, 1, 11, "x")) is None
