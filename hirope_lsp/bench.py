@@ -212,8 +212,9 @@ def bench_typing(keystrokes: int = 40, budget: int = 4000, pause: float = 0.05, 
     for reuse in (True, False):
         client = RawClient()
         try:
+            # KV reuse on and off, every keystroke through the model (typing along comes after)
             client.initialize(None, {"reuseCache": reuse, "promptBudget": budget, "maxNewTokens": max_new_tokens,
-                                     "crossFile": False, "watchFiles": False})
+                                     "crossFile": False, "watchFiles": False, "typeAlong": False})
             uri = "file:///bench/typing.py"
             body = "\n".join(lines[:line] + [indent] + lines[line:])
             client.notify("textDocument/didOpen", {"textDocument": {"uri": uri, "languageId": "python", "version": 1,
@@ -240,6 +241,9 @@ def bench_typing(keystrokes: int = 40, budget: int = 4000, pause: float = 0.05, 
                 time.sleep(pause)
             reused = status["reusedTokens"]
             total = status["reusedTokens"] + status["computedTokens"]
+            if reuse:
+                client.notify("workspace/didChangeConfiguration", {"settings": {"hirope": {"typeAlong": True}}})
+                along = _type_along(client, uri, line, col, keystrokes + 2, keystrokes // 2, params)
         finally:
             client.close()
         prompt_tokens = statistics.median(computed) if not reuse else None
@@ -255,6 +259,7 @@ def bench_typing(keystrokes: int = 40, budget: int = 4000, pause: float = 0.05, 
     prompt_tokens = off["prompt_tokens"]
     on["reuse_per_key"] = 1 - on["recomputed_per_key_mean"] / max(1, prompt_tokens)
     results["speedup_p50"] = off["p50_ms"] / on["p50_ms"]
+    results["along"] = along
     print(f"typing {keystrokes} keys into a {prompt_tokens:.0f}-token prompt (budget {budget}), "
           f"{max_new_tokens} new tokens at most per completion")
     print(f"{'reuse':>6} {'p50 ms':>8} {'p95 ms':>8} {'recomputed/key':>15} {'reused/key':>11}")
@@ -264,7 +269,35 @@ def bench_typing(keystrokes: int = 40, budget: int = 4000, pause: float = 0.05, 
         print(f"{name:>6} {r['p50_ms']:>8.1f} {r['p95_ms']:>8.1f} {r['recomputed_per_key_mean']:>15.1f} "
               f"{reused_share:>10.1%}")
     print(f"p50 speed-up with reuse: {results['speedup_p50']:.1f}x")
+    if along["keys"]:
+        print(f"typing along the suggestion: {along['keys']} keys, p50 {along['p50_ms']:.1f} ms, "
+              f"{along['model_runs']} of them ran the model")
     return results
+
+
+def _type_along(client, uri: str, line: int, col: int, version: int, keystrokes: int, params) -> dict:
+    """Type the shown suggestion's characters one by one (a user accepting it by typing)."""
+    import statistics
+
+    latencies, model_runs = [], 0
+    reply = client.call("textDocument/inlineCompletion", params(col), timeout=600)
+    for _ in range(keystrokes):
+        items = reply["result"]["items"]
+        text = items[0]["insertText"] if items else ""
+        if not text or text[0] in "\r\n":
+            break  # nothing (left) on this line to type along with
+        computed = client.call("hirope/status", {})["result"]["computedTokens"]
+        start = time.perf_counter()
+        client.notify("textDocument/didChange", {"textDocument": {"uri": uri, "version": version}, "contentChanges": [
+            {"range": {"start": {"line": line, "character": col}, "end": {"line": line, "character": col}},
+             "text": text[0]}]})
+        version += 1
+        col += len(text[0].encode("utf-16-le")) // 2
+        reply = client.call("textDocument/inlineCompletion", params(col), timeout=600)
+        latencies.append(time.perf_counter() - start)
+        model_runs += client.call("hirope/status", {})["result"]["computedTokens"] != computed
+    return {"keys": len(latencies), "model_runs": model_runs,
+            "p50_ms": statistics.median(latencies) * 1000 if latencies else None}
 
 
 def bench_soak(requests: int = 10000, report_every: int = 500, cache_budget_mb: int = 64) -> dict:

@@ -24,6 +24,7 @@ class Settings:
     multiline: str = "auto"
     max_file_bytes: int = 1024 * 1024
     watch_files: bool = True
+    type_along: bool = True  # typing a suggestion's start answers with its rest, without the model
 
 
 def _camel(name: str) -> str:
@@ -47,6 +48,7 @@ def _schema():
         "multiline": ("", "multiline", str),
         "maxFileBytes": ("", "max_file_bytes", int),
         "watchFiles": ("", "watch_files", bool),
+        "typeAlong": ("", "type_along", bool),
     }
     for f in fields(RopeMethodConfig):
         if f.name in ("extra",):

@@ -192,7 +192,7 @@ class HiropeServer(LanguageServer):
         doc = self.document(uri)
         self.check_position(doc, position)
         cursor, cursor_byte = doc.offset_at(position.line, position.character)
-        rest = self.shown.rest(doc, cursor_byte)
+        rest = self.shown.rest(doc, cursor_byte) if self.settings.type_along else None
         if rest is not None:
             self.supersede(uri)
             log.info("completion %s v%d: typed along the last suggestion, %d chars left", uri, doc.version, len(rest))

@@ -31,7 +31,7 @@ export function serverSettings(config: ConfigReader): { [key: string]: Json } {
     }
   };
   ["model", "device", "dtype", "allowDownload", "trustRemoteCode", "promptBudget", "maxNewTokens", "multiline",
-    "crossFile", "cacheBudgetMb"].forEach(copy);
+    "crossFile", "cacheBudgetMb", "typeAlong"].forEach(copy);
   const positions: { [key: string]: Json } = {};
   for (const key of ["method", "window", "split"]) {
     const value = config.get<Json | undefined>(`positions.${key}`, undefined);

@@ -25,6 +25,7 @@ test("settings mirror the server's names and leave unset values to the server", 
   const out = serverSettings(reader({ model: "/models/qwen", promptBudget: 8192, "positions.window": 512, dtype: "" }));
   assert.deepEqual(out, { model: "/models/qwen", promptBudget: 8192, hirope: { window: 512 } });
   assert.deepEqual(serverSettings(reader({})), {});
+  assert.deepEqual(serverSettings(reader({ typeAlong: false })), { typeAlong: false }, "false is a value, not unset");
 });
 
 test("the status bar tells loading, ready and errors apart", () => {
