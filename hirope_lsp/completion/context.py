@@ -33,6 +33,7 @@ from .tokens import IncrementalEncoder
 
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 IMPORT_LINE = re.compile(r"^[ \t]*(?:import |from |#include|use ).*$", re.MULTILINE)
+IMPORT_SCAN_CHARS = 256 * 1024  # imports are looked for in a file's head, not through a huge file per keystroke
 KEYWORDS = frozenset("""False None True and as assert async await break class continue def del elif else except finally
 for from global if import in is lambda nonlocal not or pass raise return try while with yield self cls print len range
 str int list dict set tuple const let var function return new this export default interface type struct impl fn pub use
@@ -184,7 +185,7 @@ class PromptBuilder:
         hi_line = min(doc.line_count - 1, line + 5)
         hi = int(doc.line_char[hi_line]) + len(doc.line_text(hi_line))
         window = doc.text[lo:hi]
-        imports = "\n".join(IMPORT_LINE.findall(doc.text))
+        imports = "\n".join(IMPORT_LINE.findall(doc.text, 0, IMPORT_SCAN_CHARS))
         names = sorted({m.group(0) for m in IDENTIFIER.finditer(window + "\n" + imports)} - KEYWORDS)
         chosen = []
         for name in names:

@@ -18,6 +18,8 @@ from .syntax import statement_line
 
 log = logging.getLogger(__name__)
 
+STOP_RULES_CONTEXT_CHARS = 16 * 1024
+
 
 @dataclass
 class CompletionJob:
@@ -58,7 +60,9 @@ class CompletionService:
         built = self.builder.build(doc, line, character, self.index)
         cursor, _ = doc.offset_at(line, character)
         line, character = doc.position_at(cursor)  # clamped
-        policy = stop_policy(doc.text[:cursor], doc.text[cursor:], self.multiline)
+        # the stop rules look at the cursor's lines, never at the whole of a huge document
+        near = STOP_RULES_CONTEXT_CHARS
+        policy = stop_policy(doc.text[max(0, cursor - near) : cursor], doc.text[cursor : cursor + near], self.multiline)
         policy.statement_head = statement_line(doc, line, cursor)
         prompt = Prompt(doc.uri, built.token_ids, built.positions)
         return CompletionJob(doc.uri, doc.version, line, character, prompt, policy, built)
