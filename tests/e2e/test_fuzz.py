@@ -50,7 +50,7 @@ def rss_mib(pid: int) -> float:
 def run_session(workspace, seed: int, steps: int) -> dict:
     rng = random.Random(seed)
     client = RawClient(cwd=str(workspace))
-    stats = {"steps": 0, "requests": 0, "answered": 0, "completions": 0, "non_empty": 0, "divergent": 0,
+    stats = {"steps": 0, "requests": 0, "answered": 0, "completions": 0, "non_empty": 0, "divergent": 0, "typed_along": 0,
              "stale_results": 0, "overtaken": 0, "max_rss_mib": 0.0}
     try:
         client.initialize(workspace.as_uri(), {"maxNewTokens": 4, "promptBudget": 512, "cacheBudgetMb": CACHE_MB})
@@ -76,6 +76,9 @@ def run_session(workspace, seed: int, steps: int) -> dict:
             items = reply["result"]["items"]
             if items:
                 stats["non_empty"] += 1
+                doc = docs.get(info["uri"])
+                if doc is not None and doc["version"] == info["version"]:
+                    doc["shown"] = (info["version"], info["offset"], items[0]["insertText"])
                 arrived = client.arrived[reply["id"]]
                 read_up_to = max((request_seq[q] for q, t in client.arrived.items() if t < arrived and q in request_seq),
                                  default=-1)
@@ -88,8 +91,16 @@ def run_session(workspace, seed: int, steps: int) -> dict:
 
         for step in range(steps):
             stats["steps"] += 1
-            action = rng.choices(["open", "change", "close", "complete", "cancel", "config", "disk", "save"],
-                                 [2, 10, 1, 5, 2, 1, 1, 1])[0]
+            action = rng.choices(["open", "change", "close", "complete", "cancel", "config", "disk", "save", "along"],
+                                 [2, 10, 1, 5, 2, 1, 1, 1, 2])[0]
+            along = None
+            if action == "along":  # type the start of the suggestion shown last, as a user accepting it does
+                uri = rng.choice(list(docs)) if docs else None
+                shown = docs[uri].get("shown") if uri else None
+                if not shown or shown[0] != docs[uri]["version"] or len(shown[2]) < 2 or "\r" in shown[2][:2]:
+                    continue
+                along = (uri, shown[1], shown[2][: rng.choice([1, 2])])
+                stats["typed_along"] += 1
             if action == "open" or not docs:
                 lang, ext = rng.choice(LANGS)
                 uri = (workspace / f"doc{step}{ext}").as_uri()
@@ -123,15 +134,27 @@ def run_session(workspace, seed: int, steps: int) -> dict:
                 del docs[uri]
                 edits.setdefault(uri, []).append(next(sent))
                 client.notify("textDocument/didClose", {"textDocument": {"uri": uri}})
-            elif action in ("complete", "cancel"):
-                uri = rng.choice(list(docs))
+            elif action in ("complete", "cancel", "along"):
+                uri = along[0] if along else rng.choice(list(docs))
                 doc = docs[uri]
-                position = utf16_position(doc["text"], safe_offset(doc["text"], rng.randrange(0, len(doc["text"]) + 1)))
+                if along:
+                    _, offset, typed = along
+                    text = doc["text"]
+                    doc["text"], doc["version"] = text[:offset] + typed + text[offset:], doc["version"] + 1
+                    edits.setdefault(uri, []).append(next(sent))
+                    position = utf16_position(text, offset)
+                    client.notify("textDocument/didChange", {"textDocument": {"uri": uri, "version": doc["version"]},
+                                                             "contentChanges": [{"range": {"start": position, "end": position},
+                                                                                 "text": typed}]})
+                    offset += len(typed)
+                else:
+                    offset = safe_offset(doc["text"], rng.randrange(0, len(doc["text"]) + 1))
+                position = utf16_position(doc["text"], offset)
                 rid = client.request("textDocument/inlineCompletion", {"textDocument": {"uri": uri},
                                                                        "position": position, "context": {"triggerKind": 2}})
                 stats["requests"] += 1
                 request_seq[rid] = next(sent)
-                pending[rid] = {"uri": uri, "version": doc["version"], "position": position}
+                pending[rid] = {"uri": uri, "version": doc["version"], "position": position, "offset": offset}
                 if action == "cancel":
                     client.notify("$/cancelRequest", {"id": rid})
                 if rng.random() < 0.5 or len(pending) > 4:
@@ -185,6 +208,7 @@ def test_fuzzed_sessions(workspace, capsys):
         assert stats["max_rss_mib"] < 3000
     with capsys.disabled():
         print(f"\nfuzz: {len(totals)} sessions, {sum(t['steps'] for t in totals)} steps, "
-              f"{sum(t['requests'] for t in totals)} requests, all answered, 0 stale "
+              f"{sum(t['requests'] for t in totals)} requests ({sum(t['typed_along'] for t in totals)} after typing along a "
+              f"suggestion), all answered, 0 stale "
               f"({sum(t['overtaken'] for t in totals)} overtaken by edits the server had not read yet), 0 divergent; "
               f"max RSS {max(t['max_rss_mib'] for t in totals):.0f} MiB; {time.time() - started:.0f} s")
