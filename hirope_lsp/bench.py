@@ -55,20 +55,24 @@ def _attention_child(method: str, length: int, repeats: int, device: str, query_
     return {"method": method, "length": length, "seconds": min(times[1:]), "peak_mib": round(peak, 1)}
 
 
-def bench_attention(lengths: list[int], repeats: int = 2, device: str = "cpu", query_chunk: int = 256) -> dict:
+def bench_attention(lengths: list[int], repeats: int = 2, device: str = "cpu", query_chunk: int = 256,
+                    rounds: int = 2) -> dict:
+    """Forward time (best run) and peak memory of plain RoPE and HiRoPE per length, each in a fresh
+    process; the two alternate for ``rounds`` rounds so that drift in the machine's speed hits both."""
     rows = []
     print(f"{'length':>7} {'rope s':>8} {'hirope s':>9} {'time x':>7} {'rope MiB':>9} {'hirope MiB':>11}")
     for length in lengths:
         row = {"length": length}
-        for method in ("rope", "hirope"):
-            out = subprocess.run(
-                [sys.executable, "-m", "hirope_lsp.bench", "attention-child", method, str(length), str(repeats), device,
-                 str(query_chunk)],
-                capture_output=True, text=True, check=True,
-            )
-            result = json.loads(out.stdout.strip().splitlines()[-1])
-            row[f"{method}_seconds"] = result["seconds"]
-            row[f"{method}_peak_mib"] = result["peak_mib"]
+        for _ in range(rounds):
+            for method in ("rope", "hirope"):
+                out = subprocess.run(
+                    [sys.executable, "-m", "hirope_lsp.bench", "attention-child", method, str(length), str(repeats),
+                     device, str(query_chunk)],
+                    capture_output=True, text=True, check=True,
+                )
+                result = json.loads(out.stdout.strip().splitlines()[-1])
+                row[f"{method}_seconds"] = min(result["seconds"], row.get(f"{method}_seconds", float("inf")))
+                row[f"{method}_peak_mib"] = max(result["peak_mib"], row.get(f"{method}_peak_mib", 0.0))
         row["time_ratio"] = row["hirope_seconds"] / row["rope_seconds"]
         rows.append(row)
         print(f"{length:>7} {row['rope_seconds']:>8.3f} {row['hirope_seconds']:>9.3f} {row['time_ratio']:>7.2f} "

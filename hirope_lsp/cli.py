@@ -52,6 +52,7 @@ def _add_bench(sub) -> None:
     a.add_argument("--repeats", type=int, default=2)
     a.add_argument("--device", default="cpu")
     a.add_argument("--query-chunk", type=int, default=256)
+    a.add_argument("--rounds", type=int, default=2, help="rope and hirope processes alternate this many times")
     a.add_argument("--json", type=Path, default=None)
     t = bsub.add_parser("typing", help="replay typing against the real server, reuse on and off")
     t.add_argument("--keystrokes", type=int, default=40)
@@ -75,7 +76,7 @@ def _run_bench(args) -> int:
         from .bench import bench_attention
 
         result = bench_attention([int(x) for x in args.lengths.split(",")], repeats=args.repeats, device=args.device,
-                                 query_chunk=args.query_chunk)
+                                 query_chunk=args.query_chunk, rounds=args.rounds)
     elif args.bench == "soak":
         from .bench import bench_soak
 

@@ -336,6 +336,23 @@ def test_positions_out_of_order_take_the_general_path():
     assert torch.allclose(got, dense_windowed(q, k, v, plan, 0.25), atol=1e-5)
 
 
+@pytest.mark.parametrize("gap", [0, 5])
+def test_equal_band_masks_are_built_once_and_gaps_get_their_own(gap):
+    torch.manual_seed(7)
+    T, D = 64, 16
+    q, k, v = torch.randn(1, 2, T, D), torch.randn(1, 2, T, D), torch.randn(1, 2, T, D)
+    token = torch.cat([torch.arange(0, 30), torch.arange(30 + gap, T + gap)])
+    positions = torch.stack([token // 6, token], -1)[None]
+    inv_freq = (10000.0 ** (-torch.arange(D // 2) * 2 / D)).float()
+    plan = make_plan(RopeMethodConfig(window=5, split=0.5, query_chunk=8), positions, T, inv_freq, 0.5, 5, torch.float32)
+    assert plan.keys_sorted and plan.keys_consecutive == (gap == 0)
+    got = attention.windowed_attention(q, k, v, plan, 0.25)
+    assert torch.allclose(got, dense_windowed(q, k, v, plan, 0.25), atol=1e-5)
+    masked = [b for blocks in plan.blocks.values() for b in blocks if b.allowed is not None]
+    assert len(masked) == 16  # a far band and a near band per chunk
+    assert len(plan.masks) == (4 if gap == 0 else 0), "consecutive positions: a mask per distinct band (the first chunk's two, then two)"
+
+
 def test_growing_tensor_writes_in_place_and_cuts_back_as_a_view():
     grown = GrowingTensor()
     reference = torch.empty(1, 2, 0, 4)

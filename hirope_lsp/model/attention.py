@@ -12,6 +12,7 @@ run; ``attend_eager`` is the portable fallback and the decode path.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 
@@ -39,11 +40,19 @@ class AttentionPlan:
     query_chunk: int = 256
     blocks: dict = field(default_factory=dict)  # (a, b) -> [KeyBlock], filled by the first layer
     far_keys: "FarKeyStore | None" = None  # far-turned keys kept with the KV cache across forwards
+    masks: dict = field(default_factory=dict)  # (pattern, query groups) -> PairMask, shared by equal blocks
 
-    @property
+    @functools.cached_property
     def keys_sorted(self) -> bool:
         k = self.key_pos
         return k.shape[0] == 1 and bool((k[:, 1:] >= k[:, :-1]).all())
+
+    @functools.cached_property
+    def keys_consecutive(self) -> bool:
+        """Key positions 0, 1, 2, ... plus a constant (every prompt the server builds): then a
+        block's mask depends only on its shape and offset, and equal ones are built once."""
+        k = self.key_pos
+        return k.shape[0] == 1 and bool((k[:, 1:] - k[:, :-1] == 1).all())
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -78,10 +87,28 @@ def attend_eager(q, k, v, allowed, scale):
 _fused_disabled: set[str] = set()
 
 
-def _attend_fused(q, k, v, allowed, scale):
-    mask = None
-    if allowed is not None:
-        mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, NEG_INF)
+class PairMask:
+    """Which (query, key) pairs of a block attend, and what the kernels derive from that, built once
+    per mask (shared masks: once per forward, not per layer): the fused kernels' additive mask and
+    the rows that see no key at all."""
+
+    def __init__(self, allowed: torch.Tensor):
+        self.allowed = allowed  # bool [B, 1|H, S, T]
+        any_key = allowed.any(dim=-1)
+        self.empty_rows = None if bool(any_key.all()) else ~any_key  # [B, 1|H, S]
+        self._bias: dict[torch.dtype, torch.Tensor] = {}
+
+    def bias(self, dtype: torch.dtype) -> torch.Tensor:
+        bias = self._bias.get(dtype)
+        if bias is None:
+            bias = torch.zeros(self.allowed.shape, dtype=dtype, device=self.allowed.device)
+            bias.masked_fill_(~self.allowed, NEG_INF)
+            self._bias[dtype] = bias
+        return bias
+
+
+def _attend_fused(q, k, v, pairs: PairMask | None, scale):
+    mask = None if pairs is None else pairs.bias(q.dtype)
     if q.device.type == "cpu":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=mask, scale=scale)[:2]
     elif q.device.type == "cuda":
@@ -96,24 +123,24 @@ def _attend_fused(q, k, v, allowed, scale):
     return out, lse.float()
 
 
-def attend(q, k, v, allowed, scale):
+def attend(q, k, v, pairs: PairMask | None, scale):
     """Attention with log-sum-exp over the allowed pairs; rows with none give lse=-inf, out=0.
 
-    ``allowed=None`` means every pair is allowed (no mask is built)."""
+    ``pairs=None`` means every pair is allowed (no mask is built)."""
     device = q.device.type
+    allowed = None if pairs is None else pairs.allowed
     if device not in _fused_disabled:
         try:
-            out, lse = _attend_fused(q, k, v, allowed, scale)
+            out, lse = _attend_fused(q, k, v, pairs, scale)
         except (RuntimeError, NotImplementedError) as err:  # kernel missing for this device/dtype
             log.warning("fused attention with log-sum-exp unavailable on %s (%s); using the eager path", device, err)
             _fused_disabled.add(device)
             out, lse = attend_eager(q, k, v, allowed, scale)
     else:
         out, lse = attend_eager(q, k, v, allowed, scale)
-    if allowed is not None:
-        any_key = allowed.any(dim=-1)  # [B, 1|H, S]
-        lse = lse.masked_fill(~any_key, NEG_INF)
-        out = out.masked_fill(~any_key.unsqueeze(-1), 0.0)
+    if pairs is not None and pairs.empty_rows is not None:
+        lse = lse.masked_fill(pairs.empty_rows, NEG_INF)
+        out = out.masked_fill(pairs.empty_rows.unsqueeze(-1), 0.0)
     return out, lse
 
 
@@ -138,6 +165,22 @@ class KeyBlock:
     lo: int
     hi: int
     allowed: torch.Tensor | None  # bool [B, C, hi - lo], None when every pair is allowed
+    pattern: tuple | None = None  # all the mask depends on, when known: blocks with equal ones share it
+
+    def pair_mask(self, groups: int, shared: dict) -> PairMask | None:
+        """The mask with each query row repeated for the ``groups`` query heads sharing a key head;
+        kept in ``shared`` for every layer and equal block when the pattern is known (a few per
+        forward), built for each use otherwise (memory stays one block's)."""
+        if self.allowed is None:
+            return None
+        key = (self.pattern, groups)
+        mask = shared.get(key) if self.pattern is not None else None
+        if mask is None:
+            B, C, T = self.allowed.shape
+            mask = PairMask(self.allowed[:, None].expand(B, groups, C, T).reshape(B, 1, groups * C, T))
+            if self.pattern is not None:
+                shared[key] = mask
+        return mask
 
 
 def _blocks_from_mask(mask: torch.Tensor, far: bool) -> list[KeyBlock]:
@@ -174,15 +217,24 @@ def chunk_blocks(plan: AttentionPlan, a: int, b: int) -> list[KeyBlock]:
         near_hi = int(torch.searchsorted(k, q_hi, right=True))
         far_hi = int(torch.searchsorted(k, q_hi - W, right=True))
         far_full = int(torch.searchsorted(k, q_lo - W, right=True))  # far for every query of the chunk
+        k0 = int(k[0])
+
+        def pattern(far: bool, lo: int, hi: int) -> tuple | None:
+            """With consecutive positions a band's mask is a function of these alone."""
+            return (far, b - a, hi - lo, q_lo - k0 - lo) if plan.keys_consecutive else None
+
         if far_full > 0:
             blocks.append(KeyBlock(True, 0, far_full, None))
         if far_hi > far_full:
             dist = qpos[:, :, None] - kpos[:, None, far_full:far_hi]
-            blocks.append(KeyBlock(True, far_full, far_hi, dist >= W))
+            blocks.append(KeyBlock(True, far_full, far_hi, dist >= W, pattern(True, far_full, far_hi)))
         if near_hi > near_lo:
             dist = qpos[:, :, None] - kpos[:, None, near_lo:near_hi]
             near = (dist >= 0) & (dist < W)
-            blocks.append(KeyBlock(False, near_lo, near_hi, None if bool(near.all()) else near))  # decoding: all near
+            if bool(near.all()):  # decoding: every key in reach is near
+                blocks.append(KeyBlock(False, near_lo, near_hi, None))
+            else:
+                blocks.append(KeyBlock(False, near_lo, near_hi, near, pattern(False, near_lo, near_hi)))
     else:
         dist = qpos[:, :, None] - kpos[:, None, :]
         blocks = _blocks_from_mask((dist >= 0) & (dist < W), False) + _blocks_from_mask(dist >= W, True)
@@ -271,11 +323,9 @@ def windowed_attention(query, key, value, plan: AttentionPlan, scale: float, lay
             continue
         parts = []
         for block in blocks:
-            mask = None
-            if block.allowed is not None:
-                mask = block.allowed[:, None].expand(B, G, C, block.hi - block.lo).reshape(B, 1, G * C, -1)
             q, k = (far_q, far_key) if block.far else (near_q, key)
-            parts.append(attend(q, k[:, :, block.lo : block.hi], value[:, :, block.lo : block.hi], mask, scale))
+            parts.append(attend(q, k[:, :, block.lo : block.hi], value[:, :, block.lo : block.hi],
+                                block.pair_mask(G, plan.masks), scale))
         if not parts:
             raise ValueError("a query has no key to attend to: positions must let every token see itself")
         merged, _ = merge(parts)
