@@ -345,7 +345,7 @@ def test_equal_band_masks_are_built_once_and_gaps_get_their_own(gap):
     positions = torch.stack([token // 6, token], -1)[None]
     inv_freq = (10000.0 ** (-torch.arange(D // 2) * 2 / D)).float()
     plan = make_plan(RopeMethodConfig(window=5, split=0.5, query_chunk=8), positions, T, inv_freq, 0.5, 5, torch.float32)
-    assert plan.keys_sorted and plan.keys_consecutive == (gap == 0)
+    assert plan.keys_sorted and plan.consecutive == (gap == 0)
     got = attention.windowed_attention(q, k, v, plan, 0.25)
     assert torch.allclose(got, dense_windowed(q, k, v, plan, 0.25), atol=1e-5)
     masked = [b for blocks in plan.blocks.values() for b in blocks if b.allowed is not None]

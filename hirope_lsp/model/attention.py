@@ -48,11 +48,10 @@ class AttentionPlan:
         return k.shape[0] == 1 and bool((k[:, 1:] >= k[:, :-1]).all())
 
     @functools.cached_property
-    def keys_consecutive(self) -> bool:
-        """Key positions 0, 1, 2, ... plus a constant (every prompt the server builds): then a
-        block's mask depends only on its shape and offset, and equal ones are built once."""
-        k = self.key_pos
-        return k.shape[0] == 1 and bool((k[:, 1:] - k[:, :-1] == 1).all())
+    def consecutive(self) -> bool:
+        """Key and query positions each 0, 1, 2, ... plus a constant (every prompt the server builds):
+        then a block's mask depends only on its shape and offset, and equal ones are built once."""
+        return all(p.shape[0] == 1 and bool((p[:, 1:] - p[:, :-1] == 1).all()) for p in (self.key_pos, self.query_pos))
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -221,7 +220,7 @@ def chunk_blocks(plan: AttentionPlan, a: int, b: int) -> list[KeyBlock]:
 
         def pattern(far: bool, lo: int, hi: int) -> tuple | None:
             """With consecutive positions a band's mask is a function of these alone."""
-            return (far, b - a, hi - lo, q_lo - k0 - lo) if plan.keys_consecutive else None
+            return (far, b - a, hi - lo, q_lo - k0 - lo) if plan.consecutive else None
 
         if far_full > 0:
             blocks.append(KeyBlock(True, 0, far_full, None))
