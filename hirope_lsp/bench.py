@@ -87,11 +87,22 @@ if __name__ == "__main__":
         print(json.dumps(_attention_child(method, length, repeats, device, int(sys.argv[6]))))
 
 
-def _rss_mib() -> float:
+def _rss_mib(pid: int | str = "self") -> float:
     import os
 
-    with open("/proc/self/statm") as f:
+    with open(f"/proc/{pid}/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _insert(client, uri: str, version: int, line: int, character: int, text: str) -> None:
+    """A didChange that types ``text`` at a cursor, as an editor sends it."""
+    at = {"line": line, "character": character}
+    client.notify("textDocument/didChange", {"textDocument": {"uri": uri, "version": version},
+                                             "contentChanges": [{"range": {"start": at, "end": at}, "text": text}]})
+
+
+def _p95(values: list[float]) -> float:
+    return sorted(values)[int(0.95 * (len(values) - 1))]
 
 
 def _ten_thousand_lines(lines: int) -> str:
@@ -232,9 +243,7 @@ def bench_typing(keystrokes: int = 40, budget: int = 4000, pause: float = 0.05, 
             for k in range(keystrokes):
                 ch = typed[k % len(typed)]
                 start = time.perf_counter()
-                client.notify("textDocument/didChange", {"textDocument": {"uri": uri, "version": k + 2}, "contentChanges": [
-                    {"range": {"start": {"line": line, "character": col}, "end": {"line": line, "character": col}},
-                     "text": ch}]})
+                _insert(client, uri, k + 2, line, col, ch)
                 col += 1
                 reply = client.call("textDocument/inlineCompletion", params(col), timeout=600)
                 latencies.append(time.perf_counter() - start)
@@ -253,7 +262,7 @@ def bench_typing(keystrokes: int = 40, budget: int = 4000, pause: float = 0.05, 
         prompt_tokens = statistics.median(computed) if not reuse else None
         results["on" if reuse else "off"] = {
             "p50_ms": statistics.median(latencies) * 1000,
-            "p95_ms": sorted(latencies)[int(0.95 * (len(latencies) - 1))] * 1000,
+            "p95_ms": _p95(latencies) * 1000,
             "recomputed_per_key_median": statistics.median(computed),
             "recomputed_per_key_mean": statistics.mean(computed),
             "reuse_ratio": reused / max(1, total),
@@ -292,9 +301,7 @@ def _type_along(client, uri: str, line: int, col: int, version: int, keystrokes:
             break  # nothing (left) on this line to type along with
         computed = client.call("hirope/status", {})["result"]["computedTokens"]
         start = time.perf_counter()
-        client.notify("textDocument/didChange", {"textDocument": {"uri": uri, "version": version}, "contentChanges": [
-            {"range": {"start": {"line": line, "character": col}, "end": {"line": line, "character": col}},
-             "text": text[0]}]})
+        _insert(client, uri, version, line, col, text[0])
         version += 1
         col += len(text[0].encode("utf-16-le")) // 2
         reply = client.call("textDocument/inlineCompletion", params(col), timeout=600)
@@ -340,10 +347,7 @@ def bench_soak(requests: int = 10000, report_every: int = 500, cache_budget_mb: 
             # words and operators, a new statement line (same indentation) every 40 characters
             ch = "\n" + indents[uri] if col >= start + 40 else rng.choice("abcdefghij =+_")
             versions[uri] += 1
-            client.notify("textDocument/didChange", {"textDocument": {"uri": uri, "version": versions[uri]},
-                                                     "contentChanges": [{"range": {"start": {"line": line, "character": col},
-                                                                                   "end": {"line": line, "character": col}},
-                                                                         "text": ch}]})
+            _insert(client, uri, versions[uri], line, col, ch)
             if ch.startswith("\n"):
                 cursors[uri] = [line + 1, len(indents[uri]), len(indents[uri])]
             else:
@@ -359,12 +363,11 @@ def bench_soak(requests: int = 10000, report_every: int = 500, cache_budget_mb: 
             latencies.append(time.perf_counter() - t0)
             if k % report_every == 0:
                 status = client.call("hirope/status", {})["result"]
-                with open(f"/proc/{client.proc.pid}/status") as f:
-                    rss = next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+                rss = _rss_mib(client.proc.pid)
                 window = latencies[-report_every:]
                 row = {"requests": k, "rss_mib": rss, "cache_mib": status["cacheBytes"] / 2**20,
                        "p50_ms": statistics.median(window) * 1000,
-                       "p95_ms": sorted(window)[int(0.95 * (len(window) - 1))] * 1000, "elapsed_s": time.time() - started}
+                       "p95_ms": _p95(window) * 1000, "elapsed_s": time.time() - started}
                 rows.append(row)
                 print(f"{k:>6} requests: RSS {rss:7.1f} MiB, KV cache {row['cache_mib']:6.1f} MiB "
                       f"(budget {cache_budget_mb}), p50 {row['p50_ms']:6.1f} ms, p95 {row['p95_ms']:6.1f} ms", flush=True)
