@@ -49,10 +49,10 @@ class ShownSuggestions:
         new, old = doc.source, shown.source
         if not 0 < typed < len(shown.text) or len(new) != len(old) + typed:
             return None
-        before, after = memoryview(new), memoryview(old)
+        new_view, old_view = memoryview(new), memoryview(old)  # compared without copying the texts
         if (new[shown.cursor : cursor_byte] != shown.text[:typed]
-                or before[: shown.cursor] != after[: shown.cursor]
-                or before[cursor_byte:] != after[shown.cursor :]):
+                or new_view[: shown.cursor] != old_view[: shown.cursor]
+                or new_view[cursor_byte:] != old_view[shown.cursor :]):
             return None
         try:
             rest = shown.text[typed:].decode("utf-8")
