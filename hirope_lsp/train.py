@@ -1,9 +1,16 @@
-"""The default model's recipe: a byte-level BPE tokenizer and a small Llama, trained on the
-running interpreter's standard library with fill-in-the-middle samples.
+"""The default model's recipe: a byte-level BPE tokenizer and a small Llama, trained with
+fill-in-the-middle samples on a corpus built by ``hirope-lsp corpus build`` (code of many
+packages and languages, see ``research/corpus.py``), or on the running interpreter's
+standard library when no corpus is given (smoke tests).
+
+Documents are packed into one token stream in package order, files of a package joined by
+``<|file_sep|>``, so a training window can run from one file of a package into the next
+(cross-file context, as the server's prompts have it).
 
 Seeded and resumable: the run directory holds ``checkpoint.pt`` (model, optimizer,
-step, RNG) and ``loss.jsonl``; running the same command again continues where it
-stopped.  ``--export DIR`` writes a standard HuggingFace model directory.
+step, RNG), ``loss.jsonl`` and ``best.safetensors`` (fp16 weights of the lowest held-out
+loss); running the same command again continues where it stopped, and ``--init-from``
+starts a run from committed weights.  ``--export DIR`` writes a HuggingFace model directory.
 """
 
 from __future__ import annotations
@@ -15,9 +22,10 @@ import math
 import random
 import sysconfig
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
@@ -32,12 +40,12 @@ SPECIAL_TOKENS = [EOS, FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE, FILE_SEP]
 
 @dataclass(kw_only=True)
 class TrainConfig:
-    vocab_size: int = 4096
+    vocab_size: int = 8192
     hidden_size: int = 256
     layers: int = 6
     heads: int = 4
     intermediate_size: int = 704
-    context: int = 256
+    context: int = 512
     rope_theta: float = 10000.0
     batch_size: int = 16
     steps: int = 3000
@@ -45,12 +53,19 @@ class TrainConfig:
     warmup: int = 150
     weight_decay: float = 0.1
     fim_rate: float = 0.5
-    spm_rate: float = 0.5  # of the FIM samples, the share in suffix-prefix-middle order
+    spm_rate: float = 0.8  # of the FIM samples, the share in suffix-prefix-middle order (what the server sends)
     seed: int = 0
-    held_out_percent: int = 2
+    held_out_percent: int = 2  # standard-library runs: the share of files held out
     checkpoint_every: int = 100
     max_minutes: float | None = None
     max_files: int | None = None  # smoke tests train on the first few files only
+    corpus: str | None = None  # a directory written by `hirope-lsp corpus build`; None: the standard library
+    tokenizer_sample_mb: float = 40.0  # text the tokenizer is trained on, drawn evenly across languages
+    held_out_windows: int = 64
+    # sampling share of each language's stream (the corpus is mostly Java and JavaScript by bytes;
+    # users and the evaluation are mostly Python); languages absent from the corpus are left out
+    language_weights: dict = field(default_factory=lambda: {
+        "python": 0.5, "javascript": 0.15, "typescript": 0.05, "go": 0.1, "java": 0.1, "rust": 0.1})
 
 
 def stdlib_files() -> list[Path]:
@@ -119,41 +134,49 @@ def model_config(cfg: TrainConfig, tokenizer):
 
 
 class Samples:
-    """Random training windows over tokenized documents, half of them rearranged for FIM."""
+    """Random training windows over the packed token stream, ``fim_rate`` of them rearranged for FIM.
 
-    def __init__(self, docs: list[list[int]], cfg: TrainConfig, special: dict[str, int]):
-        self.docs = [d for d in docs if len(d) >= 16]
+    A FIM window that crosses into a new file keeps the earlier files' tokens in front of the
+    FIM markers, where the server puts cross-file context."""
+
+    def __init__(self, stream: np.ndarray, segments: dict[str, tuple[int, int]], cfg: TrainConfig,
+                 special: dict[str, int]):
+        L = cfg.context + 1
+        usable = {lang: (a, b) for lang, (a, b) in segments.items() if b - a > L and cfg.language_weights.get(lang, 0) > 0}
+        if not usable:
+            raise ValueError(f"the corpus has no language with more than one window of {L} tokens to sample")
+        self.stream = stream
+        self.segments = list(usable.values())
+        weights = [cfg.language_weights[lang] for lang in usable]
+        self.cumulative = np.cumsum(weights) / sum(weights)
         self.cfg = cfg
         self.special = special
-        lengths = torch.tensor([len(d) for d in self.docs], dtype=torch.float64)
-        self.weights = lengths / lengths.sum()
 
     def sample(self, rng: random.Random) -> list[int]:
         L = self.cfg.context + 1
-        doc = self.docs[int(torch.multinomial(self.weights, 1, generator=_torch_gen(rng)).item())]
-        start = rng.randrange(0, max(1, len(doc) - L + 4))
-        if rng.random() < self.cfg.fim_rate:
-            piece = doc[start : start + L - 3]
-            a, b = sorted(rng.randrange(0, len(piece) + 1) for _ in range(2))
-            s = self.special
-            if rng.random() < self.cfg.spm_rate:
-                # suffix first: the prefix, which grows while typing, sits last before the middle (cache-friendly)
-                tokens = [s[FIM_SUFFIX], *piece[b:], s[FIM_PREFIX], *piece[:a], s[FIM_MIDDLE], *piece[a:b]]
-            else:
-                tokens = [s[FIM_PREFIX], *piece[:a], s[FIM_SUFFIX], *piece[b:], s[FIM_MIDDLE], *piece[a:b]]
-            if b == len(piece):
-                tokens.append(s[EOS])
+        s = self.special
+        a, b = self.segments[int(np.searchsorted(self.cumulative, rng.random(), side="right").clip(0, len(self.segments) - 1))]
+        start = rng.randrange(a, b - L)
+        if rng.random() >= self.cfg.fim_rate:
+            return self.stream[start : start + L].tolist()
+        piece = self.stream[start : start + L - 3].tolist()
+        context: list[int] = []
+        if s[FILE_SEP] in piece:
+            cut = len(piece) - piece[::-1].index(s[FILE_SEP])
+            context, piece = piece[:cut], piece[cut:]
+        a, b = sorted(rng.randrange(0, len(piece) + 1) for _ in range(2))
+        if rng.random() < self.cfg.spm_rate:
+            # suffix first: the prefix, which grows while typing, sits last before the middle (cache-friendly)
+            tokens = [*context, s[FIM_SUFFIX], *piece[b:], s[FIM_PREFIX], *piece[:a], s[FIM_MIDDLE], *piece[a:b]]
         else:
-            tokens = doc[start : start + L]
+            tokens = [*context, s[FIM_PREFIX], *piece[:a], s[FIM_SUFFIX], *piece[b:], s[FIM_MIDDLE], *piece[a:b]]
+        if b == len(piece):
+            tokens.append(s[EOS])
         tokens = tokens[:L]
-        return tokens + [self.special[EOS]] * (L - len(tokens))
+        return tokens + [s[EOS]] * (L - len(tokens))
 
     def batch(self, rng: random.Random) -> torch.Tensor:
         return torch.tensor([self.sample(rng) for _ in range(self.cfg.batch_size)], dtype=torch.long)
-
-
-def _torch_gen(rng: random.Random) -> torch.Generator:
-    return torch.Generator().manual_seed(rng.randrange(2**62))
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
@@ -163,50 +186,201 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def tokenize_corpus(tokenizer, files: list[Path]) -> list[list[int]]:
-    eos = tokenizer.convert_tokens_to_ids(EOS)
-    texts = [t for t in (read_text(f) for f in files) if t]
-    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    return [ids + [eos] for ids in encoded]
+def encode_texts(tokenizer, texts: list[str], batch: int = 512) -> list[list[int]]:
+    out: list[list[int]] = []
+    for i in range(0, len(texts), batch):
+        out.extend(tokenizer(texts[i : i + batch], add_special_tokens=False)["input_ids"])
+    return out
+
+
+def pack(docs: list[list[int]], languages: list[str], separator: int) -> tuple[np.ndarray, dict[str, tuple[int, int]]]:
+    """One stream, a segment per language (documents keep their order inside it), every document
+    after a separator token; returns the stream and each language's [start, end)."""
+    order = sorted(range(len(docs)), key=lambda i: languages[i])  # stable: package order is kept
+    total = sum(len(d) + 1 for d in docs)
+    stream = np.empty(total, dtype=np.uint16 if separator < 2**16 else np.int32)
+    segments: dict[str, list[int]] = {}
+    i = 0
+    for k in order:
+        d = docs[k]
+        segments.setdefault(languages[k], [i, i])
+        stream[i] = separator
+        stream[i + 1 : i + 1 + len(d)] = d
+        i += len(d) + 1
+        segments[languages[k]][1] = i
+    return stream, {lang: (a, b) for lang, (a, b) in segments.items()}
+
+
+def _stdlib_sources(cfg: TrainConfig) -> tuple[list[str], list[str]]:
+    files = stdlib_files()[: cfg.max_files]
+    train = [t for f in files if not is_held_out(f, cfg.held_out_percent) and (t := read_text(f))]
+    held = [t for f in files if is_held_out(f, cfg.held_out_percent) and (t := read_text(f))]
+    return train, held
+
+
+def _corpus_sources(cfg: TrainConfig) -> tuple[list[dict], list[str]]:
+    """Training documents of the corpus, and the held-out files of its tuning split (Python), which
+    the training log reports on; the reporting split is kept for the release evaluation."""
+    from .research.corpus import held_out_files, read_documents
+
+    root = Path(cfg.corpus)
+    docs = list(read_documents(root))[: cfg.max_files]
+    held = [p.read_text() for p in held_out_files(root, "python", "tune")]
+    return docs, held
+
+
+def tokenizer_sample(docs: list[dict], megabytes: float, weights: dict, seed: int) -> list[str]:
+    """About ``megabytes`` of text, shared between languages as the training samples are (all of a
+    language that has less)."""
+    by_language: dict[str, list[str]] = {}
+    for d in docs:
+        if weights.get(d["language"], 0) > 0:
+            by_language.setdefault(d["language"], []).append(d["text"])
+    rng = random.Random(seed)
+    total_weight = sum(weights[lang] for lang in by_language)
+    sample = []
+    for lang, texts in by_language.items():
+        rng.shuffle(texts)
+        share = megabytes * 1e6 * weights[lang] / total_weight
+        size = 0
+        for t in texts:
+            if size >= share:
+                break
+            sample.append(t)
+            size += len(t)
+    return sample
 
 
 def prepare(run_dir: Path, cfg: TrainConfig):
-    """Tokenizer and tokenized corpus, built once per run directory and reused on resume."""
+    """Tokenizer, packed training stream and held-out documents, built once per run directory."""
     from transformers import AutoTokenizer
 
-    files = stdlib_files()[: cfg.max_files]
-    train_files = [f for f in files if not is_held_out(f, cfg.held_out_percent)]
-    held_files = [f for f in files if is_held_out(f, cfg.held_out_percent)]
+    if cfg.corpus:
+        docs, held_texts = _corpus_sources(cfg)
+        train_texts = [d["text"] for d in docs]
+        languages = [d["language"] for d in docs]
+        sample = tokenizer_sample(docs, cfg.tokenizer_sample_mb, cfg.language_weights, cfg.seed)
+    else:
+        train_texts, held_texts = _stdlib_sources(cfg)
+        languages = ["python"] * len(train_texts)
+        sample = train_texts
     tok_dir = run_dir / "tokenizer"
     if not (tok_dir / "tokenizer.json").exists():
-        log.info("training tokenizer on %d files", len(train_files))
-        train_tokenizer([t for t in (read_text(f) for f in train_files) if t], cfg.vocab_size, tok_dir)
+        log.info("training tokenizer on %.1f MB", sum(map(len, sample)) / 1e6)
+        train_tokenizer(sample, cfg.vocab_size, tok_dir)
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-    corpus_path = run_dir / "corpus.pt"
-    if corpus_path.exists():
-        corpus = torch.load(corpus_path)
-    else:
-        corpus = {"train": tokenize_corpus(tokenizer, train_files), "held_out": tokenize_corpus(tokenizer, held_files)}
-        torch.save(corpus, corpus_path)
-    return tokenizer, corpus
+    stream_path = run_dir / "stream.npy"
+    held_path = run_dir / "held_out.pt"
+    segments_path = run_dir / "segments.json"
+    if not segments_path.exists():
+        log.info("tokenizing %d training documents", len(train_texts))
+        stream, segments = pack(encode_texts(tokenizer, train_texts), languages, tokenizer.convert_tokens_to_ids(FILE_SEP))
+        np.save(stream_path, stream)
+        torch.save(encode_texts(tokenizer, held_texts), held_path)
+        segments_path.write_text(json.dumps(segments))
+    stream = np.load(stream_path, mmap_mode="r")
+    held = torch.load(held_path)
+    segments = {lang: tuple(v) for lang, v in json.loads(segments_path.read_text()).items()}
+    return tokenizer, stream, segments, held
+
+
+def token_byte_lengths(tokenizer) -> torch.Tensor:
+    """Bytes of text each token stands for (specials: 0). In a byte-level BPE vocabulary each
+    character of a token stands for one byte; other tokenizers are measured by decoding."""
+    fast = getattr(tokenizer, "_tokenizer", None)
+    byte_level = fast is not None and "ByteLevel" in str(fast.pre_tokenizer)
+    lengths = torch.zeros(len(tokenizer), dtype=torch.float64)
+    special = set(tokenizer.all_special_ids)
+    for token, i in tokenizer.get_vocab().items():
+        if i not in special:
+            lengths[i] = len(token) if byte_level else len(tokenizer.decode([i]).encode("utf-8"))
+    return lengths
 
 
 @torch.no_grad()
-def held_out_loss(model, docs: list[list[int]], context: int, max_windows: int = 64) -> float:
+def held_out_loss(model, docs: list[list[int]], context: int, max_windows: int = 64,
+                  byte_lengths: torch.Tensor | None = None) -> float | tuple[float, float]:
+    """Mean loss (nats per token) over the first ``max_windows`` windows of ``context`` tokens;
+    with ``byte_lengths`` also bits per byte of the same targets."""
     model.eval()
-    total, count = 0.0, 0
+    total, count, nbytes = 0.0, 0, 0.0
     windows = [d[i : i + context] for d in docs for i in range(0, len(d) - 1, context) if len(d[i : i + context]) > 1]
     for w in windows[:max_windows]:
         ids = torch.tensor([w])
         out = model(ids, labels=ids)
         total += out.loss.item() * (len(w) - 1)
         count += len(w) - 1
+        if byte_lengths is not None:
+            nbytes += float(byte_lengths[ids[0, 1:]].sum())
     model.train()
-    return total / max(1, count)
+    loss = total / max(1, count)
+    if byte_lengths is None:
+        return loss
+    return loss, total / math.log(2) / max(1.0, nbytes)
 
 
-def train(run_dir: Path, cfg: TrainConfig, export: Path | None = None) -> dict:
-    """Train (or resume) in ``run_dir``; returns the final summary."""
+def save_fp16(model, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp))
+    tmp.replace(path)
+
+
+def load_weights(model, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    state = {k: v.float() for k, v in load_file(str(path)).items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or [m for m in missing if m != "lm_head.weight"]:
+        raise ValueError(f"{path} does not fit the recipe's model: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+
+
+def transplant(model, tokenizer, source_dir: Path) -> None:
+    """Start from another model of the same shape but another vocabulary (the shipped default
+    model): every layer is copied, and each new token's embedding is the mean of the source
+    embeddings of its bytes as the source vocabulary splits them (greedy longest match over the
+    byte-level token strings); tokens it cannot split keep their random start."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32)
+    source_tok = AutoTokenizer.from_pretrained(source_dir)
+    state = {k: v for k, v in source.state_dict().items() if "embed_tokens" not in k and "lm_head" not in k}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or [m for m in missing if "embed_tokens" not in m and "lm_head" not in m]:
+        raise ValueError(f"{source_dir} is not of the recipe's shape: missing {missing}, unexpected {unexpected}")
+    old = source.get_input_embeddings().weight.detach()
+    old_vocab = source_tok.get_vocab()
+    longest = max(map(len, old_vocab))
+    new = model.get_input_embeddings().weight
+    with torch.no_grad():
+        for token, i in tokenizer.get_vocab().items():
+            if token in old_vocab:
+                new[i] = old[old_vocab[token]]
+                continue
+            pieces, k = [], 0
+            while k < len(token):
+                for j in range(min(len(token), k + longest), k, -1):
+                    if token[k:j] in old_vocab:
+                        pieces.append(old_vocab[token[k:j]])
+                        k = j
+                        break
+                else:
+                    pieces = []
+                    break
+            if pieces:
+                new[i] = old[pieces].mean(dim=0)
+    model.tie_weights()
+
+
+def train(run_dir: Path, cfg: TrainConfig, export: Path | None = None, init_from: Path | None = None) -> dict:
+    """Train (or resume) in ``run_dir``; returns the final summary. ``init_from``: fp16 weights
+    (``best.safetensors`` of an earlier run, with its tokenizer in ``run_dir/tokenizer``) to start
+    from, or a model directory of the same shape with another vocabulary (see ``transplant``)."""
     from transformers import LlamaForCausalLM
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -216,7 +390,7 @@ def train(run_dir: Path, cfg: TrainConfig, export: Path | None = None) -> dict:
         cfg = TrainConfig(**{**asdict(TrainConfig()), **saved, "steps": cfg.steps, "max_minutes": cfg.max_minutes})
     config_path.write_text(json.dumps(asdict(cfg), indent=2))
     torch.manual_seed(cfg.seed)
-    tokenizer, corpus = prepare(run_dir, cfg)
+    tokenizer, stream, segments, held = prepare(run_dir, cfg)
     special = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     model = LlamaForCausalLM(model_config(cfg, tokenizer))
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
@@ -227,7 +401,9 @@ def train(run_dir: Path, cfg: TrainConfig, export: Path | None = None) -> dict:
     )
     rng = random.Random(cfg.seed)
     step = 0
+    best = {"held_out_loss": math.inf}
     ckpt_path = run_dir / "checkpoint.pt"
+    best_path = run_dir / "best.safetensors"
     if ckpt_path.exists():
         ckpt = torch.load(ckpt_path, weights_only=False)
         model.load_state_dict(ckpt["model"])
@@ -235,10 +411,22 @@ def train(run_dir: Path, cfg: TrainConfig, export: Path | None = None) -> dict:
         rng.setstate(ckpt["rng"])
         torch.set_rng_state(ckpt["torch_rng"])
         step = ckpt["step"]
+        best = ckpt.get("best", best)
         log.info("resumed at step %d", step)
-    samples = Samples(corpus["train"], cfg, special)
+    elif init_from is not None and init_from.is_dir():
+        transplant(model, tokenizer, init_from)
+        log.info("started from the model in %s (vocabulary transplanted)", init_from)
+    elif init_from is not None:
+        load_weights(model, init_from)
+        meta_path = init_from.with_suffix(".json")
+        if meta_path.exists():  # continue the schedule where the committed weights left it
+            step = json.loads(meta_path.read_text()).get("step", 0)
+        log.info("started from %s at step %d (optimizer state starts fresh)", init_from, step)
+    samples = Samples(stream, segments, cfg, special)
+    byte_lengths = token_byte_lengths(tokenizer)
     n_params = sum(p.numel() for p in model.parameters())
-    log.info("model: %.2fM parameters, %d training documents", n_params / 1e6, len(samples.docs))
+    log.info("model: %.2fM parameters, %.1fM training tokens (%s)", n_params / 1e6, len(stream) / 1e6,
+             ", ".join(f"{lang} {(b - a) / 1e6:.1f}M" for lang, (a, b) in segments.items()))
     loss_log = (run_dir / "loss.jsonl").open("a")
     started = time.time()
     model.train()
@@ -246,7 +434,7 @@ def train(run_dir: Path, cfg: TrainConfig, export: Path | None = None) -> dict:
     def save():
         tmp = ckpt_path.with_suffix(".tmp")
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng.getstate(),
-                    "torch_rng": torch.get_rng_state(), "step": step}, tmp)
+                    "torch_rng": torch.get_rng_state(), "step": step, "best": best}, tmp)
         tmp.replace(ckpt_path)
 
     tokens_seen = 0
@@ -265,9 +453,15 @@ def train(run_dir: Path, cfg: TrainConfig, export: Path | None = None) -> dict:
         optimizer.step()
         step += 1
         tokens_seen += batch.numel()
-        record = {"step": step, "loss": round(out.loss.item(), 4), "lr": learning_rate(cfg, step - 1)}
+        record = {"step": step, "loss": round(out.loss.item(), 4), "lr": learning_rate(cfg, step - 1),
+                  "tokens": step * cfg.batch_size * (cfg.context + 1)}
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            record["held_out_loss"] = round(held_out_loss(model, corpus["held_out"], cfg.context), 4)
+            loss, bpb = held_out_loss(model, held, cfg.context, cfg.held_out_windows, byte_lengths)
+            record["held_out_loss"], record["held_out_bpb"] = round(loss, 4), round(bpb, 4)
+            if loss < best["held_out_loss"]:
+                best = {"held_out_loss": loss, "held_out_bpb": bpb, "step": step}
+                save_fp16(model, best_path)
+                best_path.with_suffix(".json").write_text(json.dumps(best))
             save()
         loss_log.write(json.dumps(record) + "\n")
         loss_log.flush()
@@ -276,8 +470,9 @@ def train(run_dir: Path, cfg: TrainConfig, export: Path | None = None) -> dict:
             log.info("step %d/%d loss %.3f %s(%.0f tok/s)", step, cfg.steps, record["loss"],
                      f"held-out {record['held_out_loss']:.3f} " if "held_out_loss" in record else "", rate)
     save()
-    summary = {"step": step, "parameters": n_params, "held_out_loss": held_out_loss(model, corpus["held_out"], cfg.context)}
-    summary["held_out_ppl"] = math.exp(summary["held_out_loss"])
+    loss, bpb = held_out_loss(model, held, cfg.context, cfg.held_out_windows, byte_lengths)
+    summary = {"step": step, "parameters": n_params, "tokens_seen": step * cfg.batch_size * (cfg.context + 1),
+               "held_out_loss": loss, "held_out_bpb": bpb, "held_out_ppl": math.exp(loss)}
     if export is not None:
         export_model(model, tokenizer, export, cfg, summary)
     return summary
