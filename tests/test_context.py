@@ -158,3 +158,18 @@ def test_single_line_python_completion_is_cut_back_to_valid_syntax():
     policy = stop_policy("        return 2 * self.", "\n")
     policy.statement_head = "return 2 * self."
     assert finish(policy, "radius = False\n") == "radius"
+
+
+def test_suggestions_never_repeat_a_phrase_the_line_above_or_themselves():
+    ret = stop_policy("def add(a, b):\n    return ", "\n")
+    assert finish(ret, "(a + b)(a + b)(a + b)(a + b)") == "(a + b)"
+    assert ret.should_stop("(a + b)(a + b)(a + b)"), "generation stops as soon as a phrase loops"
+    assert not ret.should_stop("(a + b)(a + b)")
+    assert finish(ret, "[0, 0, 0, 0]") == "[0, 0, 0, 0]", "short repeated items are code, not a loop"
+    member = stop_policy("class A:\n    def f(self):\n        self.line_offset = 0\n        self.", "\n")
+    assert finish(member, "line_offset = self.line_offset") == "", "a name assigned to itself"
+    assert finish(member, "line_offset = 0") == "", "the line above, again"
+    assert finish(member, "line_offset += 1") == "line_offset += 1"
+    block = stop_policy("def f():", "\n")
+    assert finish(block, "\n    x = 1\n    y = 2\n    x = 1\n    z = 3\n") == "\n    x = 1\n    y = 2"
+    assert finish(block, "\n    a()\n    )\n    )\n") == "\n    a()\n    )\n    )", "closing lines are not repeats"

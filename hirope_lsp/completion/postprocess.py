@@ -1,14 +1,21 @@
 """When to stop generating and what to show: end of line or statement, end of the block for
-multi-line completions, never repeating the suffix, nothing when there is nothing useful."""
+multi-line completions, never repeating the suffix, the line above or itself, nothing when
+there is nothing useful."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from .syntax import cut_to_valid_line
 
 BLOCK_OPENERS = (":", "{", "(", "[", "=>", "->", " do", " then")
 MAX_LINES = 12
+# a phrase of at least 3 visible characters three times in a row: "(a + b)(a + b)(a + b)"
+PHRASE_LOOP = re.compile(r"((?:\s*\S){3}.*?)\1{2,}")
+LOOP_TAIL_CHARS = 120
+SELF_ASSIGNMENT = re.compile(r"^\s*([\w.\[\]'\"]+)\s*(?::=|=)\s*\1\s*[;,]?\s*$")
+TRIVIAL_LINE = re.compile(r"^[\s)\]};,:]*$")
 
 
 @dataclass
@@ -18,6 +25,8 @@ class StopPolicy:
     suffix_line: str  # the rest of the cursor's line after the cursor
     next_lines: list[str]  # the first non-empty lines after the cursor's line
     statement_head: str | None = None  # Python: the line before the cursor when it starts a statement
+    line_before_cursor: str = ""  # the cursor's line up to the cursor
+    previous_line: str = ""  # the last non-empty line above the cursor's line
 
     def should_stop(self, text: str) -> bool:
         return finish(self, text, final=False) is not None
@@ -38,12 +47,21 @@ def stop_policy(prefix: str, suffix: str, mode: str = "auto") -> StopPolicy:
     # the block ends at the first line indented no deeper than the opener (or than the empty line, minus one)
     indent = _indent(current) - 1 if at_empty_line and not opens else _indent(current)
     next_lines = [line for line in rest.split("\n") if line.strip()][:3]
-    return StopPolicy(multiline, indent, suffix_line, next_lines)
+    above = [line for line in prefix[: len(prefix) - len(current)].split("\n")[-40:] if line.strip()]
+    return StopPolicy(multiline, indent, suffix_line, next_lines, line_before_cursor=current,
+                      previous_line=above[-1] if above else "")
 
 
 def finish(policy: StopPolicy, text: str, final: bool = True) -> str | None:
     """The text to show, cut at the first stop.  With ``final=False``: None while generation should
     go on.  With ``final=True``: the cleaned text (possibly empty: nothing useful)."""
+    # while generating, a loop shows at the end: look only there (this runs once per token)
+    start = 0 if final else max(0, len(text) - LOOP_TAIL_CHARS)
+    loop = PHRASE_LOOP.search(text, start)
+    if loop is not None:
+        text = text[: loop.start() + len(loop.group(1))]
+        if not final:
+            return text
     lines = text.split("\n")
     cut: str | None = None
     if not policy.multiline:
@@ -58,6 +76,9 @@ def finish(policy: StopPolicy, text: str, final: bool = True) -> str | None:
             if policy.next_lines and line.strip() == policy.next_lines[0].strip():
                 cut = "\n".join(kept)  # about to repeat the code after the cursor
                 break
+            if not TRIVIAL_LINE.match(line) and line.strip() in {k.strip() for k in kept}:
+                cut = "\n".join(kept)  # a line the suggestion has already written
+                break
             kept.append(line)
             if len(kept) > MAX_LINES:
                 cut = "\n".join(kept)
@@ -67,6 +88,20 @@ def finish(policy: StopPolicy, text: str, final: bool = True) -> str | None:
     text = _clean(policy, text if cut is None else cut)
     if policy.statement_head is not None:
         text = cut_to_valid_line(policy.statement_head, text, policy.suffix_line.rstrip())
+    return _without_repeats(policy, text)
+
+
+def _without_repeats(policy: StopPolicy, text: str) -> str:
+    """The suggestion up to its first line that copies the line above the cursor, or that
+    assigns a name to itself; "" when that is the first line."""
+    lines = text.split("\n")
+    for k, line in enumerate(lines):
+        full = policy.line_before_cursor + line if k == 0 else line
+        if TRIVIAL_LINE.match(full):
+            continue
+        above = policy.previous_line if k == 0 else lines[k - 1]
+        if full.strip() == above.strip() or SELF_ASSIGNMENT.match(full):
+            return "\n".join(lines[:k]).rstrip()
     return text
 
 

@@ -11,6 +11,7 @@ import torch
 
 from ..hierarchy.document import Document
 from ..model.engine import Engine, Generation, Prompt
+from ..model.loading import knows_language, trained_languages
 from ..workspace.index import WorkspaceIndex
 from .context import BuiltPrompt, PromptBuilder
 from .postprocess import StopPolicy, finish, stop_policy
@@ -32,6 +33,7 @@ class CompletionJob:
     prompt: Prompt
     policy: StopPolicy
     built: BuiltPrompt
+    known_language: bool = True  # False: the model never saw this language; nothing is suggested
 
 
 @dataclass
@@ -49,6 +51,7 @@ class CompletionService:
         self.builder = builder
         self.max_new_tokens = max_new_tokens
         self.multiline = multiline
+        self.languages = trained_languages(engine.model)
 
     @classmethod
     def from_settings(cls, engine: Engine, index: WorkspaceIndex | None, settings) -> CompletionService:
@@ -65,9 +68,14 @@ class CompletionService:
         policy = stop_policy(doc.text[max(0, cursor - near) : cursor], doc.text[cursor : cursor + near], self.multiline)
         policy.statement_head = statement_line(doc, line, cursor)
         prompt = Prompt(doc.uri, built.token_ids, built.positions)
-        return CompletionJob(doc.uri, doc.version, line, character, prompt, policy, built)
+        return CompletionJob(doc.uri, doc.version, line, character, prompt, policy, built,
+                             knows_language(self.languages, doc.language))
 
     def run(self, job: CompletionJob, cancelled: Callable[[], bool] | None = None) -> CompletionResult:
+        if not job.known_language:
+            log.info("completion %s v%d: the model was not trained on this language; nothing suggested",
+                     job.uri, job.version)
+            return CompletionResult("", job, Generation([], "", 0, 0, 0.0, "language"))
         try:
             generation = self.engine.generate(job.prompt, self.max_new_tokens, job.policy.should_stop, cancelled)
         except torch.OutOfMemoryError:

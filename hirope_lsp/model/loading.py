@@ -79,6 +79,23 @@ def pick_dtype(dtype: str | None, device: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
+LANGUAGE_FAMILIES = {"typescriptreact": "typescript"}
+
+
+def trained_languages(lm) -> frozenset[str] | None:
+    """The languages a model was trained on where its ``training.json`` names them (the models this
+    project trains); None for any other model: it may know any language."""
+    card = Path(getattr(lm.config, "_name_or_path", "") or "") / "training.json"
+    if not card.is_file():
+        return None
+    languages = json.loads(card.read_text()).get("languages")
+    return frozenset(languages) if languages else None
+
+
+def knows_language(languages: frozenset[str] | None, language: str | None) -> bool:
+    return languages is None or LANGUAGE_FAMILIES.get(language, language) in languages
+
+
 def load_model(model: str | None = None, *, device: str | None = "auto", dtype: str | None = "auto",
                trust_remote_code: bool = False, allow_download: bool = False):
     """(model, tokenizer, FimFormat) for a local directory, a hub id (cached, or downloaded if allowed),

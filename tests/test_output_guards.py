@@ -1,0 +1,39 @@
+"""What the user is never shown: suggestions in a language the model never saw."""
+
+import json
+import shutil
+
+import pytest
+
+from hirope_lsp.completion.context import ContextSettings, PromptBuilder
+from hirope_lsp.completion.service import CompletionService
+from hirope_lsp.hierarchy.document import Document
+from hirope_lsp.model.engine import Engine, EngineSettings
+from hirope_lsp.model.loading import DEFAULT_MODEL_DIR, knows_language
+
+
+@pytest.fixture(scope="module")
+def python_only_service(tmp_path_factory):
+    model_dir = tmp_path_factory.mktemp("model") / "python-only"
+    shutil.copytree(DEFAULT_MODEL_DIR, model_dir)
+    card = json.loads((model_dir / "training.json").read_text())
+    (model_dir / "training.json").write_text(json.dumps({**card, "languages": ["python", "typescript"]}))
+    engine = Engine(EngineSettings(model=str(model_dir), device="cpu"))
+    return CompletionService(engine, None, PromptBuilder(engine.tokenizer, engine.fim, ContextSettings(budget_tokens=256)),
+                             max_new_tokens=8)
+
+
+def test_no_suggestion_in_a_language_the_model_was_not_trained_on(python_only_service):
+    c_file = Document("file:///w/main.c", "int add(int a, int b) {\n    return ", language_id="c")
+    result = python_only_service.complete(c_file, 1, 11)
+    assert result.text == "" and result.generation.stopped_by == "language"
+    assert result.generation.computed_tokens == 0, "the model is not run"
+    py_file = Document("file:///w/main.py", "def add(a, b):\n    return ", language_id="python")
+    result = python_only_service.complete(py_file, 1, 11)
+    assert result.generation.stopped_by != "language" and result.generation.computed_tokens > 0
+
+
+def test_language_families_and_models_without_a_card():
+    assert knows_language(frozenset({"typescript"}), "typescriptreact")
+    assert not knows_language(frozenset({"python"}), None), "plain text is not a trained language"
+    assert knows_language(None, "c"), "a model without our training card may know any language"
