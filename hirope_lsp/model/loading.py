@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,6 +80,16 @@ def pick_dtype(dtype: str | None, device: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
+# "org/name" or a bare name, as the hub spells ids: dots are part of names (Qwen2.5-Coder-1.5B)
+HUB_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
+
+
+def _hub_cache() -> str:
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
 LANGUAGE_FAMILIES = {"typescriptreact": "typescript"}
 
 
@@ -105,7 +116,7 @@ def load_model(model: str | None = None, *, device: str | None = "auto", dtype: 
     source = str(DEFAULT_MODEL_DIR) if not model else model
     path = Path(source).expanduser()
     local = path.is_dir()
-    if not local and (source.startswith((".", "/", "~")) or path.suffix):
+    if not local and not HUB_ID.match(source):
         raise ModelLoadError(f"model directory {source} does not exist")
     device = pick_device(device)
     torch_dtype = pick_dtype(dtype, device)
@@ -115,8 +126,12 @@ def load_model(model: str | None = None, *, device: str | None = "auto", dtype: 
         lm = AutoModelForCausalLM.from_pretrained(str(path) if local else source, dtype=torch_dtype,
                                                   attn_implementation="sdpa", **kwargs)
     except OSError as err:
-        hint = "" if local or allow_download else " (downloads are off: set allowDownload to fetch it from the hub)"
-        raise ModelLoadError(f"cannot load model {source!r}: {err}{hint}") from err
+        if not local and not allow_download:
+            raise ModelLoadError(
+                f"model {source!r} is not in the HuggingFace cache ({_hub_cache()}) and downloads are off: "
+                "set allowDownload (hirope-lsp --allow-download) to fetch it from the hub, or give a local directory"
+            ) from err
+        raise ModelLoadError(f"cannot load model {source!r}: {err}") from err
     except ValueError as err:
         raise ModelLoadError(f"cannot load model {source!r}: {err}") from err
     try:
