@@ -9,13 +9,14 @@ back and extended freely and both kinds of score are formed at decode time
 without recomputing the prompt.
 
     handle = attach(model, RopeMethodConfig(method="hirope", window=512))
-    out = handle.forward(input_ids, positions, past_key_values=cache)
+    out = handle.forward(input_ids, positions, cache=cache)
     handle.detach()
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 
 import torch
 from transformers import AttentionInterface
@@ -69,6 +70,17 @@ def find_rotary(model) -> torch.nn.Module:
     return found[0]
 
 
+def cache_keyword(model) -> str:
+    """The keyword ``model.forward`` takes the KV cache by: ``cache`` from transformers 5.24 on, where
+    ``past_key_values`` still works but warns (FutureWarning) and goes in 5.40; ``past_key_values`` in
+    5.0 to 5.23 (and in remote-code models written for them), which have no ``cache``."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def trained_length(config) -> int:
     params = getattr(config, "rope_parameters", None) or {}
     return int(params.get("original_max_position_embeddings") or config.max_position_embeddings)
@@ -78,7 +90,7 @@ class PositionHandle:
     """A position method attached to a model: ``forward`` with hierarchical positions, ``detach``."""
 
     def __init__(self, model, cfg: RopeMethodConfig):
-        cfg.validate()
+        cfg.validate(num_layers=model.config.num_hidden_layers)
         self.model = model
         self.cfg = cfg
         self.rotary = find_rotary(model)
@@ -89,6 +101,7 @@ class PositionHandle:
                 f"partial rotary embeddings ({inv_freq.numel() * 2} of {head_dim} channels) are not supported"
             )
         self.num_pairs = inv_freq.numel()
+        self.cache_keyword = cache_keyword(model)
         self.train_length = cfg.train_length or trained_length(model.config)
         base = float((model.config.rope_parameters or {}).get("rope_theta", 10000.0))
         self.base = base
@@ -145,10 +158,16 @@ class PositionHandle:
         if positions.dtype.is_floating_point:
             raise ValueError("positions must be integers")
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, past_key_values=None, **kwargs):
-        """Run the model on ``input_ids`` ``[B, S]`` whose positions (with the cached ones before) are ``positions``."""
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache=None, *, past_key_values=None,
+                **kwargs):
+        """Run the model on ``input_ids`` ``[B, S]`` whose positions (with the cached ones before) are ``positions``;
+        ``cache`` (or its older name ``past_key_values``) is the KV cache, handed to the model by the name
+        its transformers version takes."""
         if not self.attached:
             raise RuntimeError("this handle was detached")
+        if cache is not None and past_key_values is not None:
+            raise TypeError("give the KV cache as cache= or as past_key_values=, not both")
+        past_key_values = cache if cache is not None else past_key_values
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
         positions = positions.to(input_ids.device)
         self.check_positions(input_ids, positions, past)
@@ -169,7 +188,7 @@ class PositionHandle:
         return self.model(
             input_ids=input_ids,
             position_ids=positions[:, -S:, -1],
-            past_key_values=past_key_values,
+            **{self.cache_keyword: past_key_values},
             **kwargs,
         )
 
@@ -202,6 +221,8 @@ def make_plan(cfg: RopeMethodConfig, positions: torch.Tensor, new_tokens: int, i
         key_sin=ks,
         key_offset=keys_from,
         query_chunk=cfg.query_chunk,
+        far_bias=cfg.layer_far_bias(),
+        far_bias_mode=cfg.far_bias_mode,
     )
 
 
