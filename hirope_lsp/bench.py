@@ -23,7 +23,8 @@ def _bench_model(device: str):
     return LlamaForCausalLM._from_config(config, attn_implementation="sdpa", dtype=dtype).to(device).eval()
 
 
-def _attention_child(method: str, length: int, repeats: int, device: str, query_chunk: int = 1024) -> dict:
+def _attention_child(method: str, length: int, repeats: int, device: str, query_chunk: int = 1024,
+                     far_bias: dict | None = None) -> dict:
     import resource
 
     import torch
@@ -35,7 +36,8 @@ def _attention_child(method: str, length: int, repeats: int, device: str, query_
     model = _bench_model(device)
     ids = torch.randint(0, 4096, (1, length), device=device)
     positions = fixed_unit_positions(length, 128)
-    handle = attach(model, RopeMethodConfig(method=method, window=256, split=0.4, query_chunk=query_chunk))
+    handle = attach(model, RopeMethodConfig(method=method, window=256, split=0.4, query_chunk=query_chunk,
+                                            **(far_bias or {})))
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -56,9 +58,10 @@ def _attention_child(method: str, length: int, repeats: int, device: str, query_
 
 
 def bench_attention(lengths: list[int], repeats: int = 2, device: str = "cpu", query_chunk: int = 256,
-                    rounds: int = 2) -> dict:
+                    rounds: int = 2, **far_bias) -> dict:
     """Forward time (best run) and peak memory of plain RoPE and HiRoPE per length, each in a fresh
-    process; the two alternate for ``rounds`` rounds so that drift in the machine's speed hits both."""
+    process; the two alternate for ``rounds`` rounds so that drift in the machine's speed hits both.
+    ``far_bias``/``far_bias_mode`` keywords go to HiRoPE's configuration."""
     rows = []
     print(f"{'length':>7} {'rope s':>8} {'hirope s':>9} {'time x':>7} {'rope MiB':>9} {'hirope MiB':>11}")
     for length in lengths:
@@ -67,7 +70,7 @@ def bench_attention(lengths: list[int], repeats: int = 2, device: str = "cpu", q
             for method in ("rope", "hirope"):
                 out = subprocess.run(
                     [sys.executable, "-m", "hirope_lsp.bench", "attention-child", method, str(length), str(repeats),
-                     device, str(query_chunk)],
+                     device, str(query_chunk), json.dumps(far_bias)],
                     capture_output=True, text=True, check=True,
                 )
                 result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -77,14 +80,15 @@ def bench_attention(lengths: list[int], repeats: int = 2, device: str = "cpu", q
         rows.append(row)
         print(f"{length:>7} {row['rope_seconds']:>8.3f} {row['hirope_seconds']:>9.3f} {row['time_ratio']:>7.2f} "
               f"{row['rope_peak_mib']:>9.1f} {row['hirope_peak_mib']:>11.1f}", flush=True)
-    return {"device": device, "query_chunk": query_chunk,
+    return {"device": device, "query_chunk": query_chunk, **far_bias,
             "model": "llama 4x256, 4 heads of 64, trained length 512, window 256, 128-token units", "rows": rows}
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "attention-child":
         method, length, repeats, device = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
-        print(json.dumps(_attention_child(method, length, repeats, device, int(sys.argv[6]))))
+        far = json.loads(sys.argv[7]) if len(sys.argv) > 7 else {}
+        print(json.dumps(_attention_child(method, length, repeats, device, int(sys.argv[6]), far)))
 
 
 def _rss_mib(pid: int | str = "self") -> float:
@@ -213,7 +217,15 @@ def _typing_file(min_tokens: int) -> tuple[str, int]:
     raise RuntimeError("no long standard library file found")
 
 
-def bench_typing(keystrokes: int = 40, budget: int = 4000, pause: float = 0.05, max_new_tokens: int = 8) -> dict:
+def _position_options(far_bias=None, far_bias_mode=None) -> dict:
+    """Server settings for the far-bias options given (none: the server's defaults)."""
+    given = {"farBias": far_bias, "farBiasMode": far_bias_mode}
+    given = {k: v for k, v in given.items() if v is not None}
+    return {"hirope": given} if given else {}
+
+
+def bench_typing(keystrokes: int = 40, budget: int = 4000, pause: float = 0.05, max_new_tokens: int = 8,
+                 far_bias=None, far_bias_mode=None, model: str | None = None) -> dict:
     """Type into a long file through the real server over stdio, a completion request after each key."""
     import statistics
 
@@ -229,7 +241,9 @@ def bench_typing(keystrokes: int = 40, budget: int = 4000, pause: float = 0.05, 
         try:
             # KV reuse on and off, every keystroke through the model (typing along comes after)
             client.initialize(None, {"reuseCache": reuse, "promptBudget": budget, "maxNewTokens": max_new_tokens,
-                                     "crossFile": False, "watchFiles": False, "typeAlong": False})
+                                     "crossFile": False, "watchFiles": False, "typeAlong": False,
+                                     **({"model": model} if model else {}),
+                                     **_position_options(far_bias, far_bias_mode)})
             uri = "file:///bench/typing.py"
             body = "\n".join(lines[:line] + [indent] + lines[line:])
             client.notify("textDocument/didOpen", {"textDocument": {"uri": uri, "languageId": "python", "version": 1,
@@ -237,7 +251,9 @@ def bench_typing(keystrokes: int = 40, budget: int = 4000, pause: float = 0.05, 
             col = len(indent)
             params = lambda c: {"textDocument": {"uri": uri}, "position": {"line": line, "character": c},  # noqa: E731
                                 "context": {"triggerKind": 2}}
+            cold_start = time.perf_counter()
             client.call("textDocument/inlineCompletion", params(col), timeout=600)  # first prompt: cold
+            cold_ms = (time.perf_counter() - cold_start) * 1000
             before = client.call("hirope/status", {})["result"]
             latencies, computed = [], []
             for k in range(keystrokes):
@@ -267,6 +283,7 @@ def bench_typing(keystrokes: int = 40, budget: int = 4000, pause: float = 0.05, 
             "recomputed_per_key_mean": statistics.mean(computed),
             "reuse_ratio": reused / max(1, total),
             "prompt_tokens": prompt_tokens,
+            "cold_ms": cold_ms,
         }
     on, off = results["on"], results["off"]
     prompt_tokens = off["prompt_tokens"]
@@ -281,7 +298,7 @@ def bench_typing(keystrokes: int = 40, budget: int = 4000, pause: float = 0.05, 
         reused_share = 1 - r["recomputed_per_key_mean"] / max(1, prompt_tokens)
         print(f"{name:>6} {r['p50_ms']:>8.1f} {r['p95_ms']:>8.1f} {r['recomputed_per_key_mean']:>15.1f} "
               f"{reused_share:>10.1%}")
-    print(f"p50 speed-up with reuse: {results['speedup_p50']:.1f}x")
+    print(f"p50 speed-up with reuse: {results['speedup_p50']:.1f}x; cold first request {on['cold_ms']:.0f} ms")
     if along["keys"]:
         print(f"typing along the suggestion: {along['keys']} keys, p50 {along['p50_ms']:.1f} ms, "
               f"{along['model_runs']} of them ran the model")
@@ -311,7 +328,8 @@ def _type_along(client, uri: str, line: int, col: int, version: int, keystrokes:
             "p50_ms": statistics.median(latencies) * 1000 if latencies else None}
 
 
-def bench_soak(requests: int = 10000, report_every: int = 500, cache_budget_mb: int = 64) -> dict:
+def bench_soak(requests: int = 10000, report_every: int = 500, cache_budget_mb: int = 64, far_bias=None,
+               far_bias_mode=None) -> dict:
     """One long session through the real server: edits and a completion request after each, with
     RSS, KV-cache bytes and latency reported every ``report_every`` requests."""
     import random
@@ -326,7 +344,7 @@ def bench_soak(requests: int = 10000, report_every: int = 500, cache_budget_mb: 
     rows = []
     try:
         client.initialize(None, {"promptBudget": 1024, "maxNewTokens": 4, "crossFile": False, "watchFiles": False,
-                                 "cacheBudgetMb": cache_budget_mb})
+                                 "cacheBudgetMb": cache_budget_mb, **_position_options(far_bias, far_bias_mode)})
         # four documents, typed into at a cursor each; the budget holds the KV state of about three
         uris = [f"file:///soak/doc{k}.py" for k in range(4)]
         versions, cursors, indents = {}, {}, {}

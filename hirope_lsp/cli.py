@@ -18,6 +18,34 @@ def _add_train(sub) -> None:
     p.add_argument("--tiny", action="store_true", help="a tiny configuration for smoke tests")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--curve", type=Path, default=None, help="save the loss curve (PNG) at the end")
+    p.add_argument("--corpus", type=Path, default=None,
+                   help="a corpus directory from `hirope-lsp corpus build` (default: the standard library)")
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="start from fp16 weights (best.safetensors) or a model directory of the same shape")
+    for name, kind in (("context", int), ("vocab-size", int), ("batch-size", int), ("lr", float), ("warmup", int),
+                       ("checkpoint-every", int), ("layers", int), ("hidden-size", int), ("heads", int),
+                       ("intermediate-size", int)):
+        p.add_argument(f"--{name}", type=kind, default=None, help="recipe override (see TrainConfig)")
+
+
+def _add_corpus(sub) -> None:
+    p = sub.add_parser("corpus", help="build the training corpus (fetches packages by name from the registries)")
+    csub = p.add_subparsers(dest="corpus_command", required=True)
+    b = csub.add_parser("build", help="fetch, filter, deduplicate; write documents.jsonl, held_out/, manifest.json")
+    b.add_argument("--out", type=Path, default=Path("corpus"))
+    b.add_argument("--manifest-copy", type=Path, default=None, help="also copy the manifest here (docs/)")
+
+
+def _run_corpus(args) -> int:
+    import shutil
+
+    from .research.corpus import build_corpus
+
+    manifest = build_corpus(args.out)
+    if args.manifest_copy:
+        shutil.copyfile(args.out / "manifest.json", args.manifest_copy)
+    print(json.dumps({"totals": manifest["totals"], "dropped": manifest["dropped"]}, indent=2))
+    return 0
 
 
 def _run_train(args) -> int:
@@ -35,13 +63,44 @@ def _run_train(args) -> int:
     if args.steps is not None:
         cfg.steps = args.steps
     cfg.max_minutes = args.max_minutes
-    summary = train(args.run_dir, cfg, export=args.export)
+    if args.corpus is not None:
+        cfg.corpus = str(args.corpus)
+    for name in ("context", "vocab_size", "batch_size", "lr", "warmup", "checkpoint_every", "layers", "hidden_size",
+                 "heads", "intermediate_size"):
+        if getattr(args, name) is not None:
+            setattr(cfg, name, getattr(args, name))
+    summary = train(args.run_dir, cfg, export=args.export, init_from=args.init_from)
     print(json.dumps(summary, indent=2))
     if args.curve:
         from .train import plot_loss_curve
 
         plot_loss_curve(args.run_dir, args.curve)
     return 0
+
+
+def _far_bias(text: str) -> float | list[float]:
+    """``--far-bias``: a number, or numbers separated by commas (one per layer)."""
+    try:
+        values = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or a comma-separated list of numbers, got {text!r}")
+    return values[0] if len(values) == 1 else values
+
+
+FAR_BIAS_MODES = ("constant", "log")  # as in model/rope.py, which the parser does not import (torch)
+
+
+def _add_far_bias(p) -> None:
+    p.add_argument("--far-bias", type=_far_bias, default=None,
+                   help="prior against far keys, subtracted from the score of every key beyond the window "
+                        "(0: plain HiRoPE; default: RopeMethodConfig's); a comma-separated list: one per layer")
+    p.add_argument("--far-bias-mode", default=None, choices=list(FAR_BIAS_MODES),
+                   help="constant: the bias as given; log: bias x log(max(1, far keys / window)), growing with context")
+
+
+def _far_bias_options(args) -> dict:
+    """The far-bias flags given (as RopeMethodConfig fields); the defaults stay where none is."""
+    return {name: getattr(args, name) for name in ("far_bias", "far_bias_mode") if getattr(args, name) is not None}
 
 
 def _add_bench(sub) -> None:
@@ -54,16 +113,20 @@ def _add_bench(sub) -> None:
     a.add_argument("--query-chunk", type=int, default=256)
     a.add_argument("--rounds", type=int, default=2, help="rope and hirope processes alternate this many times")
     a.add_argument("--json", type=Path, default=None)
+    _add_far_bias(a)
     t = bsub.add_parser("typing", help="replay typing against the real server, reuse on and off")
     t.add_argument("--keystrokes", type=int, default=40)
     t.add_argument("--budget", type=int, default=4000)
     t.add_argument("--max-new-tokens", type=int, default=8)
     t.add_argument("--json", type=Path, default=None)
+    t.add_argument("--model", default=None, help="a model directory or hub id (default: the embedded model)")
+    _add_far_bias(t)
     k = bsub.add_parser("soak", help="one long session: memory and latency over many requests")
     k.add_argument("--requests", type=int, default=10000)
     k.add_argument("--report-every", type=int, default=500)
     k.add_argument("--cache-budget-mb", type=int, default=64)
     k.add_argument("--json", type=Path, default=None)
+    _add_far_bias(k)
     h = bsub.add_parser("hierarchy", help="per-keystroke hierarchy update time and workspace indexing")
     h.add_argument("--lines", type=int, default=10000)
     h.add_argument("--keystrokes", type=int, default=300)
@@ -76,15 +139,16 @@ def _run_bench(args) -> int:
         from .bench import bench_attention
 
         result = bench_attention([int(x) for x in args.lengths.split(",")], repeats=args.repeats, device=args.device,
-                                 query_chunk=args.query_chunk, rounds=args.rounds)
+                                 query_chunk=args.query_chunk, rounds=args.rounds, **_far_bias_options(args))
     elif args.bench == "soak":
         from .bench import bench_soak
 
-        result = bench_soak(args.requests, args.report_every, args.cache_budget_mb)
+        result = bench_soak(args.requests, args.report_every, args.cache_budget_mb, **_far_bias_options(args))
     elif args.bench == "typing":
         from .bench import bench_typing
 
-        result = bench_typing(args.keystrokes, args.budget, max_new_tokens=args.max_new_tokens)
+        result = bench_typing(args.keystrokes, args.budget, max_new_tokens=args.max_new_tokens, model=args.model,
+                              **_far_bias_options(args))
     else:
         from .bench import bench_hierarchy
 
@@ -107,6 +171,7 @@ def _add_eval(sub) -> None:
         e.add_argument("--window", type=int, default=None)
         e.add_argument("--split", type=float, default=None)
         e.add_argument("--token-index", default="global", choices=["global", "restart"])
+        _add_far_bias(e)
         e.add_argument("--quick", action="store_true", help="a smoke-test setting (seconds)")
     perplexity = esub.choices["perplexity"]
     perplexity.add_argument("--methods", default="rope,ntk,yarn,rerope,self-extend,hirope,hirope-fixed,truncate")
@@ -117,14 +182,25 @@ def _add_eval(sub) -> None:
     completion.add_argument("--methods", default="hirope,truncate,rope,rerope,hirope-fixed")
     completion.add_argument("--prompt-x", type=int, default=4, help="prompt length as a multiple of the training length")
     completion.add_argument("--samples", type=int, default=40)
+    from .research.far_eval import register_cli
+
+    register_cli(esub)
 
 
 def _run_eval(args) -> int:
+    if args.eval == "far":
+        from .research.far_eval import run_cli
+
+        return run_cli(args)
     from . import evaluate
     from .model.rope import RopeMethodConfig
 
-    base = RopeMethodConfig(window=args.window, split=args.split, token_index=args.token_index)
-    base.validate()
+    base = RopeMethodConfig(window=args.window, split=args.split, token_index=args.token_index, **_far_bias_options(args))
+    try:
+        base.validate()
+    except ValueError as err:
+        print(f"hirope-lsp: {err}", file=sys.stderr)
+        return 2
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     unknown = [m for m in methods if m not in evaluate.ALL_METHODS]
     if unknown:
@@ -158,6 +234,7 @@ def _add_model_options(p) -> None:
     p.add_argument("--allow-download", action="store_true", help="fetch a hub model id that is not cached")
     p.add_argument("--method", default="hirope", help="position method: rope, hirope, hirope-fixed, rerope, ...")
     p.add_argument("--budget", type=int, default=None, help="prompt budget in tokens")
+    _add_far_bias(p)
 
 
 def _settings_from(args):
@@ -170,6 +247,8 @@ def _settings_from(args):
     settings.engine.trust_remote_code = args.trust_remote_code
     settings.engine.allow_download = args.allow_download
     settings.engine.rope.method = args.method
+    for name, value in _far_bias_options(args).items():
+        setattr(settings.engine.rope, name, value)
     if args.budget:
         settings.context.budget_tokens = args.budget
     settings.engine.rope.validate()
@@ -239,7 +318,7 @@ def _run_complete(args) -> int:
 
 
 COMMANDS = {"serve": (_add_serve, _run_serve), "complete": (_add_complete, _run_complete), "eval": (_add_eval, _run_eval),
-            "train": (_add_train, _run_train), "bench": (_add_bench, _run_bench)}
+            "train": (_add_train, _run_train), "corpus": (_add_corpus, _run_corpus), "bench": (_add_bench, _run_bench)}
 
 
 def build_parser() -> argparse.ArgumentParser:

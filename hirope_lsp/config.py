@@ -25,11 +25,16 @@ class Settings:
     max_file_bytes: int = 1024 * 1024
     watch_files: bool = True
     type_along: bool = True  # typing a suggestion's start answers with its rest, without the model
+    # mean log-probability per token below which a suggestion is not shown (None: all are shown)
+    min_confidence: float | None = None
 
 
 def _camel(name: str) -> str:
     head, *rest = name.split("_")
     return head + "".join(p.title() for p in rest)
+
+
+OPTIONAL_NUMBER = (int, float, type(None))
 
 
 # client key -> (object path, attribute, type check)
@@ -49,26 +54,39 @@ def _schema():
         "maxFileBytes": ("", "max_file_bytes", int),
         "watchFiles": ("", "watch_files", bool),
         "typeAlong": ("", "type_along", bool),
+        "minConfidence": ("", "min_confidence", OPTIONAL_NUMBER),
     }
     for f in fields(RopeMethodConfig):
         if f.name in ("extra",):
             continue
         kind = {"int": int, "float": (int, float), "str": str}.get(str(f.type).split(" |")[0], (int, float, str))
         rows["hirope." + _camel(f.name)] = ("engine.rope", f.name, (kind, type(None)) if "None" in str(f.type) else kind)
+    # a number, or a list with one per layer (its length is checked against the model when it is attached)
+    rows["hirope.farBias"] = ("engine.rope", "far_bias", NUMBER_OR_LIST)
     return rows
+
+
+NUMBER_OR_LIST = (int, float, list)
 
 
 SCHEMA = _schema()
 
 
+# the editor's own settings, in the whole section VS Code sends on a change: not the server's
+CLIENT_ONLY_KEYS = frozenset({"pythonPath", "serverCommand", "trace"})
+# where VS Code's settings nest the position method (hirope.positions.*) and the server's own (hirope.*)
+POSITION_GROUPS = frozenset({"hirope", "positions"})
+
+
 def _flatten(options: dict, prefix: str = "") -> dict:
     flat = {}
     for key, value in options.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and name == "hirope":
-            flat.update(_flatten(value, name + "."))
+        if not prefix and key in CLIENT_ONLY_KEYS:
+            continue
+        if isinstance(value, dict) and not prefix and key in POSITION_GROUPS:
+            flat.update(_flatten(value, "hirope."))
         else:
-            flat[name] = value
+            flat[f"{prefix}{key}"] = value
     return flat
 
 
@@ -87,7 +105,9 @@ def apply_options(settings: Settings, options: dict | None) -> tuple[Settings, l
             problems.append(f"unknown setting {key!r} ignored")
             continue
         path, attr, kind = SCHEMA[key]
-        if isinstance(value, bool) and kind in (int, (int, float)):
+        if value is None and not (isinstance(kind, tuple) and type(None) in kind):
+            continue  # a setting the client leaves unset (VS Code sends null): the server's default stays
+        if isinstance(value, bool) and kind in (int, (int, float), NUMBER_OR_LIST, OPTIONAL_NUMBER):
             problems.append(f"setting {key!r}: expected a number, got {value!r}")
             continue
         if not isinstance(value, kind):
@@ -116,6 +136,8 @@ def _check(s: Settings) -> str | None:
         return "unknown method"
     if s.max_new_tokens <= 0 or s.max_new_tokens > 4096:
         return "maxNewTokens must be between 1 and 4096"
+    if s.min_confidence is not None and s.min_confidence > 0:
+        return "minConfidence is a mean log-probability per token: 0 or below"
     if s.context.budget_tokens < 32:
         return "promptBudget must be at least 32 tokens"
     if s.engine.cache_budget_mb < 0:

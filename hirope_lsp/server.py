@@ -342,7 +342,7 @@ def did_change_workspace_folders(ls: HiropeServer, params: types.DidChangeWorksp
 def did_change_configuration(ls: HiropeServer, params: types.DidChangeConfigurationParams):
     options = params.settings
     if isinstance(options, dict) and isinstance(options.get("hirope"), dict) and "model" not in options:
-        options = options["hirope"]
+        options = options["hirope"]  # the section as vscode-languageclient sends it: {"hirope": {...}}
     old = ls.settings
     ls.settings, problems = apply_options(old, options)
     for problem in problems:
@@ -365,6 +365,7 @@ def did_change_configuration(ls: HiropeServer, params: types.DidChangeConfigurat
     service.builder.settings = ls.settings.context
     service.max_new_tokens = ls.settings.max_new_tokens
     service.multiline = ls.settings.multiline
+    service.min_confidence = ls.settings.min_confidence
 
 
 @handler(types.TEXT_DOCUMENT_INLINE_COMPLETION, types.InlineCompletionOptions())

@@ -20,3 +20,96 @@ def test_hirope_false_means_plain_rope_and_the_input_is_not_modified():
     assert settings.engine.rope.method == "rope" and not problems
     assert base.engine.rope.method == "hirope"
     assert apply_options(base, "nonsense")[1] == ["settings must be an object, got str"]
+
+
+def test_far_bias_settings_are_parsed_and_bad_ones_reported():
+    from hirope_lsp.model.rope import DEFAULT_FAR_BIAS
+
+    assert Settings().engine.rope.far_bias == DEFAULT_FAR_BIAS
+    settings, problems = apply_options(Settings(), {"hirope": {"farBias": 2, "farBiasMode": "log"}})
+    assert (settings.engine.rope.far_bias, settings.engine.rope.far_bias_mode) == (2, "log") and not problems
+    settings, problems = apply_options(Settings(), {"hirope": {"farBias": [0.5, 1, 2.5]}})
+    assert settings.engine.rope.far_bias == [0.5, 1, 2.5] and not problems  # the layer count is checked at attach
+    bad = {"farBias": -1}, {"farBias": True}, {"farBias": "2"}, {"farBias": [1, "x"]}, {"farBias": []}, \
+        {"farBias": [1.0, -2.0]}, {"farBiasMode": "linear"}, {"farBiasMode": 1}
+    for options in bad:
+        settings, problems = apply_options(Settings(), {"hirope": options})
+        assert len(problems) == 1 and ("farBias" in problems[0]), (options, problems)
+        assert (settings.engine.rope.far_bias, settings.engine.rope.far_bias_mode) == (DEFAULT_FAR_BIAS, "constant")
+    assert "keeping 0.0" in apply_options(Settings(), {"hirope": {"farBias": -1}})[1][0]
+
+
+def test_far_bias_flags_reach_every_command():
+    from hirope_lsp import cli, evaluate
+    from hirope_lsp.model.rope import FAR_BIAS_MODES, RopeMethodConfig
+
+    assert cli.FAR_BIAS_MODES == FAR_BIAS_MODES
+    parser = cli.build_parser()
+    args = parser.parse_args(["complete", "f.py", "--line", "0", "--character", "0", "--far-bias", "2",
+                              "--far-bias-mode", "log"])
+    rope = cli._settings_from(args).engine.rope
+    assert (rope.far_bias, rope.far_bias_mode) == (2.0, "log")
+    assert cli._settings_from(parser.parse_args(["serve", "--far-bias", "1,0,3"])).engine.rope.far_bias == [1.0, 0.0, 3.0]
+    assert cli._settings_from(parser.parse_args(["serve"])).engine.rope == RopeMethodConfig()
+    for argv in (["eval", "perplexity"], ["eval", "completion"], ["bench", "attention"], ["bench", "typing"],
+                 ["bench", "soak"]):
+        args = parser.parse_args(argv + ["--far-bias", "1.5", "--far-bias-mode", "constant"])
+        assert cli._far_bias_options(args) == {"far_bias": 1.5, "far_bias_mode": "constant"}, argv
+        assert cli._far_bias_options(parser.parse_args(argv)) == {}
+    base = RopeMethodConfig(far_bias=1.5, far_bias_mode="log")
+    for method in ("hirope", "rerope", "truncate"):
+        cfg = evaluate.method_config(method, 64, 256, base)
+        assert (cfg.far_bias, cfg.far_bias_mode) == (1.5, "log")
+    assert cli.main(["eval", "perplexity", "--far-bias", "-1"]) == 2  # refused before any model loads
+
+
+def test_bad_far_bias_flag_is_a_usage_error(capsys):
+    import pytest
+
+    from hirope_lsp import cli
+
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["serve", "--far-bias", "big"])
+    assert "comma-separated list of numbers" in capsys.readouterr().err
+
+
+def _vscode_section(overrides: dict) -> dict:
+    """The "hirope" section as VS Code sends it on a change: every contributed setting with its
+    default (or the user's value), nested at the dots."""
+    import json
+    from pathlib import Path
+
+    package = json.loads((Path(__file__).parents[1] / "editors/vscode/package.json").read_text())
+    section: dict = {}
+    for key, spec in package["contributes"]["configuration"]["properties"].items():
+        *parents, leaf = key.removeprefix("hirope.").split(".")
+        node = section
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = overrides.get(key, spec.get("default"))
+    return section
+
+
+def test_the_whole_vscode_section_applies_without_warnings():
+    from hirope_lsp.config import Settings, apply_options
+
+    section = _vscode_section({"hirope.positions.window": 96, "hirope.positions.farBias": 2.5,
+                               "hirope.maxNewTokens": 20, "hirope.pythonPath": "/opt/venv/bin/python"})
+    assert "positions" in section and "trace" in section and "pythonPath" in section
+    settings, problems = apply_options(Settings(), section)
+    assert problems == []
+    assert settings.engine.rope.window == 96 and settings.engine.rope.far_bias == 2.5
+    assert settings.max_new_tokens == 20
+    defaults, problems = apply_options(Settings(), _vscode_section({}))
+    assert problems == [] and defaults == Settings(), "the contributed defaults are the server's"
+
+
+def test_min_confidence_setting():
+    from hirope_lsp.config import Settings, apply_options
+
+    settings, problems = apply_options(Settings(), {"minConfidence": -1.5})
+    assert problems == [] and settings.min_confidence == -1.5
+    settings, problems = apply_options(settings, {"minConfidence": 0.5})
+    assert settings.min_confidence == -1.5 and "0 or below" in problems[0]
+    settings, problems = apply_options(settings, {"minConfidence": True})
+    assert settings.min_confidence == -1.5 and "expected a number" in problems[0]

@@ -164,8 +164,16 @@ def far_distance(method, m, n, pos, j, num_pairs, split, W, unit_size=5, group=3
     return (unit_m - unit_n) + W - 1
 
 
-def reference_attention(q, k, v, pos, method, split, W, scale, restart=False):
-    """q: [H, T, D] raw (unrotated); pos: list of (unit, token, token_in_unit)."""
+def reference_far_bias(far_bias, mode, n_far, W):
+    """The prior subtracted from a far score, from its definition: a constant, or growing as log(n_far / W)."""
+    if mode == "constant":
+        return far_bias
+    return far_bias * math.log(max(1.0, n_far / W))
+
+
+def reference_attention(q, k, v, pos, method, split, W, scale, restart=False, far_bias=0.0, far_bias_mode="constant"):
+    """q: [H, T, D] raw (unrotated); pos: list of (unit, token, token_in_unit); ``far_bias`` is taken from
+    the score of every key at distance >= W."""
     H, T, D = q.shape
     P = D // 2
     theta = 10000.0 ** (-torch.arange(P, dtype=torch.float64) * 2 / D)
@@ -173,6 +181,7 @@ def reference_attention(q, k, v, pos, method, split, W, scale, restart=False):
     q, k, v = q.double(), k.double(), v.double()
     for m in range(T):
         scores = torch.full((H, T), -math.inf, dtype=torch.float64)
+        n_far = sum(1 for n in range(m + 1) if m - n >= W)
         for n in range(m + 1):
             s = torch.zeros(H, dtype=torch.float64)
             for j in range(P):
@@ -184,6 +193,8 @@ def reference_attention(q, k, v, pos, method, split, W, scale, restart=False):
                 q1, q2, k1, k2 = q[:, m, j], q[:, m, j + P], k[:, n, j], k[:, n, j + P]
                 s += (q1 * k1 + q2 * k2) * c + (q1 * k2 - q2 * k1) * sn
             scores[:, n] = s * scale
+            if m - n >= W:
+                scores[:, n] -= reference_far_bias(far_bias, far_bias_mode, n_far, W)
         out[:, m] = torch.einsum("ht,htd->hd", torch.softmax(scores, -1), v)
     return out
 

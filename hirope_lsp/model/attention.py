@@ -6,6 +6,12 @@ pass attends the far-rotated keys beyond it; each pass returns its
 log-sum-exp and the two are merged exactly.  Memory is
 ``O(query_chunk * keys)``, linear in the context length.
 
+A prior against far keys (``far_bias`` ``b >= 0``, subtracted from the score
+of every key at distance ``>= window``) lowers the far pass's log-sum-exp by
+``b`` before the merge, and the far scores by ``b`` where a decoding step puts
+far and near scores into one softmax.  With ``b = 0`` nothing is computed and
+the path is exactly the unbiased one.
+
 The fused CPU and CUDA kernels that return log-sum-exp are used where they
 run; ``attend_eager`` is the portable fallback and the decode path.
 """
@@ -41,6 +47,42 @@ class AttentionPlan:
     blocks: dict = field(default_factory=dict)  # (a, b) -> [KeyBlock], filled by the first layer
     far_keys: "FarKeyStore | None" = None  # far-turned keys kept with the KV cache across forwards
     masks: dict = field(default_factory=dict)  # (pattern, query groups) -> PairMask, shared by equal blocks
+    far_bias: float | tuple = 0.0  # prior against far keys: one value, or a tuple with one per layer
+    far_bias_mode: str = "constant"  # "constant": b = far_bias; "log": b = far_bias * log(max(1, n_far / window))
+    far_growth: dict = field(default_factory=dict)  # (a, b) -> log(max(1, n_far / window)) [B, b - a], "log" mode
+
+    def layer_far_bias(self, layer: int | None) -> float:
+        if not isinstance(self.far_bias, tuple):
+            return float(self.far_bias)
+        if layer is None or not 0 <= layer < len(self.far_bias):
+            raise ValueError(f"a per-layer far bias ({len(self.far_bias)} values) needs the layer index, got {layer}")
+        return float(self.far_bias[layer])
+
+    def far_counts(self, a: int, b: int) -> torch.Tensor:
+        """Number of far keys (distance >= window) each query of ``[a, b)`` sees, ``[B, b - a]``."""
+        qpos, kpos, W = self.query_pos[:, a:b], self.key_pos, self.window
+        if self.keys_sorted:
+            return torch.searchsorted(kpos[0].contiguous(), (qpos[0] - W).contiguous(), right=True)[None]
+        return ((qpos[:, :, None] - kpos[:, None, :]) >= W).sum(-1)
+
+    def far_row_bias(self, a: int, b: int, layer: int | None, groups: int) -> "float | torch.Tensor | None":
+        """What the far scores of the rows of queries ``[a, b)`` lose (rows: the ``groups`` query heads
+        of a key head, each over the chunk, as ``windowed_attention`` lays them out): None without a
+        bias, a number in "constant" mode, ``[B, 1, groups * (b - a)]`` float in "log" mode."""
+        scale = self.layer_far_bias(layer)
+        if scale == 0.0:
+            return None
+        if self.far_bias_mode == "constant":
+            return scale
+        if self.far_bias_mode != "log":
+            raise ValueError(f"unknown far_bias_mode {self.far_bias_mode!r}")
+        growth = self.far_growth.get((a, b))
+        if growth is None:
+            n_far = self.far_counts(a, b).to(torch.float64)
+            growth = torch.log(torch.clamp(n_far / self.window, min=1.0)).float()
+            self.far_growth[(a, b)] = growth
+        B, C = growth.shape
+        return growth[:, None, :].expand(B, groups, C).reshape(B, 1, groups * C) * scale
 
     @functools.cached_property
     def keys_sorted(self) -> bool:
@@ -286,12 +328,20 @@ def tiles(blocks: list[KeyBlock]) -> bool:
         x.hi == y.lo for x, y in zip(blocks, blocks[1:]))
 
 
-def attend_tiles(near_q, far_q, key, far_key, value, blocks: list[KeyBlock], scale: float) -> torch.Tensor:
-    """Attention over tiling blocks with one softmax: scores of each block against its own keys, side by side."""
+def attend_tiles(near_q, far_q, key, far_key, value, blocks: list[KeyBlock], scale: float,
+                 far_bias: "float | torch.Tensor | None" = None) -> torch.Tensor:
+    """Attention over tiling blocks with one softmax: scores of each block against its own keys, side by side;
+    ``far_bias`` (a number, or ``[B, 1, rows]``) is taken from the far blocks' scaled scores."""
     scores = torch.cat([torch.matmul((far_q if b.far else near_q).float(),
                                      (far_key if b.far else key)[:, :, b.lo : b.hi].float().transpose(-1, -2))
                         for b in blocks], dim=-1)
-    weights = torch.softmax(scores * scale, dim=-1)
+    scores = scores * scale
+    if far_bias is not None:
+        far_cols = torch.cat([torch.full((b.hi - b.lo,), b.far, dtype=torch.bool, device=scores.device) for b in blocks])
+        if isinstance(far_bias, torch.Tensor):
+            far_bias = far_bias.unsqueeze(-1)
+        scores = torch.where(far_cols, scores - far_bias, scores)
+    weights = torch.softmax(scores, dim=-1)
     return torch.matmul(weights, value[:, :, blocks[0].lo : blocks[-1].hi].float()).to(near_q.dtype)
 
 
@@ -317,14 +367,19 @@ def windowed_attention(query, key, value, plan: AttentionPlan, scale: float, lay
         near_q = query[:, :, a:b].reshape(B, Hkv, G * C, D)
         far_q = far_query[:, :, a:b].reshape(B, Hkv, G * C, D)
         blocks = chunk_blocks(plan, a, b)
+        far_bias = plan.far_row_bias(a, b, layer, G) if any(block.far for block in blocks) else None
         if G * C <= FEW_ROWS and tiles(blocks):
-            out[:, :, a:b] = attend_tiles(near_q, far_q, key, far_key, value, blocks, scale).reshape(B, Hq, C, D)
+            out[:, :, a:b] = attend_tiles(near_q, far_q, key, far_key, value, blocks, scale,
+                                          far_bias).reshape(B, Hq, C, D)
             continue
         parts = []
         for block in blocks:
             q, k = (far_q, far_key) if block.far else (near_q, key)
-            parts.append(attend(q, k[:, :, block.lo : block.hi], value[:, :, block.lo : block.hi],
-                                block.pair_mask(G, plan.masks), scale))
+            o, lse = attend(q, k[:, :, block.lo : block.hi], value[:, :, block.lo : block.hi],
+                            block.pair_mask(G, plan.masks), scale)
+            if block.far and far_bias is not None:
+                lse = lse - far_bias  # every far key's score lowered by the row's bias: its log-sum-exp by the same
+            parts.append((o, lse))
         if not parts:
             raise ValueError("a query has no key to attend to: positions must let every token see itself")
         merged, _ = merge(parts)

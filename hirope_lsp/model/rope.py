@@ -22,6 +22,10 @@ import torch
 METHODS = ("rope", "ntk", "dynamic-ntk", "yarn", "rerope", "self-extend", "hirope", "hirope-fixed")
 WINDOW_METHODS = ("rerope", "self-extend", "hirope", "hirope-fixed")
 TOKEN_INDEX_MODES = ("global", "restart")
+FAR_BIAS_MODES = ("constant", "log")
+# The prior against far keys when none is configured: the one place to change the shipped default.
+# 0.0 is HiRoPE as published (no prior); docs/hirope.md measures what a prior does to a small model.
+DEFAULT_FAR_BIAS = 0.0
 
 
 @dataclass(kw_only=True)
@@ -42,6 +46,15 @@ class RopeMethodConfig:
       index in each unit, and it keeps far token-level distances periodic.
     - ``levels=2``: unit and token, as in the paper (``levels=1`` is the token
       index alone, i.e. plain RoPE; more levels split the low-frequency pairs).
+    - ``far_bias=DEFAULT_FAR_BIAS`` (0): a prior against far keys, ``b >= 0``
+      subtracted from the score (the scaled logit) of every key at distance
+      ``>= window``, so that a far key wins only where its match is sharp; 0 is
+      HiRoPE exactly.  ``far_bias_mode="constant"``: ``b = far_bias``;
+      ``"log"``: ``b = far_bias * log(max(1, n_far / window))`` with ``n_far``
+      the number of far keys the query sees, growing with the context and 0
+      while ``n_far <= window``.  A list gives one value per layer (a
+      constant, or the log mode's factor), checked against the model's layer
+      count at attach time.  Window methods only (the others have no far keys).
     """
 
     method: str = "hirope"
@@ -54,9 +67,12 @@ class RopeMethodConfig:
     group_size: int = 8  # self-extend: neighbour tokens per group
     factor: float | None = None  # ntk / yarn: context extension factor
     query_chunk: int = 256  # rows of queries per pass: memory bound, and the masked band at the window edge
+    far_bias: float | list[float] = DEFAULT_FAR_BIAS  # prior against far keys (see above); a list: one per layer
+    far_bias_mode: str = "constant"  # "constant" or "log" (grows with the number of far keys)
     extra: dict = field(default_factory=dict)
 
-    def validate(self) -> None:
+    def validate(self, num_layers: int | None = None) -> None:
+        """Raise ValueError for a bad setting; ``num_layers`` (at attach time) checks a per-layer far bias."""
         if self.method not in METHODS:
             raise ValueError(f"unknown position method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.split is not None and not (0.0 <= self.split <= 1.0):
@@ -77,6 +93,25 @@ class RopeMethodConfig:
             raise ValueError(f"scaling factor must be >= 1, got {self.factor}")
         if self.query_chunk <= 0:
             raise ValueError(f"query_chunk must be positive, got {self.query_chunk}")
+        if self.far_bias_mode not in FAR_BIAS_MODES:
+            raise ValueError(f"far_bias_mode must be one of {', '.join(FAR_BIAS_MODES)}, got {self.far_bias_mode!r}")
+        values = self.far_bias if isinstance(self.far_bias, (list, tuple)) else [self.far_bias]
+        if not values:
+            raise ValueError("far_bias as a list needs one value per layer, got an empty list")
+        for value in values:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"far_bias must be a number or a list of numbers (one per layer), got {value!r}")
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"far_bias must be a finite number >= 0 (subtracted from far scores), got {value!r}")
+        if num_layers is not None and isinstance(self.far_bias, (list, tuple)) and len(self.far_bias) != num_layers:
+            raise ValueError(f"far_bias lists {len(self.far_bias)} values, one per layer, but the model has "
+                             f"{num_layers} layers")
+
+    def layer_far_bias(self) -> float | tuple[float, ...]:
+        """The far bias as the attention plan takes it: one number, or a tuple with one per layer."""
+        if isinstance(self.far_bias, (list, tuple)):
+            return tuple(float(v) for v in self.far_bias)
+        return float(self.far_bias)
 
 
 def theory_split(base: float, train_length: int) -> float:

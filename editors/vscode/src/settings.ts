@@ -31,9 +31,9 @@ export function serverSettings(config: ConfigReader): { [key: string]: Json } {
     }
   };
   ["model", "device", "dtype", "allowDownload", "trustRemoteCode", "promptBudget", "maxNewTokens", "multiline",
-    "crossFile", "cacheBudgetMb", "typeAlong"].forEach(copy);
+    "crossFile", "cacheBudgetMb", "typeAlong", "minConfidence"].forEach(copy);
   const positions: { [key: string]: Json } = {};
-  for (const key of ["method", "window", "split"]) {
+  for (const key of ["method", "window", "split", "farBias", "farBiasMode"]) {
     const value = config.get<Json | undefined>(`positions.${key}`, undefined);
     if (value !== undefined && value !== null) {
       positions[key] = value;
