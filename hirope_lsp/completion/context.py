@@ -34,6 +34,8 @@ from .tokens import IncrementalEncoder
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 IMPORT_LINE = re.compile(r"^[ \t]*(?:import |from |#include|use ).*$", re.MULTILINE)
 IMPORT_SCAN_CHARS = 256 * 1024  # imports are looked for in a file's head, not through a huge file per keystroke
+MAX_DEFINITIONS_PER_NAME = 4
+CONTEXT_FULL_TOKENS = 32
 KEYWORDS = frozenset("""False None True and as assert async await break class continue def del elif else except finally
 for from global if import in is lambda nonlocal not or pass raise return try while with yield self cls print len range
 str int list dict set tuple const let var function return new this export default interface type struct impl fn pub use
@@ -189,10 +191,11 @@ class PromptBuilder:
         names = sorted({m.group(0) for m in IDENTIFIER.finditer(window + "\n" + imports)} - KEYWORDS)
         chosen = []
         for name in names:
-            for symbol in index.lookup(name):
-                if here is not None and symbol.path == here:
-                    continue
-                chosen.append(symbol)
+            symbols = [sym for sym in index.lookup(name) if here is None or sym.path != here]
+            # a name defined in many places (forward, __init__, run) says nothing about which one is meant,
+            # and encoding thousands of candidates per keystroke stalls a large workspace
+            if len(symbols) <= MAX_DEFINITIONS_PER_NAME:
+                chosen.extend(symbols)
         chosen.sort(key=lambda sym: (str(sym.path), sym.start))
         parts, used, picked = [], 0, []
         sources: dict[Path, bytes | None] = {}  # a file read and encoded once, however many of its definitions
@@ -208,6 +211,8 @@ class PromptBuilder:
             block = f"# {_display_path(sym.path, index)}\n" + "\n".join(body_lines) + "\n\n"
             ids = self._encode_block(block)
             if used + len(ids) > budget:
+                if budget - used < CONTEXT_FULL_TOKENS:
+                    break  # full: the rest would not fit either
                 continue
             used += len(ids)
             picked.append(sym.name)

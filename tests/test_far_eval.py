@@ -1,0 +1,219 @@
+"""The far-context evaluation: held-out corpora, where a case's information lies, the keystroke
+replay's accounting, and the quick mode end to end on the default model."""
+
+import argparse
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from hirope_lsp.research import far_eval as fe
+
+SOURCES = Path(fe.__file__).parent / "sources.json"
+TRAIN = 256
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from hirope_lsp.model.loading import DEFAULT_MODEL_DIR
+
+    return AutoTokenizer.from_pretrained(str(DEFAULT_MODEL_DIR))
+
+
+# ---- corpora ----
+
+
+def test_held_out_corpora_are_the_tune_and_report_packages_of_sources_json():
+    python = json.loads(SOURCES.read_text())["held_out"]["python"]
+    assert fe.held_out_packages() == {"tune": python["tune"], "report": python["report"]}
+    assert not set(python["tune"]) & set(python["report"]), "settings are chosen on one corpus, reported on another"
+    corpora = fe.load_corpora("both")
+    assert [c.package for c in corpora] == python["tune"] + python["report"]
+    assert [c.role for c in corpora] == ["tune"] * len(python["tune"]) + ["report"] * len(python["report"])
+    for c in corpora:
+        assert c.root == fe.package_dir(c.package) and c.root.is_dir()
+        assert len(c.files) > 50 and all(p.suffix == ".py" and c.root in p.parents for p in c.files)
+    assert [c.package for c in fe.load_corpora("report")] == python["report"]
+
+
+# ---- where the information lies ----
+
+
+def test_target_identifiers_leave_out_strings_comments_keywords_builtins():
+    names = fe.target_identifiers('result = helper_fn(value, "some words here") + len(items)  # trailing note')
+    assert names == ["helper_fn", "items", "result", "value"]
+    assert fe.target_identifiers("return self.x") == []
+    assert fe.introduced_names("        total, count = compute(a)") >= {"total", "count"}
+    assert fe.introduced_names("def method(self, graph, weight=None):") >= {"method", "graph", "weight"}
+    assert fe.introduced_names("else:") == set()
+
+
+def _workspace(tmp_path: Path) -> tuple[Path, str]:
+    (tmp_path / "helpers.py").write_text("def special_helper_fn(x):\n    return x + 1\n\n\nTABLE_OF_THINGS = {}\n")
+    filler = "".join(f"def filler_{i}(a, b):\n    c = a * b + {i}\n    return c - a\n\n\n" for i in range(150))
+    main = ("far_away_name = 3\n\n\n" + filler
+            + "def target_fn(local_value):\n"
+            "    local_total = local_value + 1\n"
+            "    result = special_helper_fn(local_total)\n"
+            "    again = far_away_name + local_total\n"
+            "    return local_total * 2\n")
+    (tmp_path / "main.py").write_text(main)
+    return tmp_path / "main.py", main
+
+
+def test_cases_are_classified_by_where_their_names_lie(tmp_path, tokenizer):
+    path, text = _workspace(tmp_path)
+    corpus = fe.Corpus("tune", "synthetic", tmp_path, fe.corpus_files(tmp_path))
+    defs = fe.definition_map(corpus.files, corpus.root)
+    assert defs["special_helper_fn"] == {"helpers.py"} and defs["TABLE_OF_THINGS"] == {"helpers.py"}
+    starts = [s for s, _ in fe._encode(tokenizer, text)[1]]
+    cases = fe.file_cases(path, text, starts, TRAIN, lambda w: bool(defs.get(w, set()) - {"main.py"}),
+                          random.Random(0), tmp_path, tasks=("next-line",))
+    by_target = {c.target: c for c in cases}
+    other = by_target["result = special_helper_fn(local_total)"]
+    far = by_target["again = far_away_name + local_total"]
+    near = by_target["return local_total * 2"]
+    assert (other.split, other.names) == ("other_file", ["special_helper_fn"])
+    assert (far.split, far.names) == ("far_file", ["far_away_name"])
+    assert far.tokens_before > 2000, "the name was last seen 2,000 tokens back"
+    assert (near.split, near.names) == ("near", [])
+    # the cut-off is the trained window: with a window as long as the file, the far name is near
+    wide = fe.file_cases(path, text, starts, 4096, lambda w: False, random.Random(0), tmp_path,
+                         tasks=("next-line",), min_prefix_tokens=0)
+    assert {c.target: c.split for c in wide}["again = far_away_name + local_total"] == "near"
+    # the document is cut at the cursor, after the line's indentation
+    assert far.document_text(text).endswith("local_value + 1\n    result = special_helper_fn(local_total)\n    ")
+
+
+def test_fim_cases_remove_a_span_and_keep_the_suffix(tmp_path, tokenizer):
+    path, text = _workspace(tmp_path)
+    starts = [s for s, _ in fe._encode(tokenizer, text)[1]]
+    cases = fe.file_cases(path, text, starts, TRAIN, lambda w: w == "special_helper_fn", random.Random(0), tmp_path,
+                          tasks=("fim",), fim_per_function=20)
+    assert cases and all(c.task == "fim" for c in cases)
+    for c in cases:
+        doc = c.document_text(text)
+        assert 1 <= c.target.count("\n") + 1 <= 3
+        assert doc == text[: c.cursor] + "\n" + text[c.resume :]
+        assert text[c.cursor : c.end] == c.target
+    splits = {c.target.split("\n")[0]: c.split for c in cases}
+    if "result = special_helper_fn(local_total)" in splits:
+        assert splits["result = special_helper_fn(local_total)"] == "other_file"
+
+
+def test_sampling_is_equal_per_split_and_deterministic(tmp_path, tokenizer):
+    _workspace(tmp_path)
+    corpus = fe.Corpus("tune", "synthetic", tmp_path, fe.corpus_files(tmp_path))
+    first, counts = fe.sample_cases(corpus, tokenizer, TRAIN, 1, seed=3, tasks=("next-line",))
+    again, _ = fe.sample_cases(corpus, tokenizer, TRAIN, 1, seed=3, tasks=("next-line",))
+    assert sorted(c.split for c in first) == sorted(fe.SPLITS)
+    assert [(c.line, c.split) for c in first] == [(c.line, c.split) for c in again]
+    assert counts["candidates"]["next-line/other_file"] >= 1
+
+
+def test_far_copy_tokens_are_bigrams_seen_only_far_back():
+    ids = [1, 2] + [9] * 10 + [1, 2, 3, 1, 2]
+    # targets from index 12: token 13 (bigram 1,2 last at 1, 12 back) far; 14 new; 15 (3,1) new; 16 (1,2) near
+    assert fe.far_copy_mask(ids, 12, 5) == [False, True, False, False, False]
+
+
+def test_prompts_over_the_corpus_index_are_the_servers(tmp_path, tokenizer):
+    from hirope_lsp.completion.context import ContextSettings, PromptBuilder
+    from hirope_lsp.hierarchy.document import Document
+    from hirope_lsp.model.loading import fim_format
+    from hirope_lsp.workspace.index import WorkspaceIndex
+
+    path, text = _workspace(tmp_path)
+    fim = fim_format(tokenizer, None)
+    cursor = text.index("    again")
+    built = []
+    for fast in (False, True):
+        index = fe.corpus_index(tmp_path) if fast else WorkspaceIndex([tmp_path])
+        index.scan()
+        builder = PromptBuilder(tokenizer, fim, ContextSettings(budget_tokens=1024))
+        if fast:
+            fe.BlockCache().install(builder)
+        doc = Document(path.as_uri(), text[:cursor], language_id="python")
+        built.append(builder.build(doc, *doc.position_at(cursor), index))
+    assert built[0].context_names == built[1].context_names == ["special_helper_fn"]
+    assert built[0].token_ids == built[1].token_ids and torch.equal(built[0].positions, built[1].positions)
+
+
+# ---- keystroke replay ----
+
+
+def test_replay_accounting_with_a_known_suggestion():
+    def suggest(doc, line, character):
+        assert doc.position_at(len(doc.text)) == (line, character)
+        if doc.text.endswith("x = "):
+            return "foo(1)"  # right: the text to come starts with it
+        if doc.text.endswith("y "):
+            return "= 3"  # wrong: "= 2" comes
+        return ""  # nothing shown
+
+    seen = []
+    stats = fe.replay("file:///w/a.py", "import os\n", "x = foo(1)\ny = 2\n", "", suggest, debounce=100,
+                      on_change=lambda doc: seen.append(doc.text))
+    assert seen[-1] == "import os\nx = foo(1)\ny = 2\n", "the document ends as the file"
+    assert (stats.chars, stats.accepted, stats.typed) == (17, 6, 11)
+    assert (stats.shown, stats.accepted_suggestions, stats.wrong, stats.requests) == (2, 1, 1, 9)
+    row = stats.summary()
+    assert math.isclose(row["share_not_typed"], 6 / 17) and math.isclose(row["wrong_per_100_chars"], 100 / 17)
+
+
+def test_replay_debounce_and_suggestions_running_past_the_section():
+    stats = fe.replay("file:///w/b.py", "", "abcdef", "", lambda doc, line, ch: "", debounce=2)
+    assert stats.requests == 3 and stats.shown == 0 and stats.typed == 6  # at 0, after 'ab', after 'abcd'
+    stats = fe.replay("file:///w/c.py", "", "ab", "cd\n", lambda doc, line, ch: "abcd" if not doc.text else "")
+    assert (stats.accepted, stats.typed, stats.shown, stats.wrong) == (2, 0, 1, 0)
+
+
+def test_bias_lists_and_methods():
+    assert fe.parse_biases("2, log:1.5,none") == [(2.0, "constant"), (1.5, "log")]
+    assert [m.name for m in fe.method_specs(fe.parse_biases("2,log:1"))] == ["hirope", "truncate", "hirope+2",
+                                                                             "hirope+log:1"]
+    with pytest.raises(ValueError):
+        fe.parse_biases("sqrt:2")
+    with pytest.raises(ValueError):
+        fe.parse_biases("-1")
+
+
+# ---- end to end ----
+
+
+def test_quick_runs_end_to_end_on_the_default_model(tmp_path):
+    parser = argparse.ArgumentParser()
+    register = parser.add_subparsers(dest="eval")
+    fe.register_cli(register)
+    args = parser.parse_args(["far", "--quick", "--json", str(tmp_path / "far.json"),
+                              "--plot", str(tmp_path / "far.png")])
+    threads = torch.get_num_threads()
+    try:
+        assert fe.run_cli(args) == 0
+    finally:
+        torch.set_num_threads(threads)
+    report = json.loads((tmp_path / "far.json").read_text())
+    assert report["model"] == "default" and report["seed"] == 0 and report["train_length"] == TRAIN
+    assert report["settings"]["quick"] and [c["package"] for c in report["corpora"]] == fe.held_out_packages()["report"]
+    methods = {"hirope", "truncate", "hirope+2"}
+    cells = {(r["method"], r["task"], r["split"]): r for r in report["completion"]}
+    for method in methods:
+        for task in fe.TASKS:
+            for split in fe.SPLITS + ("all",):
+                row = cells[(method, task, split)]
+                assert row["cases"] > 0 and 0 <= row["edit_similarity"] <= 100 and 0 <= row["exact_match"] <= 1
+                assert row["spread"]["min"] - 1e-9 <= row["edit_similarity"] <= row["spread"]["max"] + 1e-9
+    assert cells[("truncate", "fim", "near")]["budget"] == TRAIN - fe.TRUNCATE_MARGIN
+    assert cells[("hirope", "fim", "near")]["budget"] == 1024
+    ppl = {(r["method"], r["x"]): r for r in report["perplexity"]}
+    assert {m for m, _ in ppl} == methods and {x for _, x in ppl} == {1, 4}
+    assert all(math.isfinite(r["ppl"]) for r in ppl.values()) and ppl[("hirope", 4)]["far_copy_tokens"] > 0
+    replay = {r["method"]: r for r in report["replay"]}
+    assert set(replay) == methods
+    for r in replay.values():
+        assert r["typed"] + r["accepted"] == r["chars"] > 0 and r["wrong"] <= r["shown"] <= r["requests"]
+    assert (tmp_path / "far.png").stat().st_size > 10_000
