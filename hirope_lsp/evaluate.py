@@ -23,6 +23,7 @@ from .hierarchy.positions import positions_from_unit_keys, token_unit_keys
 from .model.loading import load_model
 from .model.patch import attach, trained_length
 from .model.rope import RopeMethodConfig, default_window, fixed_unit_positions, plain_positions
+from .completion.postprocess import PHRASE_LOOP, SELF_ASSIGNMENT, finish, stop_policy
 from .train import read_text
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,8 @@ def method_config(method: str, train_len: int, length: int, base: RopeMethodConf
     group = max(base.group_size, math.ceil(length / max(1, train_len - window)))
     return RopeMethodConfig(method=method if method != "truncate" else "rope", split=base.split, window=base.window,
                             token_index=base.token_index, unit_size=base.unit_size, group_size=group,
-                            factor=factor if method in ("ntk", "yarn") else None, query_chunk=base.query_chunk)
+                            factor=factor if method in ("ntk", "yarn") else None, query_chunk=base.query_chunk,
+                            far_bias=base.far_bias, far_bias_mode=base.far_bias_mode)
 
 
 def positions_for(method: str, keys: list, length: int) -> torch.Tensor:
@@ -182,7 +184,8 @@ def eval_perplexity(data: list[Path] | None = None, model: str | None = None, me
             log.info("%-12s %6d tokens: ppl %.2f, last %.2f (%.0f s)", method, length, row["ppl"], row["ppl_last"],
                      row["seconds"])
     return {"train_length": train_len, "model": model or "default", "data": [str(d) for d in (data or default_eval_data())],
-            "settings": {"window": base.window, "split": base.split, "token_index": base.token_index},
+            "settings": {"window": base.window, "split": base.split, "token_index": base.token_index,
+                         "far_bias": base.far_bias, "far_bias_mode": base.far_bias_mode},
             "seconds": time.time() - started, "results": results}
 
 
@@ -282,6 +285,24 @@ def completion_samples(tokenizer, files: list[Path], prompt_tokens: int, train_l
     return samples
 
 
+def _repeats_line(text: str, prompt: str) -> bool:
+    """The line the text completes is the line above it again, or assigns a name to itself."""
+    lines = prompt.split("\n")
+    full = lines[-1] + text.split("\n")[0]
+    above = next((line for line in reversed(lines[:-1]) if line.strip()), "")
+    return bool(full.strip()) and (full.strip() == above.strip() or bool(SELF_ASSIGNMENT.match(full)))
+
+
+def confidence_gate(predictions: list[dict], thresholds=(-3.0, -2.5, -2.0, -1.5, -1.25, -1.0, -0.75, -0.5)) -> list[dict]:
+    """For each threshold on the mean log-probability per token: the share of wrong suggestions
+    (edit similarity < 0.5) it hides and of right ones (>= 0.8) it loses."""
+    wrong = [p for p in predictions if p["confidence"] is not None and p["predicted"] and p["edit_similarity"] < 0.5]
+    right = [p for p in predictions if p["confidence"] is not None and p["predicted"] and p["edit_similarity"] >= 0.8]
+    return [{"threshold": t, "wrong_hidden": sum(p["confidence"] < t for p in wrong) / max(1, len(wrong)),
+             "right_lost": sum(p["confidence"] < t for p in right) / max(1, len(right)),
+             "wrong": len(wrong), "right": len(right)} for t in thresholds]
+
+
 def eval_completion(data: list[Path] | None = None, model: str | None = None, methods=("hirope", "truncate", "rope", "rerope"),
                     prompt_x: int = 4, count: int = 40, seed: int = 0, base: RopeMethodConfig | None = None,
                     max_new_tokens: int = 32) -> dict:
@@ -301,7 +322,7 @@ def eval_completion(data: list[Path] | None = None, model: str | None = None, me
         cfg = method_config(method, train_len, prompt_tokens, base)
         engine = Engine(EngineSettings(rope=cfg, reuse_cache=False), loaded=loaded)
         builder = PromptBuilder(tokenizer, fim, ContextSettings(budget_tokens=budget, cross_file=False, suffix_share=0.0))
-        exact, sims, far_sims = 0, [], []
+        exact, sims, far_sims, loops, shown_repeats, predictions = 0, [], [], 0, 0, []
         for k, s in enumerate(samples):
             doc = Document(Path(s["file"]).as_uri() + f"#{k}", s["prompt"], language_id=language_for_path(s["file"]))
             line, character = doc.position_at(len(s["prompt"]))
@@ -312,21 +333,32 @@ def eval_completion(data: list[Path] | None = None, model: str | None = None, me
                 built.positions = plain_positions(len(built.token_ids))[0]
             gen = engine.generate(Prompt(f"s{k}", built.token_ids, built.positions), max_new_tokens,
                                   should_stop=lambda t: "\n" in t.lstrip("\n"))
-            predicted = gen.text.lstrip("\n").split("\n")[0].strip()
+            raw = gen.text.lstrip("\n").split("\n")[0]
+            # what the server would show: its stop rules, repeat guards and syntax cut on the raw line
+            policy = stop_policy(s["prompt"], "\n", "never")
+            shown = finish(policy, gen.text.lstrip("\n") if s["prompt"].endswith("\n") else gen.text) or ""
+            predicted = shown.strip()
             truth = s["target"].strip()
             exact += predicted == truth
             sim = edit_similarity(predicted, truth)
             sims.append(sim)
+            loops += bool(PHRASE_LOOP.search(raw)) or _repeats_line(raw, s["prompt"])
+            shown_repeats += bool(PHRASE_LOOP.search(shown)) or _repeats_line(shown, s["prompt"])
+            predictions.append({"target": truth, "predicted": predicted, "raw": raw.strip(), "far": s["far"],
+                                "edit_similarity": sim, "confidence": gen.confidence})
             if s["far"]:
                 far_sims.append(sim)
         engine.handle.detach()
         row = {"method": method, "samples": len(samples), "prompt_tokens": budget, "exact_match": exact / max(1, len(samples)),
                "edit_similarity": 100 * sum(sims) / max(1, len(sims)),
-               "edit_similarity_far": 100 * sum(far_sims) / max(1, len(far_sims)), "far_samples": len(far_sims)}
+               "edit_similarity_far": 100 * sum(far_sims) / max(1, len(far_sims)), "far_samples": len(far_sims),
+               "raw_repeats": loops, "shown_repeats": shown_repeats, "confidence_gate": confidence_gate(predictions),
+               "predictions": predictions}
         results.append(row)
         log.info("%-12s EM %.3f ES %.1f (far-only names: ES %.1f over %d)", method, row["exact_match"],
                  row["edit_similarity"], row["edit_similarity_far"], row["far_samples"])
-    return {"train_length": train_len, "prompt_tokens": prompt_tokens, "results": results}
+    return {"train_length": train_len, "prompt_tokens": prompt_tokens,
+            "settings": {"far_bias": base.far_bias, "far_bias_mode": base.far_bias_mode}, "results": results}
 
 
 def save(report: dict, path: Path | None) -> None:

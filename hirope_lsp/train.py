@@ -472,8 +472,15 @@ def train(run_dir: Path, cfg: TrainConfig, export: Path | None = None, init_from
     save()
     loss, bpb = held_out_loss(model, held, cfg.context, cfg.held_out_windows, byte_lengths)
     summary = {"step": step, "parameters": n_params, "tokens_seen": step * cfg.batch_size * (cfg.context + 1),
-               "held_out_loss": loss, "held_out_bpb": bpb, "held_out_ppl": math.exp(loss)}
+               "held_out_loss": loss, "held_out_bpb": bpb, "held_out_ppl": math.exp(loss),
+               # the server suggests nothing in a language the model never saw
+               "languages": sorted(lang for lang in segments if cfg.language_weights.get(lang, 0) > 0)}
     if export is not None:
+        if best_path.exists():  # ship the weights of the lowest held-out loss, not the last step's
+            load_weights(model, best_path)
+            summary.update({"step": best["step"], "tokens_seen": best["step"] * cfg.batch_size * (cfg.context + 1),
+                            "held_out_loss": best["held_out_loss"], "held_out_bpb": best["held_out_bpb"],
+                            "held_out_ppl": math.exp(best["held_out_loss"])})
         export_model(model, tokenizer, export, cfg, summary)
     return summary
 
@@ -481,7 +488,9 @@ def train(run_dir: Path, cfg: TrainConfig, export: Path | None = None, init_from
 def export_model(model, tokenizer, out_dir: Path, cfg: TrainConfig, summary: dict) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     model.eval()
-    model.save_pretrained(out_dir, safe_serialization=True)
+    # fp16 on disk (half the size in the package); loading upcasts to the device's dtype
+    model.to(torch.float16).save_pretrained(out_dir, safe_serialization=True)
+    model.to(torch.float32)
     tokenizer.save_pretrained(out_dir)
     # the server lays prompts out suffix-first for this model (the growing prefix last: KV reuse)
     info = {"recipe": asdict(cfg), "fim_order": "spm" if cfg.spm_rate > 0 else "psm", **summary}

@@ -147,3 +147,14 @@ def test_token_healing_backs_off_a_bare_newline(loaded):
     assert all(engine.token_texts()[i].startswith("\n") for i in allowed.tolist())
     gen = engine.generate(Prompt("h", ids, positions), max_new_tokens=4)
     assert not gen.text.startswith("\n"), "the healed newline is not repeated in the completion"
+
+
+def test_a_bad_position_setting_at_run_time_leaves_the_model_patched(loaded):
+    engine = engine_for(loaded)
+    prompt = Prompt("doc", list(range(5, 60)), torch.stack([torch.zeros(55, dtype=torch.long),
+                                                            torch.arange(55)], dim=-1))
+    before = engine.generate(prompt, 4).token_ids
+    with pytest.raises(ValueError, match="one per layer"):
+        engine.reconfigure_rope(RopeMethodConfig(window=16, far_bias=[1.0, 2.0]))  # the model has 6 layers
+    assert engine.generate(prompt, 4).token_ids == before
+    engine.handle.detach()

@@ -37,3 +37,17 @@ def test_language_families_and_models_without_a_card():
     assert knows_language(frozenset({"typescript"}), "typescriptreact")
     assert not knows_language(frozenset({"python"}), None), "plain text is not a trained language"
     assert knows_language(None, "c"), "a model without our training card may know any language"
+
+
+def test_confidence_gate_hides_suggestions_below_the_threshold():
+    engine = Engine(EngineSettings(device="cpu"))
+    builder = PromptBuilder(engine.tokenizer, engine.fim, ContextSettings(budget_tokens=256))
+    doc = Document("file:///w/geometry.py", "import math\n\n\ndef area(radius):\n    return math.", language_id="python")
+    open_gate = CompletionService(engine, None, builder, max_new_tokens=6, min_confidence=-1e9).complete(doc, 4, 16)
+    ungated = CompletionService(engine, None, builder, max_new_tokens=6).complete(doc, 4, 16)
+    assert open_gate.text == ungated.text and ungated.text
+    confidence = ungated.generation.confidence
+    assert confidence is not None and confidence < 0
+    assert len(ungated.generation.token_logprobs) == len(ungated.generation.token_ids)
+    strict = CompletionService(engine, None, builder, max_new_tokens=6, min_confidence=confidence / 2)
+    assert strict.complete(doc, 4, 16).text == ""

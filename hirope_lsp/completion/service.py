@@ -45,19 +45,20 @@ class CompletionResult:
 
 class CompletionService:
     def __init__(self, engine: Engine, index: WorkspaceIndex | None, builder: PromptBuilder,
-                 max_new_tokens: int = 64, multiline: str = "auto"):
+                 max_new_tokens: int = 64, multiline: str = "auto", min_confidence: float | None = None):
         self.engine = engine
         self.index = index
         self.builder = builder
         self.max_new_tokens = max_new_tokens
         self.multiline = multiline
+        self.min_confidence = min_confidence  # mean log-probability per token below which nothing is shown
         self.languages = trained_languages(engine.model)
 
     @classmethod
     def from_settings(cls, engine: Engine, index: WorkspaceIndex | None, settings) -> CompletionService:
         """The service the server and the command line run, from a ``config.Settings``."""
         return cls(engine, index, PromptBuilder(engine.tokenizer, engine.fim, settings.context),
-                   settings.max_new_tokens, settings.multiline)
+                   settings.max_new_tokens, settings.multiline, settings.min_confidence)
 
     def prepare(self, doc: Document, line: int, character: int) -> CompletionJob:
         built = self.builder.build(doc, line, character, self.index)
@@ -88,6 +89,11 @@ class CompletionService:
             generation = self.engine.generate(shorter(job.prompt), self.max_new_tokens, job.policy.should_stop,
                                               cancelled)
         text = finish(job.policy, generation.text, final=True) or ""
+        confidence = generation.confidence
+        if text and self.min_confidence is not None and confidence is not None and confidence < self.min_confidence:
+            log.info("completion %s v%d: confidence %.2f below %.2f; nothing shown", job.uri, job.version,
+                     confidence, self.min_confidence)
+            text = ""
         log.info("completion %s v%d: reused %d, computed %d tokens, %.0f ms, stop %s, %d chars",
                  job.uri, job.version, generation.reused_tokens, generation.computed_tokens,
                  generation.seconds * 1000, generation.stopped_by, len(text))

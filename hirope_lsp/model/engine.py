@@ -51,6 +51,12 @@ class Generation:
     computed_tokens: int
     seconds: float
     stopped_by: str
+    token_logprobs: list[float] = field(default_factory=list)  # the model's log-probability of each token it chose
+
+    @property
+    def confidence(self) -> float | None:
+        """Mean log-probability per generated token (None when nothing was generated)."""
+        return sum(self.token_logprobs) / len(self.token_logprobs) if self.token_logprobs else None
 
 
 class Engine:
@@ -111,6 +117,8 @@ class Engine:
         return f"{name} on {self.device} ({str(next(self.model.parameters()).dtype).replace('torch.', '')})"
 
     def reconfigure_rope(self, rope: RopeMethodConfig) -> None:
+        # refuse a bad configuration before the working one is detached (the model stays patched)
+        rope.validate(num_layers=self.model.config.num_hidden_layers)
         with self.lock:
             self.handle.detach()
             self.handle = attach(self.model, rope)
@@ -141,11 +149,12 @@ class Engine:
                         raise Cancelled()
                     b = min(len(ids), a + self.settings.prefill_chunk)
                     chunk = torch.tensor([ids[a:b]], device=self.device)
-                    logits = self.handle.forward(chunk, pos_all[:, :b], past_key_values=slot.cache,
+                    logits = self.handle.forward(chunk, pos_all[:, :b], cache=slot.cache,
                                                  use_cache=True, logits_to_keep=1).logits
                 # the prompt is cached now: keep it even if decoding is cancelled
                 slot.token_ids, slot.positions = list(ids), positions.clone()
                 out: list[int] = []
+                logprobs: list[float] = []
                 stopped_by = "length"
                 unit, token = positions[-1, :-1], int(positions[-1, -1])
                 new_positions = pos_all
@@ -162,6 +171,7 @@ class Engine:
                         stopped_by = "eos"
                         break
                     out.append(next_id)
+                    logprobs.append(float(torch.log_softmax(scores.float(), dim=-1)[next_id]))
                     text = self.tokenizer.decode(out, skip_special_tokens=True)[len(healed):]
                     if should_stop is not None and should_stop(text):
                         stopped_by = "rule"
@@ -172,9 +182,9 @@ class Engine:
                     pos = torch.cat([unit, torch.tensor([token + len(out)])]).view(1, 1, -1).to(self.device)
                     new_positions = torch.cat([new_positions, pos], dim=1)
                     logits = self.handle.forward(torch.tensor([[next_id]], device=self.device), new_positions,
-                                                 past_key_values=slot.cache, use_cache=True).logits
+                                                 cache=slot.cache, use_cache=True).logits
             finally:
                 self.pool.release(slot, slot.token_ids or ids[:reused], slot.positions if slot.positions is not None
                                   else positions[:reused])
         text = self.tokenizer.decode(out, skip_special_tokens=True)[len(healed):]
-        return Generation(out, text, reused, len(ids) - reused, time.perf_counter() - start, stopped_by)
+        return Generation(out, text, reused, len(ids) - reused, time.perf_counter() - start, stopped_by, logprobs)
