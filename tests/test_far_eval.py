@@ -11,10 +11,12 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from hirope_lsp.model.loading import DEFAULT_MODEL_DIR
 from hirope_lsp.research import far_eval as fe
 
 SOURCES = Path(fe.__file__).parent / "sources.json"
-TRAIN = 256
+TRAIN = 256  # the synthetic cases are built around this trained length
+DEFAULT_TRAIN = json.loads((DEFAULT_MODEL_DIR / "config.json").read_text())["max_position_embeddings"]
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +199,7 @@ def test_quick_runs_end_to_end_on_the_default_model(tmp_path):
     finally:
         torch.set_num_threads(threads)
     report = json.loads((tmp_path / "far.json").read_text())
-    assert report["model"] == "default" and report["seed"] == 0 and report["train_length"] == TRAIN
+    assert report["model"] == "default" and report["seed"] == 0 and report["train_length"] == DEFAULT_TRAIN
     assert report["settings"]["quick"] and [c["package"] for c in report["corpora"]] == fe.held_out_packages()["report"]
     methods = {"hirope", "truncate", "hirope+2"}
     cells = {(r["method"], r["task"], r["split"]): r for r in report["completion"]}
@@ -207,7 +209,7 @@ def test_quick_runs_end_to_end_on_the_default_model(tmp_path):
                 row = cells[(method, task, split)]
                 assert row["cases"] > 0 and 0 <= row["edit_similarity"] <= 100 and 0 <= row["exact_match"] <= 1
                 assert row["spread"]["min"] - 1e-9 <= row["edit_similarity"] <= row["spread"]["max"] + 1e-9
-    assert cells[("truncate", "fim", "near")]["budget"] == TRAIN - fe.TRUNCATE_MARGIN
+    assert cells[("truncate", "fim", "near")]["budget"] == DEFAULT_TRAIN - fe.TRUNCATE_MARGIN
     assert cells[("hirope", "fim", "near")]["budget"] == 1024
     ppl = {(r["method"], r["x"]): r for r in report["perplexity"]}
     assert {m for m, _ in ppl} == methods and {x for _, x in ppl} == {1, 4}
