@@ -12,12 +12,17 @@ of every key at distance ``>= window``) lowers the far pass's log-sum-exp by
 far and near scores into one softmax.  With ``b = 0`` nothing is computed and
 the path is exactly the unbiased one.
 
+A layer with a sliding window ``R`` (Mistral, StarCoder2, Qwen2's upper
+layers) masks every key at distance ``>= R`` as the unpatched model does:
+near keys are those closer than ``min(W, R)``, far ones lie in ``[W, R)``.
+
 The fused CPU and CUDA kernels that return log-sum-exp are used where they
 run; ``attend_eager`` is the portable fallback and the decode path.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from dataclasses import dataclass, field
@@ -50,6 +55,33 @@ class AttentionPlan:
     far_bias: float | tuple = 0.0  # prior against far keys: one value, or a tuple with one per layer
     far_bias_mode: str = "constant"  # "constant": b = far_bias; "log": b = far_bias * log(max(1, n_far / window))
     far_growth: dict = field(default_factory=dict)  # (a, b) -> log(max(1, n_far / window)) [B, b - a], "log" mode
+    reach: int | None = None  # the layer's sliding window: keys at distance >= reach are masked
+    first_key: int = 0  # where the layer's keys start among the plan's tokens (a rolling sliding-window cache)
+    views: dict = field(default_factory=dict)  # (reach, first_key) -> the plan as such a layer sees it
+
+    def layer_view(self, sliding_window: int | None, keys: int) -> "AttentionPlan":
+        """The plan for a layer attending ``keys`` keys with ``sliding_window``: a rolling cache
+        (transformers' ``DynamicSlidingWindowLayer``) hands over only the last keys."""
+        first = self.key_pos.shape[1] - keys
+        if first < 0 or (first and not sliding_window):
+            raise ValueError(f"the layer attends {keys} keys, the plan has positions for {self.key_pos.shape[1]}")
+        if not sliding_window:
+            return self
+        view = self.views.get((sliding_window, first))
+        if view is None:
+            if 0 < first < self.key_offset:
+                raise ValueError(f"the layer's keys start at {first}, the plan turns keys from {self.key_offset} on")
+            skip = first - self.key_offset if first else 0
+            view = dataclasses.replace(
+                self, key_pos=self.key_pos[:, first:], key_cos=self.key_cos[:, skip:], key_sin=self.key_sin[:, skip:],
+                key_offset=self.key_offset if not first else 0, blocks={}, masks={}, far_growth={}, views={},
+                reach=int(sliding_window), first_key=first)
+            self.views[(sliding_window, first)] = view
+        return view
+
+    @property
+    def has_far(self) -> bool:
+        return self.reach is None or self.reach > self.window
 
     def layer_far_bias(self, layer: int | None) -> float:
         if not isinstance(self.far_bias, tuple):
@@ -60,10 +92,16 @@ class AttentionPlan:
 
     def far_counts(self, a: int, b: int) -> torch.Tensor:
         """Number of far keys (distance >= window) each query of ``[a, b)`` sees, ``[B, b - a]``."""
-        qpos, kpos, W = self.query_pos[:, a:b], self.key_pos, self.window
+        qpos, kpos, W, R = self.query_pos[:, a:b], self.key_pos, self.window, self.reach
         if self.keys_sorted:
-            return torch.searchsorted(kpos[0].contiguous(), (qpos[0] - W).contiguous(), right=True)[None]
-        return ((qpos[:, :, None] - kpos[:, None, :]) >= W).sum(-1)
+            k = kpos[0].contiguous()
+            n = torch.searchsorted(k, (qpos[0] - W).contiguous(), right=True)
+            if R is not None:
+                n = n - torch.searchsorted(k, (qpos[0] - R).contiguous(), right=True)
+            return n[None]
+        dist = qpos[:, :, None] - kpos[:, None, :]
+        far = dist >= W
+        return (far if R is None else far & (dist < R)).sum(-1)
 
     def far_row_bias(self, a: int, b: int, layer: int | None, groups: int) -> "float | torch.Tensor | None":
         """What the far scores of the rows of queries ``[a, b)`` lose (rows: the ``groups`` query heads
@@ -102,7 +140,11 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def turn(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` ``[B, H, T, D]`` by per-token ``cos``/``sin`` ``[B, T, D]``."""
+    """Rotate ``x`` ``[B, H, T, D]`` by per-token ``cos``/``sin`` ``[B, T, R]``: its first ``R <= D``
+    channels (partial rotary embeddings leave the rest unrotated)."""
+    rotary = cos.shape[-1]
+    if rotary < x.shape[-1]:
+        return torch.cat([turn(x[..., :rotary], cos, sin), x[..., rotary:]], dim=-1)
     cos = cos.unsqueeze(1)
     sin = sin.unsqueeze(1)
     return x * cos + rotate_half(x) * sin
@@ -243,42 +285,57 @@ def _blocks_from_mask(mask: torch.Tensor, far: bool) -> list[KeyBlock]:
 def chunk_blocks(plan: AttentionPlan, a: int, b: int) -> list[KeyBlock]:
     """Key blocks for queries ``[a, b)``, shared by every layer of one forward.
 
-    With key positions in order (the usual case) only the band at the window's
-    edge gets a mask; otherwise masks are built over all keys."""
+    With key positions in order (the usual case) only the bands at the window's
+    edge and at the sliding window's edge get a mask; otherwise masks are built over all keys."""
     cached = plan.blocks.get((a, b))
     if cached is not None:
         return cached
-    qpos, kpos, W = plan.query_pos[:, a:b], plan.key_pos, plan.window
+    qpos, kpos, W, R = plan.query_pos[:, a:b], plan.key_pos, plan.window, plan.reach
+    near_reach = W if R is None else min(W, R)
     blocks: list[KeyBlock] = []
     if plan.keys_sorted:
         q_lo, q_hi = int(qpos.min()), int(qpos.max())
         k = kpos[0].contiguous()
-        # columns that can be near: q_lo - W < kpos <= q_hi ; far: kpos <= q_hi - W
-        near_lo = int(torch.searchsorted(k, q_lo - W + 1))
-        near_hi = int(torch.searchsorted(k, q_hi, right=True))
-        far_hi = int(torch.searchsorted(k, q_hi - W, right=True))
-        far_full = int(torch.searchsorted(k, q_lo - W, right=True))  # far for every query of the chunk
         k0 = int(k[0])
+
+        def col(pos: int) -> int:
+            """Number of keys at positions <= pos."""
+            return int(torch.searchsorted(k, pos, right=True))
 
         def pattern(far: bool, lo: int, hi: int) -> tuple | None:
             """With consecutive positions a band's mask is a function of these alone."""
             return (far, b - a, hi - lo, q_lo - k0 - lo) if plan.consecutive else None
 
-        if far_full > 0:
-            blocks.append(KeyBlock(True, 0, far_full, None))
-        if far_hi > far_full:
-            dist = qpos[:, :, None] - kpos[:, None, far_full:far_hi]
-            blocks.append(KeyBlock(True, far_full, far_hi, dist >= W, pattern(True, far_full, far_hi)))
+        def masked(far: bool, lo: int, hi: int, allowed) -> None:
+            if hi > lo:
+                dist = qpos[:, :, None] - kpos[:, None, lo:hi]
+                blocks.append(KeyBlock(far, lo, hi, allowed(dist), pattern(far, lo, hi)))
+
+        if plan.has_far:
+            # far for some query: q_lo - R < kpos <= q_hi - W; for every query: q_hi - R < kpos <= q_lo - W
+            far_lo, far_hi = (0 if R is None else col(q_lo - R)), col(q_hi - W)
+            all_lo, all_hi = (0 if R is None else col(q_hi - R)), col(q_lo - W)
+            far = (lambda d: d >= W) if R is None else (lambda d: (d >= W) & (d < R))
+            if all_hi > all_lo:
+                masked(True, far_lo, all_lo, far)
+                blocks.append(KeyBlock(True, all_lo, all_hi, None))
+                masked(True, all_hi, far_hi, far)
+            else:
+                masked(True, far_lo, far_hi, far)
+        # columns that can be near: q_lo - near_reach < kpos <= q_hi
+        near_lo, near_hi = col(q_lo - near_reach), col(q_hi)
         if near_hi > near_lo:
             dist = qpos[:, :, None] - kpos[:, None, near_lo:near_hi]
-            near = (dist >= 0) & (dist < W)
+            near = (dist >= 0) & (dist < near_reach)
             if bool(near.all()):  # decoding: every key in reach is near
                 blocks.append(KeyBlock(False, near_lo, near_hi, None))
             else:
                 blocks.append(KeyBlock(False, near_lo, near_hi, near, pattern(False, near_lo, near_hi)))
     else:
         dist = qpos[:, :, None] - kpos[:, None, :]
-        blocks = _blocks_from_mask((dist >= 0) & (dist < W), False) + _blocks_from_mask(dist >= W, True)
+        blocks = _blocks_from_mask((dist >= 0) & (dist < near_reach), False)
+        if plan.has_far:
+            blocks += _blocks_from_mask((dist >= W) if R is None else (dist >= W) & (dist < R), True)
     plan.blocks[(a, b)] = blocks
     return blocks
 
@@ -291,18 +348,25 @@ class FarKeyStore:
     def __init__(self, num_layers: int):
         self.num_layers = num_layers
         self.keys: dict[int, GrowingTensor] = {}
+        self.unkept: set[int] = set()  # layers that keep none: no far key in reach, or a rolling cache
 
     def truncate(self, length: int) -> None:
         for far in self.keys.values():
             far.truncate(length)
 
-    def ready(self) -> int:
-        """How many leading keys every layer holds turned already (a plan need not turn them)."""
-        if len(self.keys) < self.num_layers:
+    def ready(self, length: int) -> int:
+        """How many of the ``length`` cached keys every layer that keeps far keys holds turned already
+        (a plan need not turn them)."""
+        if len(self.keys) + len(self.unkept) < self.num_layers:
             return 0
-        return min(far.length for far in self.keys.values())
+        return min((far.length for far in self.keys.values()), default=length)
+
+    def skip(self, layer: int) -> None:
+        self.keys.pop(layer, None)
+        self.unkept.add(layer)
 
     def far_keys(self, layer: int, key: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
+        self.unkept.discard(layer)
         far = self.keys.setdefault(layer, GrowingTensor())
         far.truncate(key.shape[-2])
         n = far.length
@@ -345,19 +409,32 @@ def attend_tiles(near_q, far_q, key, far_key, value, blocks: list[KeyBlock], sca
     return torch.matmul(weights, value[:, :, blocks[0].lo : blocks[-1].hi].float()).to(near_q.dtype)
 
 
-def windowed_attention(query, key, value, plan: AttentionPlan, scale: float, layer: int | None = None) -> torch.Tensor:
+def far_keys_of(key: torch.Tensor, plan: AttentionPlan, layer: int | None) -> torch.Tensor | None:
+    """The layer's far-turned keys: kept beside the cache where the layer's keys start at the first
+    token, turned here otherwise; None where no key is far."""
+    store = plan.far_keys if layer is not None else None
+    if store is not None and (not plan.has_far or plan.first_key):
+        store.skip(layer)
+    if not plan.has_far:
+        return None
+    if store is not None and not plan.first_key:
+        return store.far_keys(layer, key, plan)
+    if plan.key_offset:
+        raise ValueError("a plan that skips turned keys needs the store that holds them")
+    return turn(key, plan.key_cos, plan.key_sin)
+
+
+def windowed_attention(query, key, value, plan: AttentionPlan, scale: float, layer: int | None = None,
+                       sliding_window: int | None = None) -> torch.Tensor:
     """Attention output ``[B, S, Hq, D]`` for plain-rotated ``query`` ``[B, Hq, S, D]``,
-    ``key``/``value`` ``[B, Hkv, T, D]``: plain scores within ``plan.window``, far scores beyond."""
+    ``key``/``value`` ``[B, Hkv, T, D]``: plain scores within ``plan.window``, far scores beyond,
+    none at distance ``>= sliding_window``."""
     B, Hq, S, D = query.shape
     Hkv = key.shape[1]
     G = Hq // Hkv
-    if plan.far_keys is not None and layer is not None:
-        far_key = plan.far_keys.far_keys(layer, key, plan)
-    else:
-        if plan.key_offset:
-            raise ValueError("a plan that skips turned keys needs the store that holds them")
-        far_key = turn(key, plan.key_cos, plan.key_sin)
-    far_query = turn(query, plan.query_cos, plan.query_sin)
+    plan = plan.layer_view(sliding_window, key.shape[-2])
+    far_key = far_keys_of(key, plan, layer)
+    far_query = None if far_key is None else turn(query, plan.query_cos, plan.query_sin)
     out = torch.empty(B, Hq, S, D, dtype=query.dtype, device=query.device)
     chunk = max(1, plan.query_chunk // G)
     for a in range(0, S, chunk):
@@ -365,7 +442,7 @@ def windowed_attention(query, key, value, plan: AttentionPlan, scale: float, lay
         C = b - a
         # grouped-query attention: the G query heads sharing a key head become rows
         near_q = query[:, :, a:b].reshape(B, Hkv, G * C, D)
-        far_q = far_query[:, :, a:b].reshape(B, Hkv, G * C, D)
+        far_q = None if far_query is None else far_query[:, :, a:b].reshape(B, Hkv, G * C, D)
         blocks = chunk_blocks(plan, a, b)
         far_bias = plan.far_row_bias(a, b, layer, G) if any(block.far for block in blocks) else None
         if G * C <= FEW_ROWS and tiles(blocks):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 ROUND = 64  # capacity is a multiple of this many tokens
 SPARE = 16  # growing leaves room for 1/SPARE more (at least ROUND tokens): amortized copies, little waste
@@ -112,8 +112,10 @@ class GrowingLayer(DynamicLayer):
 
 
 def growing_cache(config) -> DynamicCache:
-    """A ``DynamicCache`` for ``config`` whose full-attention layers grow in place
-    (sliding-window layers, which roll, stay as transformers made them)."""
+    """A ``DynamicCache`` for ``config`` whose layers grow in place.  Sliding-window layers keep every
+    key too (the attention masks the old ones): transformers' rolling ones keep only the last
+    ``window - 1`` and cannot be cut back once they roll, which reusing a prefix needs."""
     cache = DynamicCache(config=config)
-    cache.layers = [GrowingLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    cache.layers = [GrowingLayer() if type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) else layer
+                    for layer in cache.layers]
     return cache

@@ -44,9 +44,13 @@ def _hirope_attention(module, query, key, value, attention_mask, scaling=None, d
             "this model has a HiRoPE-style patch attached: call it through the handle's forward() "
             "(or pass hirope_plan=...) so every token has its hierarchical position"
         )
+    for unsupported in ("softcap", "s_aux"):
+        if kwargs.get(unsupported) is not None:
+            raise ValueError(f"HiRoPE attention does not support {unsupported!r} (attention soft-capping or sinks)")
     if scaling is None:
         scaling = module.head_dim**-0.5
-    return windowed_attention(query, key, value, plan, scaling, getattr(module, "layer_idx", None)), None
+    return windowed_attention(query, key, value, plan, scaling, getattr(module, "layer_idx", None),
+                              kwargs.get("sliding_window")), None
 
 
 def _no_mask(*args, attention_mask=None, **kwargs):
@@ -61,7 +65,11 @@ AttentionMaskInterface.register(ATTN_NAME, _no_mask)
 
 def find_rotary(model) -> torch.nn.Module:
     """The model's shared rotary embedding module (one per model in transformers 5)."""
-    found = [m for name, m in model.named_modules() if name.endswith("rotary_emb") and hasattr(m, "inv_freq")]
+    modules = [m for name, m in model.named_modules() if name.endswith("rotary_emb")]
+    found = [m for m in modules if hasattr(m, "inv_freq")]
+    if not found and any(name.endswith("_inv_freq") for m in modules for name, _ in m.named_buffers()):
+        raise ValueError("model gives its layer types rotary embeddings of their own (as Gemma 3's local and global "
+                         "RoPE); HiRoPE supports one rotary embedding shared by every layer")
     if not found:
         kind = getattr(model.config, "model_type", type(model).__name__)
         raise ValueError(f"model {kind!r} has no rotary position embedding (no rotary_emb with inv_freq); HiRoPE needs RoPE")
@@ -81,6 +89,48 @@ def cache_keyword(model) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def check_rotary_layout(rotary, head_dim: int) -> None:
+    """Refuse rotary embeddings the far turn cannot follow: the turn rotates channel pairs ``(j, j + R/2)``
+    of the first ``R = 2 * len(inv_freq)`` channels, as transformers' ``rotate_half`` does."""
+    pairs, device = rotary.inv_freq.numel(), rotary.inv_freq.device
+    if 2 * pairs > head_dim:
+        raise ValueError(f"the rotary embedding has {pairs} pairs but heads have {head_dim} channels")
+    positions = torch.tensor([[0, 1, 7]], device=device)
+    probe = copy.deepcopy(rotary)  # a dynamic rope updates itself when called: compare with what it used
+    cos, sin = probe(torch.zeros(1, device=device), positions)
+    angle = positions[..., None].float() * probe.inv_freq.detach().float()
+    scale = getattr(probe, "attention_scaling", 1.0)
+    expected = torch.cat([angle, angle], -1)
+    if cos.shape[-1] != expected.shape[-1] or not (
+            torch.allclose(cos.float(), expected.cos() * scale, atol=1e-4)
+            and torch.allclose(sin.float(), expected.sin() * scale, atol=1e-4)):
+        raise ValueError(f"the rotary embedding of {type(rotary).__name__} is not laid out as rotate_half over the "
+                         "first channels (interleaved pairs, as in Cohere or GLM?); HiRoPE cannot turn its keys")
+
+
+def dynamic_rope(rotary) -> bool:
+    """Whether the rotary module recomputes its frequencies from the input length (as transformers does)."""
+    rope_type = getattr(rotary, "rope_type", "default")
+    return isinstance(rope_type, str) and ("dynamic" in rope_type or rope_type == "longrope")
+
+
+def check_attention(config) -> None:
+    """Refuse attention the windowed path does not reproduce."""
+    unknown = set(getattr(config, "layer_types", None) or ()) - {"full_attention", "sliding_attention"}
+    if unknown:
+        raise ValueError(f"layer types {sorted(unknown)} are not supported by HiRoPE attention "
+                         "(full and sliding-window attention are)")
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        raise ValueError("attention logit soft-capping (Gemma 2) is not supported by HiRoPE attention")
+
+
+def rolling_start(cache, past: int) -> int:
+    """The first key a rolling sliding-window cache layer (``DynamicSlidingWindowLayer``, which keeps
+    its last ``window - 1`` keys) hands to attention in the next forward; ``past`` without such layers."""
+    windows = [layer.sliding_window for layer in getattr(cache, "layers", ()) if getattr(layer, "is_sliding", False)]
+    return max(0, past - min(windows) + 1) if windows else past
+
+
 def trained_length(config) -> int:
     params = getattr(config, "rope_parameters", None) or {}
     return int(params.get("original_max_position_embeddings") or config.max_position_embeddings)
@@ -96,10 +146,13 @@ class PositionHandle:
         self.rotary = find_rotary(model)
         inv_freq = self.rotary.inv_freq
         head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
-        if inv_freq.numel() * 2 != head_dim:
-            raise ValueError(
-                f"partial rotary embeddings ({inv_freq.numel() * 2} of {head_dim} channels) are not supported"
-            )
+        self.dynamic = dynamic_rope(self.rotary)
+        if self.dynamic and cfg.method in ("ntk", "dynamic-ntk", "yarn"):
+            raise ValueError(f"the model's rope_type {self.rotary.rope_type!r} sets its frequencies from the input "
+                             f"length; method {cfg.method!r} would fight it: use a window method or 'rope'")
+        if cfg.method in WINDOW_METHODS:
+            check_rotary_layout(self.rotary, head_dim)
+            check_attention(model.config)
         self.num_pairs = inv_freq.numel()
         self.cache_keyword = cache_keyword(model)
         self.train_length = cfg.train_length or trained_length(model.config)
@@ -110,6 +163,7 @@ class PositionHandle:
         self._saved_attn = model.config._attn_implementation
         self._saved_inv_freq = inv_freq.detach().clone()
         self._saved_scaling = getattr(self.rotary, "attention_scaling", 1.0)
+        self._saved_seq_len = getattr(self.rotary, "max_seq_len_cached", None)  # a dynamic rope's state
         self.attached = True
         if cfg.method in WINDOW_METHODS:
             model.set_attn_implementation(ATTN_NAME)
@@ -174,6 +228,8 @@ class PositionHandle:
         S = input_ids.shape[1]
         if self.cfg.method == "dynamic-ntk":
             self._rescale(max(1.0, positions.shape[1] / self.train_length))
+        if self.dynamic and self.windowed:  # let the rotary update its frequencies now, so the plan turns by them
+            self.rotary(torch.zeros(1, device=input_ids.device), positions[:, -S:, -1])
         if self.windowed:
             store = None
             if past_key_values is not None:
@@ -182,7 +238,8 @@ class PositionHandle:
                     store = FarKeyStore(self.model.config.num_hidden_layers)
                     past_key_values.hirope_far_keys = store
                 store.truncate(past)  # keys past the cache's length were cut away (or never cached)
-            plan = self.plan(positions, S, store.ready() if store is not None else 0)
+            keys_from = min(store.ready(past), rolling_start(past_key_values, past)) if store is not None else 0
+            plan = self.plan(positions, S, keys_from)
             plan.far_keys = store
             kwargs["hirope_plan"] = plan
         return self.model(
@@ -198,8 +255,11 @@ class PositionHandle:
         if not self.attached:
             return
         self.model.set_attn_implementation(self._saved_attn)
-        self.rotary.inv_freq.copy_(self._saved_inv_freq)
+        # assigned, not copied into: a dynamic rope's inv_freq may be its original_inv_freq itself
+        self.rotary.inv_freq = self._saved_inv_freq.clone()
         self.rotary.attention_scaling = self._saved_scaling
+        if self._saved_seq_len is not None:
+            self.rotary.max_seq_len_cached = self._saved_seq_len
         self.attached = False
 
 
