@@ -2,16 +2,23 @@
 
 Client keys are camelCase (``promptBudget``); unknown keys and bad values are reported and the
 default is kept, never fatal.
+
+Every client setting is declared once, as a row of ``SETTINGS``: its wire name, where it lands in
+``Settings``, its JSON type, range or choices, and a one-line doc; its default is the owning
+dataclass's (``Settings``, ``EngineSettings``, ``ContextSettings``, ``RopeMethodConfig``).  ``SCHEMA``
+and the range and choice checks come from the rows, and so do the VS Code contributions
+(editors/vscode/package.json) and the README's settings table: ``python -m hirope_lsp.settings_schema``
+rewrites both, and tests/test_settings_source.py fails when what is committed is not what it writes.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 from .completion.context import ContextSettings
 from .model.engine import EngineSettings
-from .model.rope import METHODS, RopeMethodConfig
+from .model.rope import FAR_BIAS_MODES, METHODS, TOKEN_INDEX_MODES, RopeMethodConfig
 
 MULTILINE_MODES = ("auto", "always", "never")
 
@@ -27,53 +34,182 @@ class Settings:
     type_along: bool = True  # typing a suggestion's start answers with its rest, without the model
     # mean log-probability per token below which a suggestion is not shown (None: all are shown)
     min_confidence: float | None = None
+    warm_ahead: bool = True  # prefill the active document's prompt in the background, before it is asked for
+    latency_target_ms: int = 400  # a cold request's prompt is cut to what is prefilled in this time
 
 
-def _camel(name: str) -> str:
-    head, *rest = name.split("_")
-    return head + "".join(p.title() for p in rest)
+JSON_TYPES = {"string": str, "boolean": bool, "integer": int, "number": (int, float), "array": list,
+              "null": type(None)}
 
 
-OPTIONAL_NUMBER = (int, float, type(None))
+@dataclass(frozen=True)
+class Setting:
+    """One client setting, declared once (see the module doc)."""
 
+    # wire name: "promptBudget"; "hirope.window" is "window" in the client's "hirope" object, and
+    # VS Code's hirope.positions.window
+    key: str
+    target: str | None  # attribute path in Settings ("context.budget_tokens"); None: the editor's own setting
+    type: str | tuple[str, ...]  # JSON type(s): string, boolean, integer, number, array, null
+    doc: str  # one line: the VS Code description and the README's meaning
+    enum: tuple = ()  # the values the server takes
+    open_enum: bool = False  # the enum is the editor's list to pick from; the server takes other values too
+    enum_docs: tuple[str, ...] = ()
+    minimum: float | None = None
+    maximum: float | None = None
+    items: dict | None = None  # JSON schema of an array's items
+    editor_null: bool = False  # the editor's default is null, "the server's own"; null keeps the value
+    shown_default: str | None = None  # the README's words for the default where its value does not say it
+    client_default: object = None  # default of an editor-only setting (the server's come from Settings)
+
+    @property
+    def types(self) -> tuple[str, ...]:
+        return (self.type,) if isinstance(self.type, str) else tuple(self.type)
+
+    @property
+    def kind(self) -> type | tuple:
+        """The Python types the server takes (JSON null only where None is a value, not "unset")."""
+        kinds = tuple(JSON_TYPES[t] for t in self.types)
+        return kinds[0] if len(kinds) == 1 else kinds
+
+    @property
+    def number(self) -> bool:
+        """A number and not a boolean: JSON true must not pass as 1."""
+        return "boolean" not in self.types and bool({"integer", "number"} & set(self.types))
+
+    @property
+    def vscode_key(self) -> str:
+        """The key under VS Code's settings (positions.* for the position method's)."""
+        key = "positions." + self.key.removeprefix("hirope.") if self.key.startswith("hirope.") else self.key
+        return "hirope." + key
+
+    def owner(self, settings: Settings):
+        """The object holding this setting's attribute, and the attribute's name."""
+        *path, attr = self.target.split(".")
+        target = settings
+        for part in path:
+            target = getattr(target, part)
+        return target, attr
+
+    def get(self, settings: Settings):
+        target, attr = self.owner(settings)
+        return getattr(target, attr)
+
+    def default(self):
+        return self.client_default if self.target is None else self.get(Settings())
+
+    def problem(self, value) -> str | None:
+        """Why ``value`` is out of this setting's range or choices, or None."""
+        if self.enum and not self.open_enum and value is not None and value not in self.enum:
+            return f"{self.key} must be one of {', '.join(map(str, self.enum))}"
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None
+        low, high = self.minimum, self.maximum
+        if (low is not None and value < low) or (high is not None and value > high):
+            if low is not None and high is not None:
+                return f"{self.key} must be between {_num(low)} and {_num(high)}"
+            return f"{self.key} must be at least {_num(low)}" if low is not None else \
+                f"{self.key} must be {_num(high)} or below"
+        return None
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+SETTINGS: tuple[Setting, ...] = (
+    # the editor's own (VS Code's; the whole section it sends on a change carries them)
+    Setting(key="pythonPath", target=None, type="string", client_default="python3",
+            doc="Python interpreter with hirope-lsp installed (runs `python -m hirope_lsp serve`)."),
+    Setting(key="serverCommand", target=None, type="array", items={"type": "string"}, client_default=[],
+            doc="Command (and arguments) that starts the server; overrides hirope.pythonPath when set."),
+    # the server's
+    Setting(key="model", target="engine.model", type=("string", "null"), shown_default="embedded model",
+            doc="HuggingFace model directory or hub id; null: the embedded default model."),
+    Setting(key="device", target="engine.device", type="string", enum=("auto", "cpu", "cuda", "mps"),
+            open_enum=True, doc="Where the model runs (or e.g. cuda:1); auto: cuda, then mps, then cpu."),
+    Setting(key="dtype", target="engine.dtype", type="string", enum=("auto", "float32", "float16", "bfloat16"),
+            open_enum=True, doc="Weight precision; auto: bfloat16 on CUDA (float16 without bf16 support), "
+                                "float16 on MPS, float32 on CPU."),
+    Setting(key="allowDownload", target="engine.allow_download", type="boolean",
+            doc="Allow downloading a hub model id that is not in the local cache (otherwise offline)."),
+    Setting(key="trustRemoteCode", target="engine.trust_remote_code", type="boolean",
+            doc="Run the model repository's own Python code (only for models you trust)."),
+    Setting(key="promptBudget", target="context.budget_tokens", type="integer", minimum=32,
+            doc="Prompt size in tokens; HiRoPE lets it exceed the model's training length."),
+    Setting(key="maxNewTokens", target="max_new_tokens", type="integer", minimum=1, maximum=4096,
+            doc="Most tokens generated per suggestion."),
+    Setting(key="multiline", target="multiline", type="string", enum=MULTILINE_MODES,
+            doc="Multi-line suggestions: auto when the cursor opens a block or sits on an empty line; "
+                "always; never."),
+    Setting(key="crossFile", target="context.cross_file", type="boolean",
+            doc="Add definitions from other workspace files of names used near the cursor."),
+    Setting(key="cacheBudgetMb", target="engine.cache_budget_mb", type="integer", minimum=0,
+            doc="Memory in MiB for KV state kept between requests (across documents, the least recently "
+                "used goes first)."),
+    Setting(key="reuseCache", target="engine.reuse_cache", type="boolean",
+            doc="Reuse the KV state of a document's last prompt, so a keystroke computes only what changed."),
+    Setting(key="maxFileBytes", target="max_file_bytes", type="integer", minimum=1, shown_default="1 MiB",
+            doc="Workspace files larger than this (in bytes) are not indexed."),
+    Setting(key="watchFiles", target="watch_files", type="boolean",
+            doc="Watch the workspace folders and keep the index of their files current."),
+    Setting(key="typeAlong", target="type_along", type="boolean",
+            doc="Typing the start of a suggestion answers with its rest at once, without running the model."),
+    Setting(key="minConfidence", target="min_confidence", type=("number", "null"), maximum=0,
+            shown_default="none", doc="Hide suggestions whose mean log-probability per token is below this "
+                                      "(e.g. -1.5); null shows all."),
+    Setting(key="warmAhead", target="warm_ahead", type="boolean",
+            doc="Prefill the prompt of the active document in the background before a suggestion is asked for."),
+    Setting(key="latencyTargetMs", target="latency_target_ms", type="integer", minimum=50, maximum=10000,
+            doc="A cold request's prompt is cut to what this machine prefills within this time; the full prompt "
+                "is warmed in the background."),
+    # the position method (the client's "hirope" object; VS Code's hirope.positions.*)
+    Setting(key="hirope.method", target="engine.rope.method", type="string",
+            enum=tuple(sorted(METHODS, key=lambda m: not m.startswith("hirope"))),
+            doc="Position method: hirope (hierarchical), hirope-fixed (units of unitSize tokens), plain rope, "
+                "rerope, self-extend, ntk, dynamic-ntk, yarn."),
+    Setting(key="hirope.window", target="engine.rope.window", type=("integer", "null"), minimum=1,
+            shown_default="½ training length",
+            doc="Distances below this keep plain RoPE positions; null: half the model's training length."),
+    Setting(key="hirope.split", target="engine.rope.split", type=("number", "null"), minimum=0, maximum=1,
+            shown_default="theory", doc="Share of rotary pairs on the token level; null: log_base(L/2π) from "
+                                        "the model (HiRoPE theory)."),
+    Setting(key="hirope.tokenIndex", target="engine.rope.token_index", type="string", enum=TOKEN_INDEX_MODES,
+            doc="global: one token index over the whole prompt; restart: the index within each unit."),
+    Setting(key="hirope.levels", target="engine.rope.levels", type="integer", minimum=1,
+            doc="Position levels: 2 is unit and token (the paper), 1 is plain RoPE."),
+    Setting(key="hirope.trainLength", target="engine.rope.train_length", type=("integer", "null"),
+            shown_default="the model's", doc="The model's training length; null: read from the model's config."),
+    Setting(key="hirope.unitSize", target="engine.rope.unit_size", type="integer", minimum=1,
+            doc="hirope-fixed: every unitSize tokens are a unit."),
+    Setting(key="hirope.groupSize", target="engine.rope.group_size", type="integer", minimum=1,
+            doc="self-extend: neighbour tokens per group."),
+    Setting(key="hirope.factor", target="engine.rope.factor", type=("number", "null"), minimum=1,
+            shown_default="none", doc="ntk / yarn: context extension factor; null: 1 (no extension)."),
+    Setting(key="hirope.queryChunk", target="engine.rope.query_chunk", type="integer", minimum=1,
+            doc="Query rows per attention pass: bounds the memory of a long prompt's prefill."),
+    # a number, or a list with one per layer (its length is checked against the model when it is attached)
+    Setting(key="hirope.farBias", target="engine.rope.far_bias", type=("number", "array"), minimum=0,
+            items={"type": "number", "minimum": 0}, editor_null=True,
+            doc="Prior against far keys: subtracted from the attention score of every key at distance ≥ window "
+                "(0: plain HiRoPE; larger: far context must match sharply to be used); a list: one value per "
+                "model layer; null: the server's default."),
+    Setting(key="hirope.farBiasMode", target="engine.rope.far_bias_mode", type="string", enum=FAR_BIAS_MODES,
+            enum_docs=("farBias as given", "farBias × log(max(1, n_far / window)), n_far the far keys a query "
+                                           "sees: grows with the context, 0 until they outnumber the window"),
+            doc="How the far bias is applied: constant, or growing with the log of the far keys per window."),
+    Setting(key="trace.server", target=None, type="string", enum=("off", "messages", "verbose"), client_default="off",
+            doc="Trace the protocol between VS Code and the server in the output channel."),
+)
+
+SERVER_SETTINGS = {s.key: s for s in SETTINGS if s.target is not None}
 
 # client key -> (object path, attribute, type check)
-def _schema():
-    rows = {
-        "model": ("engine", "model", (str, type(None))),
-        "device": ("engine", "device", str),
-        "dtype": ("engine", "dtype", str),
-        "trustRemoteCode": ("engine", "trust_remote_code", bool),
-        "allowDownload": ("engine", "allow_download", bool),
-        "cacheBudgetMb": ("engine", "cache_budget_mb", int),
-        "reuseCache": ("engine", "reuse_cache", bool),
-        "promptBudget": ("context", "budget_tokens", int),
-        "crossFile": ("context", "cross_file", bool),
-        "maxNewTokens": ("", "max_new_tokens", int),
-        "multiline": ("", "multiline", str),
-        "maxFileBytes": ("", "max_file_bytes", int),
-        "watchFiles": ("", "watch_files", bool),
-        "typeAlong": ("", "type_along", bool),
-        "minConfidence": ("", "min_confidence", OPTIONAL_NUMBER),
-    }
-    for f in fields(RopeMethodConfig):
-        if f.name in ("extra",):
-            continue
-        kind = {"int": int, "float": (int, float), "str": str}.get(str(f.type).split(" |")[0], (int, float, str))
-        rows["hirope." + _camel(f.name)] = ("engine.rope", f.name, (kind, type(None)) if "None" in str(f.type) else kind)
-    # a number, or a list with one per layer (its length is checked against the model when it is attached)
-    rows["hirope.farBias"] = ("engine.rope", "far_bias", NUMBER_OR_LIST)
-    return rows
-
-
-NUMBER_OR_LIST = (int, float, list)
-
-
-SCHEMA = _schema()
+SCHEMA = {s.key: (s.target.rpartition(".")[0], s.target.rpartition(".")[2], s.kind) for s in SERVER_SETTINGS.values()}
 
 
 # the editor's own settings, in the whole section VS Code sends on a change: not the server's
-CLIENT_ONLY_KEYS = frozenset({"pythonPath", "serverCommand", "trace"})
+CLIENT_ONLY_KEYS = frozenset(s.key.split(".")[0] for s in SETTINGS if s.target is None)
 # where VS Code's settings nest the position method (hirope.positions.*) and the server's own (hirope.*)
 POSITION_GROUPS = frozenset({"hirope", "positions"})
 
@@ -101,21 +237,20 @@ def apply_options(settings: Settings, options: dict | None) -> tuple[Settings, l
     if isinstance(options.get("hirope"), bool):  # "hirope": false turns it off (plain RoPE)
         options = {**options, "hirope": {"method": "hirope" if options["hirope"] else "rope"}}
     for key, value in _flatten(options).items():
-        if key not in SCHEMA:
+        setting = SERVER_SETTINGS.get(key)
+        if setting is None:
             problems.append(f"unknown setting {key!r} ignored")
             continue
-        path, attr, kind = SCHEMA[key]
-        if value is None and not (isinstance(kind, tuple) and type(None) in kind):
+        kind = setting.kind
+        if value is None and "null" not in setting.types:
             continue  # a setting the client leaves unset (VS Code sends null): the server's default stays
-        if isinstance(value, bool) and kind in (int, (int, float), NUMBER_OR_LIST, OPTIONAL_NUMBER):
+        if isinstance(value, bool) and setting.number:
             problems.append(f"setting {key!r}: expected a number, got {value!r}")
             continue
         if not isinstance(value, kind):
             problems.append(f"setting {key!r}: {value!r} has the wrong type")
             continue
-        target = new
-        for part in filter(None, path.split(".")):
-            target = getattr(target, part)
+        target, attr = setting.owner(new)
         old = getattr(target, attr)
         setattr(target, attr, value)
         error = _check(new)
@@ -130,18 +265,8 @@ def _check(s: Settings) -> str | None:
         s.engine.rope.validate()
     except ValueError as err:
         return str(err)
-    if s.multiline not in MULTILINE_MODES:
-        return f"multiline must be one of {', '.join(MULTILINE_MODES)}"
-    if s.engine.rope.method not in METHODS:
-        return "unknown method"
-    if s.max_new_tokens <= 0 or s.max_new_tokens > 4096:
-        return "maxNewTokens must be between 1 and 4096"
-    if s.min_confidence is not None and s.min_confidence > 0:
-        return "minConfidence is a mean log-probability per token: 0 or below"
-    if s.context.budget_tokens < 32:
-        return "promptBudget must be at least 32 tokens"
-    if s.engine.cache_budget_mb < 0:
-        return "cacheBudgetMb must not be negative"
-    if s.max_file_bytes <= 0:
-        return "maxFileBytes must be positive"
+    for setting in SERVER_SETTINGS.values():
+        error = setting.problem(setting.get(s))
+        if error:
+            return error
     return None

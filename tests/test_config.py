@@ -113,3 +113,45 @@ def test_min_confidence_setting():
     assert settings.min_confidence == -1.5 and "0 or below" in problems[0]
     settings, problems = apply_options(settings, {"minConfidence": True})
     assert settings.min_confidence == -1.5 and "expected a number" in problems[0]
+
+
+def test_warm_ahead_and_latency_target_settings():
+    from hirope_lsp.config import Settings, apply_options
+
+    assert (Settings().warm_ahead, Settings().latency_target_ms) == (True, 400)
+    settings, problems = apply_options(Settings(), {"warmAhead": False, "latencyTargetMs": 1500})
+    assert problems == [] and (settings.warm_ahead, settings.latency_target_ms) == (False, 1500)
+    for edge in (50, 10000):
+        assert apply_options(Settings(), {"latencyTargetMs": edge}) == (Settings(latency_target_ms=edge), [])
+    for bad in (49, 10001, 0, -400, True, 400.5, "400"):
+        settings, problems = apply_options(Settings(), {"latencyTargetMs": bad})
+        assert settings.latency_target_ms == 400 and len(problems) == 1 and "latencyTargetMs" in problems[0], bad
+    assert "between 50 and 10000; keeping 400" in apply_options(Settings(), {"latencyTargetMs": 20})[1][0]
+    for bad in (1, "yes"):
+        settings, problems = apply_options(Settings(), {"warmAhead": bad})
+        assert settings.warm_ahead is True and "wrong type" in problems[0]
+    settings, problems = apply_options(Settings(), {"warmAhead": None, "latencyTargetMs": None})
+    assert problems == [] and settings == Settings(), "null keeps the default"
+
+
+def test_a_boolean_is_not_a_number_where_null_is_allowed_either():
+    from hirope_lsp.config import Settings, apply_options
+
+    for key in ("window", "split", "factor", "trainLength"):
+        settings, problems = apply_options(Settings(), {"hirope": {key: True}})
+        assert settings == Settings() and len(problems) == 1 and "expected a number" in problems[0], key
+    settings, problems = apply_options(Settings(), {"hirope": {"window": None, "split": None}})
+    assert problems == [] and settings.engine.rope.window is None  # null is a value here: "from the model"
+
+
+def test_range_checks_name_the_setting_and_keep_the_old_value():
+    from hirope_lsp.config import Settings, apply_options
+
+    cases = {"maxNewTokens": (0, "maxNewTokens must be between 1 and 4096; keeping 64"),
+             "promptBudget": (31, "promptBudget must be at least 32; keeping 4096"),
+             "cacheBudgetMb": (-1, "cacheBudgetMb must be at least 0; keeping 1024"),
+             "maxFileBytes": (0, "maxFileBytes must be at least 1; keeping 1048576"),
+             "multiline": ("sometimes", "multiline must be one of auto, always, never; keeping 'auto'")}
+    for key, (value, message) in cases.items():
+        settings, problems = apply_options(Settings(), {key: value})
+        assert settings == Settings() and problems == [f"setting {key!r}: {message}"], key

@@ -1,5 +1,7 @@
 // Pure mapping from the extension's settings to the server's command and configuration
 // (no `vscode` import, so it is unit-tested in plain node).
+import * as fs from "node:fs";
+import * as path from "node:path";
 
 export interface ConfigReader {
   get<T>(key: string, defaultValue: T): T;
@@ -20,23 +22,34 @@ export function serverCommand(config: ConfigReader): ServerCommand {
 
 type Json = string | number | boolean | null | Json[] | { [key: string]: Json };
 
-// The server's settings (camelCase, as in initializationOptions); unset values are left out so the
-// server keeps its own defaults.
+// The editor's own settings (hirope.pythonPath, hirope.serverCommand, hirope.trace.server); every other
+// contributed setting is the server's.  package.json's contributions are written from the server's
+// hirope_lsp/config.py (`python -m hirope_lsp.settings_schema`), so they are the one list read here.
+export const CLIENT_ONLY_KEYS = ["pythonPath", "serverCommand", "trace"];
+
+function contributedKeys(): string[] {
+  const manifest = JSON.parse(fs.readFileSync(path.join(__dirname, "..", "package.json"), "utf8"));
+  return Object.keys(manifest.contributes.configuration.properties).map((key) => key.replace(/^hirope\./, ""));
+}
+
+// The server's settings under the "hirope" section, as read with config.get: "promptBudget",
+// "positions.window", ...
+export const SERVER_KEYS = contributedKeys().filter((key) => !CLIENT_ONLY_KEYS.includes(key.split(".")[0]));
+
+// The server's settings (camelCase, as in initializationOptions; positions.* as the "hirope" object);
+// unset values are left out so the server keeps its own defaults.
 export function serverSettings(config: ConfigReader): { [key: string]: Json } {
   const out: { [key: string]: Json } = {};
-  const copy = (key: string) => {
-    const value = config.get<Json | undefined>(key, undefined);
-    if (value !== undefined && value !== null && value !== "") {
-      out[key] = value;
-    }
-  };
-  ["model", "device", "dtype", "allowDownload", "trustRemoteCode", "promptBudget", "maxNewTokens", "multiline",
-    "crossFile", "cacheBudgetMb", "typeAlong", "minConfidence"].forEach(copy);
   const positions: { [key: string]: Json } = {};
-  for (const key of ["method", "window", "split", "farBias", "farBiasMode"]) {
-    const value = config.get<Json | undefined>(`positions.${key}`, undefined);
-    if (value !== undefined && value !== null) {
-      positions[key] = value;
+  for (const key of SERVER_KEYS) {
+    const value = config.get<Json | undefined>(key, undefined);
+    if (value === undefined || value === null) {
+      continue;
+    }
+    if (key.startsWith("positions.")) {
+      positions[key.slice("positions.".length)] = value;
+    } else if (value !== "") {
+      out[key] = value;
     }
   }
   if (Object.keys(positions).length > 0) {
