@@ -1,4 +1,4 @@
-"""Command line: ``hirope-lsp [serve|complete|eval|bench|train] ...`` (no command serves stdio)."""
+"""Command line: ``hirope-lsp [serve|complete|eval|bench|train|corpus|calibrate] ...`` (no command serves stdio)."""
 
 from __future__ import annotations
 
@@ -226,6 +226,20 @@ def _run_eval(args) -> int:
     return 0
 
 
+def _add_calibrate(sub) -> None:
+    p = sub.add_parser("calibrate", help="choose a model's settings on held-out code and record them with the model")
+    csub = p.add_subparsers(dest="calibrate", required=True)
+    from .research.far_calibrate import register_cli
+
+    register_cli(csub)
+
+
+def _run_calibrate(args) -> int:
+    from .research.far_calibrate import run_cli
+
+    return run_cli(args)
+
+
 def _add_model_options(p) -> None:
     p.add_argument("--model", default=None, help="model directory or hub id (default: the embedded model)")
     p.add_argument("--device", default="auto")
@@ -318,7 +332,8 @@ def _run_complete(args) -> int:
 
 
 COMMANDS = {"serve": (_add_serve, _run_serve), "complete": (_add_complete, _run_complete), "eval": (_add_eval, _run_eval),
-            "train": (_add_train, _run_train), "corpus": (_add_corpus, _run_corpus), "bench": (_add_bench, _run_bench)}
+            "train": (_add_train, _run_train), "corpus": (_add_corpus, _run_corpus), "bench": (_add_bench, _run_bench),
+            "calibrate": (_add_calibrate, _run_calibrate)}
 
 
 def build_parser() -> argparse.ArgumentParser:

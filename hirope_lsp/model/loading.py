@@ -103,6 +103,29 @@ def trained_languages(lm) -> frozenset[str] | None:
     return frozenset(languages) if languages else None
 
 
+def recommended_far_bias(lm) -> tuple[float, str] | None:
+    """``(far_bias, far_bias_mode)`` chosen for this model on held-out code, where its ``training.json``
+    records one (``far_bias``, written by ``hirope-lsp calibrate far-bias --write``); None for any other
+    model, or where the record is unreadable or not a number >= 0 with mode constant or log."""
+    card = Path(getattr(lm.config, "_name_or_path", "") or "") / "training.json"
+    if not card.is_file():
+        return None
+    try:
+        record = json.loads(card.read_text()).get("far_bias")
+    except (OSError, ValueError, AttributeError) as err:
+        log.warning("cannot read the far bias recorded in %s: %s", card, err)
+        return None
+    if record is None:
+        return None
+    value = record.get("value") if isinstance(record, dict) else None
+    mode = record.get("mode", "constant") if isinstance(record, dict) else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or value == float("inf") \
+            or mode not in ("constant", "log"):
+        log.warning("ignoring the far bias recorded in %s: %r", card, record)
+        return None
+    return float(value), mode
+
+
 def knows_language(languages: frozenset[str] | None, language: str | None) -> bool:
     return languages is None or LANGUAGE_FAMILIES.get(language, language) in languages
 
