@@ -127,6 +127,16 @@ def _add_bench(sub) -> None:
     k.add_argument("--cache-budget-mb", type=int, default=64)
     k.add_argument("--json", type=Path, default=None)
     _add_far_bias(k)
+    r = bsub.add_parser("replay", help="open, type, accept, jump and switch with editor pauses: time from the "
+                                       "pause to the suggestion, work ahead on and off")
+    r.add_argument("--files", type=int, default=6)
+    r.add_argument("--target-ms", type=float, default=150)
+    r.add_argument("--budget", type=int, default=4096)
+    r.add_argument("--latency-target-ms", type=int, default=400)
+    r.add_argument("--model", default=None, help="a model directory or hub id (default: the embedded model)")
+    r.add_argument("--big", action="store_true", help="also a random model of Qwen2.5-Coder-0.5B's shape")
+    r.add_argument("--big-files", type=int, default=2)
+    r.add_argument("--json", type=Path, default=None)
     h = bsub.add_parser("hierarchy", help="per-keystroke hierarchy update time and workspace indexing")
     h.add_argument("--lines", type=int, default=10000)
     h.add_argument("--keystrokes", type=int, default=300)
@@ -149,6 +159,11 @@ def _run_bench(args) -> int:
 
         result = bench_typing(args.keystrokes, args.budget, max_new_tokens=args.max_new_tokens, model=args.model,
                               **_far_bias_options(args))
+    elif args.bench == "replay":
+        from .research.replay import bench_replay
+
+        result = bench_replay(args.files, args.target_ms, args.budget, args.latency_target_ms, args.model, args.big,
+                              args.big_files)
     else:
         from .bench import bench_hierarchy
 
@@ -294,12 +309,11 @@ def _add_complete(sub) -> None:
 
 
 def _run_complete(args) -> int:
-    from .completion.service import CompletionService
-    from .hierarchy.document import Document
+    """One suggestion through the same session the server runs (no work ahead: one request, full prompt)."""
+    import asyncio
+
     from .hierarchy.languages import language_for_path
-    from .model.engine import Engine
-    from .model.loading import ModelLoadError
-    from .workspace.index import WorkspaceIndex
+    from .session import Session
 
     path = args.file.resolve()
     try:
@@ -308,26 +322,30 @@ def _run_complete(args) -> int:
         print(f"hirope-lsp: cannot read {args.file}: {err}", file=sys.stderr)
         return 2
     settings = _settings_from(args)
-    try:
-        engine = Engine(settings.engine)
-    except ModelLoadError as err:
-        print(f"hirope-lsp: {err}", file=sys.stderr)
-        return 2
-    index = WorkspaceIndex([args.workspace or path.parent])
-    index.scan()
-    doc = Document(path.as_uri(), text, 0, language_for_path(path))
-    index.open_document(doc)
     settings.max_new_tokens, settings.multiline = args.max_new_tokens, args.multiline
-    service = CompletionService.from_settings(engine, index, settings)
+    settings.watch_files, settings.warm_ahead, settings.type_along = False, False, False
+
+    async def complete():
+        session = Session(settings)
+        session.add_folders([(args.workspace or path.parent).resolve().as_uri()])
+        indexed = session.start()
+        try:
+            await session.ready_service()
+            await indexed
+            session.open(path.as_uri(), text, 0, language_for_path(path), "utf-16")
+            return session, await session.complete(path.as_uri(), args.line, args.character)
+        finally:
+            session.shutdown()
+
     try:
-        result = service.complete(doc, args.line, args.character)
-    except ValueError as err:
+        session, found = asyncio.run(complete())
+    except (RuntimeError, ValueError) as err:
         print(f"hirope-lsp: {err}", file=sys.stderr)
         return 2
-    gen = result.generation
-    print(result.text)
-    print(f"[{engine.description}; prompt {len(result.job.prompt.token_ids)} tokens, "
-          f"{gen.seconds * 1000:.0f} ms]", file=sys.stderr)
+    print(found.text if found else "")
+    if found is not None:
+        print(f"[{session.service.engine.description}; prompt {found.prompt_tokens} tokens, {found.ms:.0f} ms]",
+              file=sys.stderr)
     return 0
 
 

@@ -176,8 +176,9 @@ SETTINGS: tuple[Setting, ...] = (
                                         "the model (HiRoPE theory)."),
     Setting(key="hirope.tokenIndex", target="engine.rope.token_index", type="string", enum=TOKEN_INDEX_MODES,
             doc="global: one token index over the whole prompt; restart: the index within each unit."),
-    Setting(key="hirope.levels", target="engine.rope.levels", type="integer", minimum=1,
-            doc="Position levels: 2 is unit and token (the paper), 1 is plain RoPE."),
+    Setting(key="hirope.levels", target="engine.rope.levels", type="integer", minimum=1, maximum=2,
+            doc="Position levels: 2 is unit and token (the paper), 1 is the token index alone (plain RoPE); "
+                "the server's prompts have no deeper hierarchy."),
     Setting(key="hirope.trainLength", target="engine.rope.train_length", type=("integer", "null"),
             shown_default="the model's", doc="The model's training length; null: read from the model's config."),
     Setting(key="hirope.unitSize", target="engine.rope.unit_size", type="integer", minimum=1,
@@ -189,11 +190,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(key="hirope.queryChunk", target="engine.rope.query_chunk", type="integer", minimum=1,
             doc="Query rows per attention pass: bounds the memory of a long prompt's prefill."),
     # a number, or a list with one per layer (its length is checked against the model when it is attached)
-    Setting(key="hirope.farBias", target="engine.rope.far_bias", type=("number", "array"), minimum=0,
-            items={"type": "number", "minimum": 0}, editor_null=True,
+    Setting(key="hirope.farBias", target="engine.rope.far_bias", type=("number", "array", "null"), minimum=0,
+            items={"type": "number", "minimum": 0}, editor_null=True, shown_default="the model's",
             doc="Prior against far keys: subtracted from the attention score of every key at distance ≥ window "
                 "(0: plain HiRoPE; larger: far context must match sharply to be used); a list: one value per "
-                "model layer; null: the server's default."),
+                "model layer; null: the value (and mode) the model's card records from calibration on held-out "
+                "code, else 0."),
     Setting(key="hirope.farBiasMode", target="engine.rope.far_bias_mode", type="string", enum=FAR_BIAS_MODES,
             enum_docs=("farBias as given", "farBias × log(max(1, n_far / window)), n_far the far keys a query "
                                            "sees: grows with the context, 0 until they outnumber the window"),

@@ -331,7 +331,7 @@ def eval_completion(data: list[Path] | None = None, model: str | None = None, me
                 built.positions = fixed_unit_positions(len(built.token_ids))[0]
             elif method != "hirope":
                 built.positions = plain_positions(len(built.token_ids))[0]
-            gen = engine.generate(Prompt(f"s{k}", built.token_ids, built.positions), max_new_tokens,
+            gen = engine.generate(Prompt(f"s{k}", built.token_ids, built.positions, built.cursor_unit), max_new_tokens,
                                   should_stop=lambda t: "\n" in t.lstrip("\n"))
             raw = gen.text.lstrip("\n").split("\n")[0]
             # what the server would show: its stop rules, repeat guards and syntax cut on the raw line

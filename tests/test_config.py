@@ -25,7 +25,7 @@ def test_hirope_false_means_plain_rope_and_the_input_is_not_modified():
 def test_far_bias_settings_are_parsed_and_bad_ones_reported():
     from hirope_lsp.model.rope import DEFAULT_FAR_BIAS
 
-    assert Settings().engine.rope.far_bias == DEFAULT_FAR_BIAS
+    assert Settings().engine.rope.far_bias is None  # the model's own (its card), else DEFAULT_FAR_BIAS
     settings, problems = apply_options(Settings(), {"hirope": {"farBias": 2, "farBiasMode": "log"}})
     assert (settings.engine.rope.far_bias, settings.engine.rope.far_bias_mode) == (2, "log") and not problems
     settings, problems = apply_options(Settings(), {"hirope": {"farBias": [0.5, 1, 2.5]}})
@@ -35,8 +35,9 @@ def test_far_bias_settings_are_parsed_and_bad_ones_reported():
     for options in bad:
         settings, problems = apply_options(Settings(), {"hirope": options})
         assert len(problems) == 1 and ("farBias" in problems[0]), (options, problems)
-        assert (settings.engine.rope.far_bias, settings.engine.rope.far_bias_mode) == (DEFAULT_FAR_BIAS, "constant")
-    assert "keeping 0.0" in apply_options(Settings(), {"hirope": {"farBias": -1}})[1][0]
+        assert (settings.engine.rope.far_bias, settings.engine.rope.far_bias_mode) == (None, "constant")
+    assert DEFAULT_FAR_BIAS == 0.0
+    assert "keeping None" in apply_options(Settings(), {"hirope": {"farBias": -1}})[1][0]
 
 
 def test_far_bias_flags_reach_every_command():

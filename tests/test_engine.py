@@ -158,3 +158,16 @@ def test_a_bad_position_setting_at_run_time_leaves_the_model_patched(loaded):
         engine.reconfigure_rope(RopeMethodConfig(window=16, far_bias=[1.0, 2.0]))  # the model has 6 layers
     assert engine.generate(prompt, 4).token_ids == before
     engine.handle.detach()
+
+
+def test_one_level_positions_complete_and_deeper_levels_are_refused(loaded):
+    from hirope_lsp.config import Settings, apply_options
+
+    one = engine_for(loaded, levels=1)
+    prompt = prompt_for(one, SOURCE, 18, 20)
+    text = one.generate(prompt, max_new_tokens=6).text
+    # the token index alone is plain RoPE, as is HiRoPE with a window longer than the prompt
+    plain = Engine(EngineSettings(rope=RopeMethodConfig(window=100_000)), loaded=loaded)
+    assert text == plain.generate(prompt, max_new_tokens=6).text
+    settings, problems = apply_options(Settings(), {"hirope": {"levels": 3}})
+    assert settings.engine.rope.levels == 2 and len(problems) == 1 and "levels" in problems[0]

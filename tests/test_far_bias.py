@@ -244,6 +244,19 @@ def test_per_layer_bias_needs_the_layer_index():
                               torch.float32), D**-0.5))
 
 
-def test_default_is_no_bias():
-    assert DEFAULT_FAR_BIAS == 0.0 and RopeMethodConfig().far_bias == DEFAULT_FAR_BIAS
-    assert RopeMethodConfig().far_bias_mode == "constant"
+def test_an_unset_bias_is_the_one_the_models_card_records_else_none(tmp_path):
+    import json
+
+    assert RopeMethodConfig().far_bias is None and RopeMethodConfig().far_bias_mode == "constant"
+    model = tiny_model()
+    model.config._name_or_path = str(tmp_path)  # a model directory without a card
+    handle = attach(model, RopeMethodConfig())
+    assert (handle.cfg.far_bias, handle.cfg.far_bias_mode) == (DEFAULT_FAR_BIAS, "constant") == (0.0, "constant")
+    handle.detach()
+    (tmp_path / "training.json").write_text(json.dumps({"far_bias": {"value": 1.5, "mode": "log"}}))
+    handle = attach(model, RopeMethodConfig())
+    assert (handle.cfg.far_bias, handle.cfg.far_bias_mode) == (1.5, "log")
+    handle.detach()
+    handle = attach(model, RopeMethodConfig(far_bias=0.0))  # one the user set wins over the card
+    assert (handle.cfg.far_bias, handle.cfg.far_bias_mode) == (0.0, "constant")
+    handle.detach()

@@ -162,14 +162,19 @@ def test_the_whole_section_vscode_sends_on_a_change_applies_every_setting():
     settings, problems = apply_options(Settings(), section)
     assert problems == [] and settings == Settings(), "the contributed defaults are the server's"
 
-    samples = {s.vscode_key: _sample(s) for s in SERVER_SETTINGS.values()}
+    # every setting changed at once, but tokenIndex: its other value (restart) needs the two levels that
+    # levels' other value (1) takes away; it is changed alone below
+    samples = {s.vscode_key: _sample(s) for s in SERVER_SETTINGS.values() if s.key != "hirope.tokenIndex"}
     samples.update({"hirope.pythonPath": "/opt/venv/bin/python", "hirope.serverCommand": ["hirope-lsp", "serve"],
                     "hirope.trace.server": "verbose"})
     settings, problems = apply_options(Settings(), _vscode_section(samples)["hirope"])
     assert problems == []
     for s in SERVER_SETTINGS.values():
-        assert s.get(settings) == samples[s.vscode_key] != s.default(), s.key
+        if s.key != "hirope.tokenIndex":
+            assert s.get(settings) == samples[s.vscode_key] != s.default(), s.key
     assert (settings.warm_ahead, settings.latency_target_ms) == (False, 401)
+    settings, problems = apply_options(Settings(), _vscode_section({"hirope.positions.tokenIndex": "restart"})["hirope"])
+    assert problems == [] and settings.engine.rope.token_index == "restart"
     # a per-layer far bias and the user's nulls (the server's own default stays)
     settings, problems = apply_options(Settings(), _vscode_section({"hirope.positions.farBias": [1, 0.5]})["hirope"])
     assert problems == [] and settings.engine.rope.far_bias == [1, 0.5]
@@ -215,7 +220,8 @@ def _initialization_options(tmp_path, *overrides: dict) -> list[dict]:
 
 
 def test_the_extensions_initialization_options_apply_without_problems(tmp_path):
-    samples = {s.vscode_key: _sample(s) for s in SERVER_SETTINGS.values()}
+    # tokenIndex's other value needs two levels (see above)
+    samples = {s.vscode_key: _sample(s) for s in SERVER_SETTINGS.values() if s.key != "hirope.tokenIndex"}
     samples.update({"hirope.pythonPath": "/opt/venv/bin/python", "hirope.trace.server": "verbose"})
     defaults, custom, blank = _initialization_options(tmp_path, {}, samples, {"hirope.model": ""})
     positions = {s.key.removeprefix("hirope.") for s in SERVER_SETTINGS.values() if s.key.startswith("hirope.")}
@@ -232,4 +238,5 @@ def test_the_extensions_initialization_options_apply_without_problems(tmp_path):
     settings, problems = apply_options(Settings(), custom)
     assert problems == []
     for s in SERVER_SETTINGS.values():
-        assert s.get(settings) == samples[s.vscode_key], s.key
+        if s.key != "hirope.tokenIndex":
+            assert s.get(settings) == samples[s.vscode_key], s.key

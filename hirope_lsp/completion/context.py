@@ -68,6 +68,7 @@ class BuiltPrompt:
     suffix_text: str
     context_names: list[str] = field(default_factory=list)
     prefix_start: int = 0  # char offset where the kept prefix starts
+    cursor_unit: torch.Tensor | None = None  # the unit of the token before the cursor (generated text's unit)
 
 
 class PromptBuilder:
@@ -176,7 +177,13 @@ class PromptBuilder:
         keys = [(part.kind, key) if part.kind not in ("prefix", "suffix") else key
                 for part in parts for key in part.units]
         positions = positions_from_unit_keys(keys)
-        return BuiltPrompt(token_ids, positions, prefix_text, suffix_text, names, start_char)
+        cursor_unit = None
+        if prefix_part.ids:
+            at = 0
+            for part in parts[: parts.index(prefix_part) + 1]:
+                at += len(part.ids)
+            cursor_unit = positions[at - 1, :-1].clone()
+        return BuiltPrompt(token_ids, positions, prefix_text, suffix_text, names, start_char, cursor_unit)
 
     def _context_parts(self, doc: Document, cursor: int, index: WorkspaceIndex, budget: int):
         """Definitions from other files of names used near the cursor, in a stable order."""

@@ -60,25 +60,29 @@ class CompletionService:
         return cls(engine, index, PromptBuilder(engine.tokenizer, engine.fim, settings.context),
                    settings.max_new_tokens, settings.multiline, settings.min_confidence)
 
-    def prepare(self, doc: Document, line: int, character: int) -> CompletionJob:
-        built = self.builder.build(doc, line, character, self.index)
+    def prepare(self, doc: Document, line: int, character: int, builder: PromptBuilder | None = None,
+                key: str | None = None) -> CompletionJob:
+        """``builder`` and ``key``: another prompt budget (the session's short prompt) in a cache slot of its own."""
+        built = (builder or self.builder).build(doc, line, character, self.index)
         cursor, _ = doc.offset_at(line, character)
         line, character = doc.position_at(cursor)  # clamped
         # the stop rules look at the cursor's lines, never at the whole of a huge document
         near = STOP_RULES_CONTEXT_CHARS
         policy = stop_policy(doc.text[max(0, cursor - near) : cursor], doc.text[cursor : cursor + near], self.multiline)
         policy.statement_head = statement_line(doc, line, cursor)
-        prompt = Prompt(doc.uri, built.token_ids, built.positions)
+        prompt = Prompt(key or doc.uri, built.token_ids, built.positions, built.cursor_unit)
         return CompletionJob(doc.uri, doc.version, line, character, prompt, policy, built,
                              knows_language(self.languages, doc.language))
 
-    def run(self, job: CompletionJob, cancelled: Callable[[], bool] | None = None) -> CompletionResult:
+    def run(self, job: CompletionJob, cancelled: Callable[[], bool] | None = None, decode_seconds: float | None = None,
+            chunk: int | None = None, ahead: bool = False) -> CompletionResult:
         if not job.known_language:
             log.info("completion %s v%d: the model was not trained on this language; nothing suggested",
                      job.uri, job.version)
             return CompletionResult("", job, Generation([], "", 0, 0, 0.0, "language"))
         try:
-            generation = self.engine.generate(job.prompt, self.max_new_tokens, job.policy.should_stop, cancelled)
+            generation = self.engine.generate(job.prompt, self.max_new_tokens, job.policy.should_stop, cancelled,
+                                              decode_seconds=decode_seconds, chunk=chunk, ahead=ahead)
         except torch.OutOfMemoryError:
             # degrade instead of failing: drop the kept KV state and retry with the last half of the prompt
             log.warning("out of memory for a %d-token prompt: cache cleared, retrying with half the context",
@@ -107,5 +111,7 @@ def shorter(prompt: Prompt) -> Prompt:
     """The last half of a prompt, its positions re-based to start at zero."""
     keep = max(1, len(prompt.token_ids) // 2)
     positions = prompt.positions[-keep:].clone()
-    positions -= positions[0].clone()
-    return Prompt(prompt.key + "#short", prompt.token_ids[-keep:], positions)
+    base = positions[0].clone()
+    positions -= base
+    unit = prompt.unit - base[:-1] if prompt.unit is not None else None
+    return Prompt(prompt.key + "#short", prompt.token_ids[-keep:], positions, unit)

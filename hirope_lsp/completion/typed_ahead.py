@@ -24,8 +24,12 @@ class Shown:
 
 
 class ShownSuggestions:
-    def __init__(self) -> None:
+    """``answers_at_start``: a suggestion made ahead for a document not yet in that state (the one after
+    an accept) answers as soon as the document reaches it, before any character is typed."""
+
+    def __init__(self, answers_at_start: bool = False) -> None:
         self._shown: dict[str, Shown] = {}
+        self.answers_at_start = answers_at_start
 
     def remember(self, doc: Document, cursor_byte: int, text: str) -> None:
         if not text or len(doc.source) > MAX_KEPT_BYTES:
@@ -47,7 +51,7 @@ class ShownSuggestions:
             return None
         typed = cursor_byte - shown.cursor
         new, old = doc.source, shown.source
-        if not 0 < typed < len(shown.text) or len(new) != len(old) + typed:
+        if not (0 if self.answers_at_start else 1) <= typed < len(shown.text) or len(new) != len(old) + typed:
             return None
         new_view, old_view = memoryview(new), memoryview(old)  # compared without copying the texts
         if (new[shown.cursor : cursor_byte] != shown.text[:typed]

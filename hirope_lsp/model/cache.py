@@ -31,6 +31,7 @@ class CacheSlot:
     token_ids: list[int] = field(default_factory=list)
     positions: torch.Tensor | None = None  # [T, levels]
     last_used: float = field(default_factory=time.monotonic)
+    warmed: tuple[int, int] = (0, 0)  # [start, end) of tokens warmed ahead and not yet used by a request
 
     def nbytes(self) -> int:
         total = 0
@@ -71,6 +72,8 @@ class CacheCounters:
     reused_tokens: int = 0
     computed_tokens: int = 0
     evictions: int = 0
+    warmed_tokens: int = 0  # prefilled ahead of any request (warming)
+    warmed_used_tokens: int = 0  # of those, reused by a request afterwards
 
     @property
     def reuse_ratio(self) -> float:
@@ -100,7 +103,16 @@ class KVCachePool:
         # the inference thread acquires and releases; the event loop drops closed documents and reports
         self._lock = threading.RLock()
 
-    def acquire(self, key: str, token_ids: list[int], positions: torch.Tensor) -> tuple[CacheSlot, int]:
+    def reusable(self, key: str, token_ids: list[int], positions: torch.Tensor) -> int:
+        """How many tokens of this prompt ``acquire`` would reuse, without touching the slot."""
+        with self._lock:
+            slot = self.slots.get(key)
+            if slot is None or not self.enabled:
+                return 0
+            return min(common_prefix(slot.token_ids, slot.positions, token_ids, positions), len(token_ids) - 1)
+
+    def acquire(self, key: str, token_ids: list[int], positions: torch.Tensor,
+                warming: bool = False) -> tuple[CacheSlot, int]:
         """The slot for ``key`` cut back to the longest reusable prefix of this prompt (at most all but
         one token: the last is recomputed to get its logits), and that prefix's length."""
         with self._lock:
@@ -110,12 +122,17 @@ class KVCachePool:
                 self.slots[key] = slot
             keep = common_prefix(slot.token_ids, slot.positions, token_ids, positions) if self.enabled else 0
             keep = min(keep, len(token_ids) - 1)
+            if not warming:
+                start, end = slot.warmed
+                self.counters.warmed_used_tokens += max(0, min(keep, end) - start)
+                slot.warmed = (0, 0)
             slot.truncate(keep)
             self.slots.move_to_end(key)
             slot.last_used = time.monotonic()
-            self.counters.requests += 1
-            self.counters.reused_tokens += keep
-            self.counters.computed_tokens += len(token_ids) - keep
+            if not warming:  # warming counts what it computes in ``warmed_tokens``
+                self.counters.requests += 1
+                self.counters.reused_tokens += keep
+                self.counters.computed_tokens += len(token_ids) - keep
             return slot, keep
 
     def release(self, slot: CacheSlot, token_ids: list[int], positions: torch.Tensor) -> None:
@@ -125,6 +142,15 @@ class KVCachePool:
             slot.token_ids = list(token_ids)
             slot.positions = positions.clone()
             self.evict()
+
+    def record_warmed(self, slot: CacheSlot, start: int, end: int) -> None:
+        """Tokens ``[start, end)`` of ``slot`` were computed ahead of any request (warming, prefetching)."""
+        if end <= start:
+            return
+        with self._lock:
+            self.counters.warmed_tokens += end - start
+            earlier, until = slot.warmed
+            slot.warmed = (min(earlier, start) if until > earlier else start, end)
 
     def drop(self, key: str) -> None:
         with self._lock:

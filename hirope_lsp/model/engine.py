@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from .cache import KVCachePool
+from .cache import CacheCounters, KVCachePool
 from .loading import load_model
 from .patch import attach, trained_length
 from .rope import RopeMethodConfig
@@ -34,6 +34,7 @@ class EngineSettings:
     cache_budget_mb: int = 1024
     reuse_cache: bool = True
     prefill_chunk: int = 1024
+    measure_speed: bool = True  # time a short prompt at load (how much prompt a latency target affords)
 
 
 @dataclass
@@ -41,6 +42,35 @@ class Prompt:
     key: str  # cache slot (one per document)
     token_ids: list[int]
     positions: torch.Tensor  # [T, levels] int64; the last level is the token index
+    # the unit generated tokens belong to (the cursor's, all levels but the token's); None: the last token's
+    unit: torch.Tensor | None = None
+
+
+@dataclass
+class Speed:
+    """Seconds per token this model takes on this machine, prefilling and decoding (running means)."""
+
+    prefill_s: float = 1e-3
+    decode_s: float = 1e-2
+    prefill_samples: int = 0
+    decode_samples: int = 0
+    weight: float = 0.3
+
+    def _mean(self, current: float, sample: float, count: int) -> float:
+        return sample if count == 0 else current + self.weight * (sample - current)
+
+    def record_prefill(self, tokens: int, seconds: float) -> None:
+        if tokens >= 16:  # short chunks measure the call's overhead, not the model
+            self.prefill_s = self._mean(self.prefill_s, seconds / tokens, self.prefill_samples)
+            self.prefill_samples += 1
+
+    def record_decode(self, steps: int, seconds: float) -> None:
+        if steps > 0:
+            self.decode_s = self._mean(self.decode_s, seconds / steps, self.decode_samples)
+            self.decode_samples += 1
+
+    def prefill_tokens_within(self, seconds: float) -> int:
+        return max(0, int(seconds / self.prefill_s))
 
 
 @dataclass
@@ -79,6 +109,25 @@ class Engine:
             tid = self.tokenizer.get_vocab().get(name)
             if tid is not None:
                 self.eos_ids.add(tid)
+        self.speed = Speed()
+        if settings.measure_speed:
+            self.measure_speed()
+
+    def measure_speed(self, tokens: int = 256, steps: int = 4) -> Speed:
+        """Prefill and decode a throwaway prompt (twice: the first call pays one-time set-up)."""
+        vocab = min(len(self.tokenizer), self.model.config.vocab_size)
+        ids = torch.randint(0, vocab, (tokens,), generator=torch.Generator().manual_seed(0)).tolist()
+        positions = torch.stack([torch.zeros(tokens, dtype=torch.long), torch.arange(tokens)], dim=1)
+        for attempt in range(2):
+            self.speed = Speed()
+            try:
+                self.generate(Prompt("#speed", ids, positions), steps, heal=False, suppress_eos=True)
+            finally:
+                self.pool.drop("#speed")
+        self.pool.counters = CacheCounters()  # the probe is not a request
+        log.info("speed on %s: prefill %.2f ms/token, decode %.1f ms/token", self.device,
+                 self.speed.prefill_s * 1000, self.speed.decode_s * 1000)
+        return self.speed
 
     def token_texts(self) -> list[str]:
         """The text of every token on its own (built once; used for token healing)."""
@@ -125,39 +174,88 @@ class Engine:
             self.settings.rope = rope
             self.pool.clear()
 
+    def levelled(self, positions: torch.Tensor) -> torch.Tensor:
+        """Prompt positions ``(unit, token)`` as the attached method takes them: the token index alone
+        for one level."""
+        positions = positions.to(torch.long)
+        return positions[:, -1:] if getattr(self.handle.cfg, "levels", 2) == 1 else positions
+
+    def reusable_tokens(self, prompt: Prompt) -> int:
+        """How much of ``prompt`` the kept KV state already holds (as ``generate`` would heal it)."""
+        ids, positions, _, _ = self.heal(prompt.token_ids, self.levelled(prompt.positions))
+        return self.pool.reusable(prompt.key, ids, positions)
+
+    @torch.inference_mode()
+    def prefill(self, prompt: Prompt, cancelled: Callable[[], bool] | None = None, chunk: int | None = None) -> int:
+        """Warm the KV state with ``prompt`` ahead of a request, ``chunk`` tokens at a time, stopping between
+        chunks when ``cancelled()`` or once the cache budget is full; what was computed is kept.  Returns
+        the number of tokens computed."""
+        cancelled = cancelled or (lambda: False)
+        chunk = chunk or self.settings.prefill_chunk
+        ids, positions, _, _ = self.heal(prompt.token_ids, self.levelled(prompt.positions))
+        target = len(ids) - 1  # a request recomputes the last token anyway (it needs its logits)
+        if target <= 0 or not self.pool.enabled:
+            return 0
+        with self.lock:
+            slot, done = self.pool.acquire(prompt.key, ids, positions, warming=True)
+            start = done
+            try:
+                pos_all = positions.unsqueeze(0).to(self.device)
+                while done < target and not cancelled() and self.pool.total_bytes() < self.pool.budget_bytes:
+                    b = min(target, done + chunk)
+                    t0 = time.perf_counter()
+                    self.handle.forward(torch.tensor([ids[done:b]], device=self.device), pos_all[:, :b],
+                                        cache=slot.cache, use_cache=True, logits_to_keep=1)
+                    self.speed.record_prefill(b - done, time.perf_counter() - t0)
+                    self.pool.record_warmed(slot, done, b)
+                    done = b
+            finally:
+                self.pool.release(slot, ids[:done], positions[:done])
+        return done - start
+
     @torch.inference_mode()
     def generate(self, prompt: Prompt, max_new_tokens: int,
                  should_stop: Callable[[str], bool] | None = None,
-                 cancelled: Callable[[], bool] | None = None, heal: bool = True) -> Generation:
+                 cancelled: Callable[[], bool] | None = None, heal: bool = True,
+                 decode_seconds: float | None = None, suppress_eos: bool = False, chunk: int | None = None,
+                 ahead: bool = False) -> Generation:
         """Greedy continuation of ``prompt``; ``should_stop(text)`` ends it early, ``cancelled()`` aborts
-        (raising Cancelled) between any two model steps."""
+        (raising Cancelled) between any two model steps; after ``decode_seconds`` of decoding it stops
+        with the tokens in hand.  ``ahead``: a suggestion computed before it is asked
+        for (its prompt counts as warmed, not as a request's)."""
         cancelled = cancelled or (lambda: False)
         start = time.perf_counter()
-        ids, positions = prompt.token_ids, prompt.positions.to(torch.long)
+        ids, positions = prompt.token_ids, self.levelled(prompt.positions)
         if not ids:
             raise ValueError("empty prompt")
         healed, allowed = "", None
         if heal:
             ids, positions, healed, allowed = self.heal(ids, positions)
         with self.lock:
-            slot, reused = self.pool.acquire(prompt.key, ids, positions)
+            slot, reused = self.pool.acquire(prompt.key, ids, positions, warming=ahead)
             try:
                 logits = None
                 pos_all = positions.unsqueeze(0).to(self.device)
-                for a in range(reused, len(ids), self.settings.prefill_chunk):
+                prefill_start = time.perf_counter()
+                chunk = chunk or self.settings.prefill_chunk
+                for a in range(reused, len(ids), chunk):
                     if cancelled():
                         raise Cancelled()
-                    b = min(len(ids), a + self.settings.prefill_chunk)
-                    chunk = torch.tensor([ids[a:b]], device=self.device)
-                    logits = self.handle.forward(chunk, pos_all[:, :b], cache=slot.cache,
-                                                 use_cache=True, logits_to_keep=1).logits
+                    b = min(len(ids), a + chunk)
+                    logits = self.handle.forward(torch.tensor([ids[a:b]], device=self.device), pos_all[:, :b],
+                                                 cache=slot.cache, use_cache=True, logits_to_keep=1).logits
+                    slot.token_ids, slot.positions = ids[:b], positions[:b]  # kept if what follows is cancelled
+                self.speed.record_prefill(len(ids) - reused, time.perf_counter() - prefill_start)
                 # the prompt is cached now: keep it even if decoding is cancelled
                 slot.token_ids, slot.positions = list(ids), positions.clone()
                 out: list[int] = []
                 logprobs: list[float] = []
                 stopped_by = "length"
-                unit, token = positions[-1, :-1], int(positions[-1, -1])
+                # generated tokens continue the cursor's unit, after the prompt's last token
+                unit = positions[-1, :-1] if prompt.unit is None or positions.shape[1] == 1 else prompt.unit.to(torch.long)
+                token = int(positions[-1, -1])
                 new_positions = pos_all
+                decode_start = time.perf_counter()
                 for step in range(max_new_tokens):
                     if cancelled():
                         raise Cancelled()
@@ -166,6 +264,9 @@ class Engine:
                         masked = torch.full_like(scores, float("-inf"))
                         masked[allowed] = scores[allowed]
                         scores = masked
+                    if suppress_eos:
+                        scores = scores.clone()
+                        scores[list(self.eos_ids)] = float("-inf")
                     next_id = int(scores.argmax())
                     if next_id in self.eos_ids:
                         stopped_by = "eos"
@@ -178,13 +279,18 @@ class Engine:
                         break
                     if step + 1 == max_new_tokens:
                         break
-                    # generated tokens continue the cursor's unit
+                    if decode_seconds is not None and time.perf_counter() - decode_start > decode_seconds:
+                        stopped_by = "time"
+                        break
                     pos = torch.cat([unit, torch.tensor([token + len(out)])]).view(1, 1, -1).to(self.device)
                     new_positions = torch.cat([new_positions, pos], dim=1)
                     logits = self.handle.forward(torch.tensor([[next_id]], device=self.device), new_positions,
                                                  cache=slot.cache, use_cache=True).logits
+                self.speed.record_decode(max(0, len(out) - 1), time.perf_counter() - decode_start)
             finally:
                 self.pool.release(slot, slot.token_ids or ids[:reused], slot.positions if slot.positions is not None
                                   else positions[:reused])
+                if ahead:
+                    self.pool.record_warmed(slot, reused, min(len(slot.token_ids), len(ids) - 1))
         text = self.tokenizer.decode(out, skip_special_tokens=True)[len(healed):]
         return Generation(out, text, reused, len(ids) - reused, time.perf_counter() - start, stopped_by, logprobs)

@@ -16,6 +16,7 @@ without recomputing the prompt.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 
 import torch
@@ -25,6 +26,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from .attention import AttentionPlan, FarKeyStore, windowed_attention
 from .rope import (
+    DEFAULT_FAR_BIAS,
     WINDOW_METHODS,
     RopeMethodConfig,
     default_window,
@@ -291,7 +293,18 @@ def attach(model, cfg: RopeMethodConfig | None = None, **overrides) -> PositionH
     cfg = cfg or RopeMethodConfig()
     if overrides:
         cfg = copy.replace(cfg, **overrides) if hasattr(copy, "replace") else RopeMethodConfig(**{**cfg.__dict__, **overrides})
-    return PositionHandle(model, cfg)
+    return PositionHandle(model, with_model_far_bias(model, cfg))
+
+
+def with_model_far_bias(model, cfg: RopeMethodConfig) -> RopeMethodConfig:
+    """``cfg`` with an unset far bias replaced by the one the model's card records (else 0)."""
+    if cfg.far_bias is not None:
+        return cfg
+    from .loading import recommended_far_bias
+
+    recorded = recommended_far_bias(model)
+    value, mode = recorded if recorded is not None else (DEFAULT_FAR_BIAS, cfg.far_bias_mode)
+    return dataclasses.replace(cfg, far_bias=value, far_bias_mode=mode)
 
 
 def truncate_cache(cache, length: int) -> None:

@@ -46,7 +46,9 @@ class RopeMethodConfig:
       index in each unit, and it keeps far token-level distances periodic.
     - ``levels=2``: unit and token, as in the paper (``levels=1`` is the token
       index alone, i.e. plain RoPE; more levels split the low-frequency pairs).
-    - ``far_bias=DEFAULT_FAR_BIAS`` (0): a prior against far keys, ``b >= 0``
+    - ``far_bias=None``: the prior the model's card records (``hirope-lsp calibrate
+      far-bias --write``, chosen on a held-out corpus), else ``DEFAULT_FAR_BIAS``
+      (0); resolved when the method is attached.  A prior against far keys, ``b >= 0``
       subtracted from the score (the scaled logit) of every key at distance
       ``>= window``, so that a far key wins only where its match is sharp; 0 is
       HiRoPE exactly.  ``far_bias_mode="constant"``: ``b = far_bias``;
@@ -67,7 +69,8 @@ class RopeMethodConfig:
     group_size: int = 8  # self-extend: neighbour tokens per group
     factor: float | None = None  # ntk / yarn: context extension factor
     query_chunk: int = 256  # rows of queries per pass: memory bound, and the masked band at the window edge
-    far_bias: float | list[float] = DEFAULT_FAR_BIAS  # prior against far keys (see above); a list: one per layer
+    # prior against far keys (see above); a list: one per layer; None: the model's own (its card), else 0
+    far_bias: float | list[float] | None = None
     far_bias_mode: str = "constant"  # "constant" or "log" (grows with the number of far keys)
     extra: dict = field(default_factory=dict)
 
@@ -95,6 +98,8 @@ class RopeMethodConfig:
             raise ValueError(f"query_chunk must be positive, got {self.query_chunk}")
         if self.far_bias_mode not in FAR_BIAS_MODES:
             raise ValueError(f"far_bias_mode must be one of {', '.join(FAR_BIAS_MODES)}, got {self.far_bias_mode!r}")
+        if self.far_bias is None:
+            return
         values = self.far_bias if isinstance(self.far_bias, (list, tuple)) else [self.far_bias]
         if not values:
             raise ValueError("far_bias as a list needs one value per layer, got an empty list")
@@ -111,7 +116,7 @@ class RopeMethodConfig:
         """The far bias as the attention plan takes it: one number, or a tuple with one per layer."""
         if isinstance(self.far_bias, (list, tuple)):
             return tuple(float(v) for v in self.far_bias)
-        return float(self.far_bias)
+        return float(DEFAULT_FAR_BIAS if self.far_bias is None else self.far_bias)
 
 
 def theory_split(base: float, train_length: int) -> float:

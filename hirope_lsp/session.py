@@ -1,0 +1,558 @@
+"""A running server's state and what happens to it: settings, open documents and their cursors,
+the workspace index and its watcher, the model's lifecycle (loading / ready / failed), requests in
+flight, suggestions shown, and work done ahead of the user (warming prompts, the suggestion after
+an accept).  No LSP types here: the adapter in ``server.py`` translates.
+
+Threads: everything here runs on the event loop except what is handed to the single inference
+worker (model calls) or the default executor (scanning folders).  A request waiting for the worker
+preempts warming between two prefill chunks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .completion.context import PromptBuilder
+from .completion.service import CompletionJob, CompletionService
+from .completion.typed_ahead import ShownSuggestions
+from .config import Settings, apply_options
+from .hierarchy.document import Change, Document
+from .model.engine import Cancelled, Engine
+from .model.loading import ModelLoadError
+from .workspace.files import FilePolicy
+from .workspace.index import WorkspaceIndex, uri_to_path
+from .workspace.watcher import WorkspaceWatcher
+
+log = logging.getLogger(__name__)
+
+EXPECTED_NEW_TOKENS = 12  # a typical suggestion's length, for the decoding share of the latency target
+MIN_FAST_BUDGET = 64
+WARM_CHUNK_SECONDS = 0.1  # warming gives the worker back this often (a request waits at most one chunk)
+
+
+class BadRequest(ValueError):
+    """The client asked about something that does not exist (unknown document, position past the end)."""
+
+
+class RequestToken:
+    def __init__(self):
+        self._event = threading.Event()
+
+    def cancel(self):
+        self._event.set()
+
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+
+@dataclass
+class Cursor:
+    """One cursor of one request, made once: the document snapshot's offsets and its encoding's position."""
+
+    line: int
+    character: int  # in the document's position encoding, clamped to the line
+    offset: int  # code points
+    byte: int
+
+    @classmethod
+    def at(cls, doc: Document, line: int, character: int) -> Cursor:
+        offset, byte = doc.offset_at(line, character)
+        line, character = doc.position_at(offset)
+        return cls(line, character, offset, byte)
+
+
+@dataclass
+class Suggestion:
+    text: str
+    uri: str
+    line: int  # the cursor it is inserted at, in the document's position encoding
+    character: int
+    source: str = "model"  # model | typed-along | prefetched
+    prompt_tokens: int = 0  # of the prompt the model read (0: answered without it)
+    ms: float = 0.0  # the model's time
+
+
+@dataclass
+class WarmingCounters:
+    jobs: int = 0
+    preempted: int = 0
+    fast_answers: int = 0  # requests answered with the short prompt while the full one warmed
+    prefetched_answers: int = 0
+
+
+@dataclass
+class Session:
+    settings: Settings = field(default_factory=Settings)
+    show: Callable[[str, str], None] = lambda message, kind: None  # (message, "info" | "warning" | "error")
+    progress: Callable[[str, str], None] = lambda kind, message: None  # ("begin" | "report" | "end", message)
+
+    def __post_init__(self):
+        self.documents: dict[str, Document] = {}
+        self.cursors: dict[str, tuple[int, int]] = {}  # the last cursor a client showed for a document
+        self.active: str | None = None
+        self.index = WorkspaceIndex(policy=FilePolicy(self.settings.max_file_bytes))
+        self.watcher: WorkspaceWatcher | None = None
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hirope-inference")
+        self.state = "starting"  # loading | ready | failed
+        self.status = "starting"
+        self.service: CompletionService | None = None
+        self.fast_builder: PromptBuilder | None = None
+        self._ready: asyncio.Future | None = None
+        self._loads = 0
+        self.latest: dict[str, RequestToken] = {}
+        self.shown = ShownSuggestions()  # typing along what is on screen
+        self.prefetched = ShownSuggestions(answers_at_start=True)  # the suggestion after an accept
+        self.waiting = 0  # requests queued for or running on the worker
+        self.warming: dict[str, RequestToken] = {}
+        self.warm_counters = WarmingCounters()
+        self._tasks: set[asyncio.Task] = set()
+
+    # ---- life cycle ----
+
+    def add_folders(self, uris: list[str]) -> None:
+        for uri in uris:
+            path = uri_to_path(uri)
+            if path is not None:
+                self.index.add_folder(path)
+
+    def start(self) -> asyncio.Task:
+        """After the client is initialized: load the model, index and watch the workspace (the task)."""
+        self.load_model()
+        return self._spawn(self._index_workspace())
+
+    async def _index_workspace(self) -> None:
+        files = await asyncio.get_running_loop().run_in_executor(None, self.index.scan)
+        log.info("indexed %d files", files)
+        self._restart_watcher()
+
+    def _restart_watcher(self) -> None:
+        if self.watcher is not None:
+            self.watcher.stop()
+            self.watcher = None
+        if self.settings.watch_files and self.index.folders:
+            self.watcher = WorkspaceWatcher(self.index)
+            self.watcher.start()
+
+    def load_model(self) -> None:
+        """(Re)load the model in the background; a newer load wins over one still running."""
+        loop = asyncio.get_running_loop()
+        self._loads += 1
+        load_id = self._loads
+        previous = self._ready
+        self._ready = loop.create_future()
+        if previous is not None and not previous.done():
+            previous.set_result(None)  # its waiters look again and find this load
+        self.state, self.status, self.service = "loading", "loading", None
+        self.pool_cancel_all()
+
+        async def run():
+            self.progress("begin", "loading model")
+            try:
+                engine = await loop.run_in_executor(self.worker, Engine, self.settings.engine)
+            except (ModelLoadError, ValueError, RuntimeError) as err:
+                if load_id != self._loads:
+                    return
+                self.state, self.status = "failed", f"error: {err}"
+                self.show(str(err), "error")
+                self.progress("end", "model failed to load")
+                self._ready.set_exception(ModelLoadError(str(err)))
+                self._ready.exception()  # retrieved: no "never retrieved" warning
+                return
+            if load_id != self._loads:  # a newer load started meanwhile: this engine is not used
+                log.info("a model load was superseded; discarding %s", engine.description)
+                return
+            self.service = CompletionService.from_settings(engine, self.index, self.settings)
+            self.fast_builder = PromptBuilder(engine.tokenizer, engine.fim, self.settings.context)
+            self.state, self.status = "ready", f"ready: {engine.description}"
+            log.info("model ready: %s", engine.description)
+            self.progress("end", f"ready: {engine.description}")
+            self._ready.set_result(engine)
+            self.warm(self.active)
+
+        self._spawn(run())
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def ready_service(self) -> CompletionService:
+        while True:
+            future = self._ready
+            if future is None:
+                raise BadRequest("the server is not initialized")
+            try:
+                await asyncio.shield(future)
+            except ModelLoadError as err:
+                raise RuntimeError(f"no model: {err}") from err
+            if future is self._ready:
+                return self.service
+
+    def shutdown(self) -> None:
+        if self.watcher is not None:
+            self.watcher.stop()
+            self.watcher = None
+        self.pool_cancel_all()
+
+    def pool_cancel_all(self) -> None:
+        for token in [*self.latest.values(), *self.warming.values()]:
+            token.cancel()
+
+    # ---- settings ----
+
+    def apply(self, options) -> list[str]:
+        """Apply client options to the live objects; returns a message per rejected option."""
+        old = self.settings
+        self.settings, problems = apply_options(old, options)
+        new = self.settings
+        if new == old:
+            return problems
+        self.shown.clear()  # suggestions made under the old settings are not typed along with
+        self.prefetched.clear()
+        if new.max_file_bytes != old.max_file_bytes:
+            self.index.policy = FilePolicy(new.max_file_bytes)
+            if self._ready is not None:
+                self._spawn(self._index_workspace())  # files now in or out of bounds
+        elif new.watch_files != old.watch_files and self._ready is not None:
+            self._restart_watcher()
+        service = self.service
+        if self._ready is None:
+            return problems  # not started: the settings apply when it starts
+        engine_keys = lambda s: (s.engine.model, s.engine.device, s.engine.dtype, s.engine.trust_remote_code,  # noqa: E731
+                                 s.engine.allow_download)
+        if engine_keys(new) != engine_keys(old) or service is None:
+            if engine_keys(new) != engine_keys(old):
+                self.show("model settings changed: loading the new model", "info")
+                self.load_model()
+            return problems
+        engine = service.engine
+        if new.engine.rope != old.engine.rope:
+            self.worker.submit(engine.reconfigure_rope, new.engine.rope)
+        engine.pool.enabled = new.engine.reuse_cache
+        engine.pool.budget_bytes = new.engine.cache_budget_mb << 20
+        service.builder.settings = new.context
+        self.fast_builder.settings = new.context
+        service.max_new_tokens = new.max_new_tokens
+        service.multiline = new.multiline
+        service.min_confidence = new.min_confidence
+        self.warm(self.active)
+        return problems
+
+    # ---- documents ----
+
+    def open(self, uri: str, text: str, version: int, language: str | None, encoding: str) -> None:
+        doc = Document(uri, text, version, language, encoding)
+        self.documents[uri] = doc
+        path = uri_to_path(uri)
+        if path is not None and self.index.folder_of(path) is not None:
+            self.index.open_document(doc)
+        if uri in self.cursors:
+            self.warm(uri)
+
+    def change(self, uri: str, changes: list[Change], version: int) -> None:
+        doc = self.documents.get(uri)
+        if doc is None:
+            log.warning("change for unknown document %s ignored", uri)
+            return
+        doc.apply_changes(changes, version)
+        self.index.document_changed(doc)
+        token = self.latest.get(uri)
+        if token is not None:
+            token.cancel()  # its result would be for an older version
+
+    def close(self, uri: str) -> None:
+        self.documents.pop(uri, None)
+        self.cursors.pop(uri, None)
+        if self.active == uri:
+            self.active = None
+        self.shown.forget(uri)
+        self.prefetched.forget(uri)
+        self.index.close_document(uri)
+        warming = self.warming.get(uri)
+        if warming is not None:
+            warming.cancel()  # stops after the chunk in hand, then leaves ``warming``
+        if self.service is not None:
+            for key in (uri, fast_key(uri)):
+                self.service.engine.pool.drop(key)
+            self.service.builder.forget(uri)
+            self.fast_builder.forget(uri)
+
+    def files_changed(self, events: list[tuple[Path, str]]) -> None:
+        """Changes the client saw on disk: ``(path, created | modified | deleted)``."""
+        for path, kind in events:
+            if self.watcher is not None:
+                self.watcher.debouncer.notify(path, kind)
+            elif kind == "deleted":
+                self.index.remove_file(path)
+            else:
+                self.index.update_file(path)
+
+    def folders_changed(self, added: list[str], removed: list[str]) -> None:
+        for uri in removed:
+            path = uri_to_path(uri)
+            if path is not None:
+                self.index.remove_folder(path)
+        self.add_folders(added)
+        if self._ready is not None:
+            if added:
+                self._spawn(self._index_workspace())  # scans, then watches the new folders too
+            elif removed:
+                self._restart_watcher()
+
+    def document(self, uri: str) -> Document:
+        doc = self.documents.get(uri)
+        if doc is None:
+            raise BadRequest(f"unknown document {uri}: it was not opened with textDocument/didOpen")
+        return doc
+
+    def check_position(self, doc: Document, line: int, character: int) -> None:
+        if line < 0 or character < 0:
+            raise BadRequest(f"negative position {line}:{character}")
+        if line >= doc.line_count:
+            raise BadRequest(f"position {line}:{character} is past the end of {doc.uri} ({doc.line_count} lines)")
+        content = doc.line_text(line)
+        width = doc.position_at(int(doc.line_char[line]) + len(content))[1]  # in the document's encoding
+        if character > width:
+            raise BadRequest(f"position {line}:{character} is past the end of line {line} ({width})")
+
+    def supersede(self, uri: str, token: RequestToken | None = None) -> None:
+        """Cancel the request in flight for ``uri`` (Neovim does not cancel its older requests)."""
+        previous = self.latest.pop(uri, None)
+        if previous is not None:
+            previous.cancel()
+        if token is not None:
+            self.latest[uri] = token
+
+    # ---- completion ----
+
+    async def complete(self, uri: str, line: int, character: int) -> Suggestion | None:
+        """The suggestion for the cursor; None when superseded or stale."""
+        doc = self.document(uri)
+        self.check_position(doc, line, character)
+        self.cursors[uri], self.active = (line, character), uri
+        cursor = Cursor.at(doc, line, character)
+        ahead = self._answer_without_model(doc, cursor)
+        if ahead is not None:
+            return ahead
+        service = await self.ready_service()
+        doc = self.document(uri)  # it may have changed or closed while the model loaded
+        self.check_position(doc, line, character)
+        cursor = Cursor.at(doc, line, character)
+        job = service.prepare(doc, cursor.line, cursor.character)
+        job, fast = self._fit_to_latency(service, doc, cursor, job)
+        token = RequestToken()
+        self.supersede(uri, token)
+        result = await self._run(service, job, token.cancelled, decode_seconds=self._decode_seconds())
+        if self.latest.get(uri) is token:
+            del self.latest[uri]
+        if result is None:
+            return None
+        current = self.documents.get(uri)
+        if current is None or current.version != job.version:
+            log.info("dropping a completion for %s v%d: the document moved on", uri, job.version)
+            return None
+        self.shown.remember(current, cursor.byte, result.text)
+        if fast:
+            self.warm_counters.fast_answers += 1
+            self.warm(uri)  # the full prompt, now that the user has something to read
+        else:
+            self._prefetch_after_accept(current, cursor, result.text)
+        return Suggestion(result.text, uri, job.line, job.character, prompt_tokens=len(job.prompt.token_ids),
+                          ms=result.generation.seconds * 1000)
+
+    def _answer_without_model(self, doc: Document, cursor: Cursor) -> Suggestion | None:
+        rest = self.shown.rest(doc, cursor.byte) if self.settings.type_along else None
+        source = "typed-along"
+        if rest is None and self.settings.warm_ahead:
+            rest, source = self.prefetched.rest(doc, cursor.byte), "prefetched"
+        if rest is None:
+            return None
+        self.supersede(doc.uri)
+        log.info("completion %s v%d: %s, %d chars", doc.uri, doc.version, source, len(rest))
+        if source == "prefetched":
+            self.warm_counters.prefetched_answers += 1
+            self.shown.remember(doc, cursor.byte, rest)
+            self._prefetch_after_accept(doc, cursor, rest)
+        return Suggestion(rest, doc.uri, cursor.line, cursor.character, source)
+
+    def _decode_seconds(self) -> float | None:
+        """With work ahead, decoding stops (with the tokens in hand) after twice the latency target."""
+        return 2 * self.settings.latency_target_ms / 1000 if self.settings.warm_ahead else None
+
+    def _fit_to_latency(self, service: CompletionService, doc: Document, cursor: Cursor,
+                        job: CompletionJob) -> tuple[CompletionJob, bool]:
+        """The full prompt when what is not cached of it prefills within the latency target; else the
+        longest shorter prompt (a power of two of tokens) that does, kept in a slot of its own."""
+        engine = service.engine
+        target = self.settings.latency_target_ms / 1000 - EXPECTED_NEW_TOKENS * engine.speed.decode_s
+        missing = len(job.prompt.token_ids) - engine.reusable_tokens(job.prompt)
+        if not self.settings.warm_ahead or missing * engine.speed.prefill_s <= target:
+            return job, False
+        budget = self.settings.context.budget_tokens
+        if budget <= MIN_FAST_BUDGET:
+            return job, False
+        while budget > MIN_FAST_BUDGET:
+            budget = max(MIN_FAST_BUDGET, 1 << ((budget - 1).bit_length() - 1))  # the power of two below
+            self.fast_builder.settings = _with_budget(self.settings.context, budget)
+            fast = service.prepare(doc, cursor.line, cursor.character, builder=self.fast_builder,
+                                   key=fast_key(doc.uri))
+            missing = len(fast.prompt.token_ids) - engine.reusable_tokens(fast.prompt)
+            if missing * engine.speed.prefill_s <= target:
+                break
+        log.info("completion %s: %d-token prompt while the %d-token one warms", doc.uri,
+                 len(fast.prompt.token_ids), len(job.prompt.token_ids))
+        return fast, True
+
+    async def _run(self, service: CompletionService, job: CompletionJob, cancelled, decode_seconds=None):
+        """Run a request on the worker ahead of any warming; None when cancelled."""
+        loop = asyncio.get_running_loop()
+        self.waiting += 1
+        try:
+            return await loop.run_in_executor(self.worker, lambda: service.run(job, cancelled, decode_seconds))
+        except Cancelled:
+            return None
+        finally:
+            self.waiting -= 1
+
+    # ---- work ahead ----
+
+    def point(self, uri: str, line: int, character: int) -> None:
+        """The client shows where the cursor is (opened, focused, moved, idle): warm its prompt."""
+        doc = self.documents.get(uri)
+        if doc is None:
+            raise BadRequest(f"unknown document {uri}: it was not opened with textDocument/didOpen")
+        self.check_position(doc, line, character)
+        self.cursors[uri], self.active = (line, character), uri
+        self.warm(uri)
+
+    def warm(self, uri: str | None) -> None:
+        """Prefill ``uri``'s prompt at its last cursor in the background, unless a request is waiting."""
+        if uri is None or not self.settings.warm_ahead or self.state != "ready" or uri not in self.cursors:
+            return
+        previous = self.warming.pop(uri, None)
+        if previous is not None:
+            previous.cancel()  # a newer cursor
+        token = RequestToken()
+        self.warming[uri] = token
+        self._spawn(self._warm(uri, token))
+
+    async def _warm(self, uri: str, token: RequestToken) -> None:
+        try:
+            computed = await self._warm_once(uri, token)
+        except Exception:
+            log.exception("warming %s failed", uri)
+            return
+        finally:
+            if self.warming.get(uri) is token:
+                del self.warming[uri]
+        if computed is None:
+            return
+        if self.waiting > 0 and not token.cancelled():
+            self.warm_counters.preempted += 1
+            self._spawn(self._rewarm_after_requests(uri))
+        log.info("warmed %s: %d tokens", uri, computed)
+
+    async def _warm_once(self, uri: str, token: RequestToken) -> int | None:
+        service, doc = self.service, self.documents.get(uri)
+        if service is None or doc is None or token.cancelled():
+            return None
+        line, character = self.cursors[uri]
+        try:
+            self.check_position(doc, line, character)
+        except BadRequest:
+            return None
+        job = service.prepare(doc, line, character)
+        if not job.known_language:
+            return None
+        engine = service.engine
+        stop = lambda: token.cancelled() or self.waiting > 0  # noqa: E731
+        self.warm_counters.jobs += 1
+        return await asyncio.get_running_loop().run_in_executor(
+            self.worker, engine.prefill, job.prompt, stop, self._warm_chunk(engine))
+
+    @staticmethod
+    def _warm_chunk(engine: Engine) -> int:
+        return max(MIN_FAST_BUDGET, engine.speed.prefill_tokens_within(WARM_CHUNK_SECONDS))
+
+    async def _rewarm_after_requests(self, uri: str) -> None:
+        while self.waiting > 0:
+            await asyncio.sleep(0.01)
+        if uri not in self.warming:
+            self.warm(uri)
+
+    def _prefetch_after_accept(self, doc: Document, cursor: Cursor, text: str) -> None:
+        """Compute the suggestion that follows ``text`` once the user accepts it, at idle priority."""
+        if not text or not self.settings.warm_ahead or self.service is None:
+            return
+        accepted = Document(doc.uri, doc.text[: cursor.offset] + text + doc.text[cursor.offset :], doc.version,
+                            doc.language, doc.encoding)
+        at = Cursor.at(accepted, *accepted.position_at(cursor.offset + len(text)))
+        token = RequestToken()
+        previous = self.warming.pop(doc.uri, None)
+        if previous is not None:
+            previous.cancel()
+        self.warming[doc.uri] = token
+        self._spawn(self._prefetch(accepted, at, token))
+
+    async def _prefetch(self, accepted: Document, at: Cursor, token: RequestToken) -> None:
+        try:
+            service = self.service
+            if service is None or token.cancelled():
+                return
+            job, _ = self._fit_to_latency(service, accepted, at, service.prepare(accepted, at.line, at.character))
+            stop = lambda: token.cancelled() or self.waiting > 0  # noqa: E731
+            chunk = self._warm_chunk(service.engine)
+            result = await asyncio.get_running_loop().run_in_executor(
+                self.worker, lambda: service.run(job, stop, self._decode_seconds(), chunk, ahead=True))
+        except Cancelled:
+            return
+        except Exception:
+            log.exception("prefetching after %s failed", accepted.uri)
+            return
+        finally:
+            if self.warming.get(accepted.uri) is token:
+                del self.warming[accepted.uri]
+        if result.text and accepted.uri in self.documents:
+            self.prefetched.remember(accepted, at.byte, result.text)
+
+    # ---- reports ----
+
+    def report(self) -> dict:
+        service = self.service
+        counters = service.engine.pool.counters if service is not None else None
+        speed = service.engine.speed if service is not None else None
+        return {
+            "status": self.status,
+            "state": self.state,
+            "documents": len(self.documents),
+            "indexedFiles": len(self.index.files),
+            "cacheBytes": service.engine.pool.total_bytes() if service is not None else 0,
+            "reusedTokens": counters.reused_tokens if counters else 0,
+            "computedTokens": counters.computed_tokens if counters else 0,
+            "warmedTokens": counters.warmed_tokens if counters else 0,
+            "warmedUsedTokens": counters.warmed_used_tokens if counters else 0,
+            "warming": sorted(self.warming),  # documents with work ahead under way
+            "warmJobs": self.warm_counters.jobs,
+            "warmPreempted": self.warm_counters.preempted,
+            "fastAnswers": self.warm_counters.fast_answers,
+            "prefetchedAnswers": self.warm_counters.prefetched_answers,
+            "prefillMsPerToken": speed.prefill_s * 1000 if speed else None,
+            "decodeMsPerToken": speed.decode_s * 1000 if speed else None,
+            "watching": self.watcher is not None,
+        }
+
+
+def fast_key(uri: str) -> str:
+    return uri + "#fast"
+
+
+def _with_budget(context, budget: int):
+    return dataclasses.replace(context, budget_tokens=budget)

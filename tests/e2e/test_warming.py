@@ -1,0 +1,165 @@
+"""Work done ahead of the user, through the real server over stdio: prompts warmed where the editor
+says the cursor is, requests served before warming, a short prompt while the full one warms on a
+slow machine, and the suggestion after an accept prefetched."""
+
+import argparse
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+import pytest_lsp
+from e2e.data import SERVER
+from lsprotocol import types
+from pytest_lsp import ClientServerConfig, LanguageClient, client_capabilities
+
+from e2e.test_server import inline, open_doc, type_text
+
+pytestmark = pytest.mark.e2e
+
+LONG = Path(argparse.__file__).read_text(encoding="utf-8")  # ~2,700 lines: any budget fills
+
+
+async def start(lsp_client: LanguageClient, workspace, **options):
+    lsp_client.workspace_root = workspace
+    await lsp_client.initialize_session(types.InitializeParams(
+        capabilities=client_capabilities("visual-studio-code"), root_uri=workspace.as_uri(),
+        workspace_folders=[types.WorkspaceFolder(uri=workspace.as_uri(), name="ws")],
+        initialization_options={"maxNewTokens": 16, "crossFile": False, **options}))
+    await wait_ready(lsp_client)
+
+
+async def wait_ready(client) -> dict:
+    for _ in range(600):
+        state = await status(client)
+        if state["state"] == "ready":
+            return state
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"the model did not load: {state}")
+
+
+async def status(client) -> dict:
+    reply = await client.protocol.send_request_async("hirope/status", {})
+    return reply._asdict() if hasattr(reply, "_asdict") else reply  # pygls hands JSON objects over as named tuples
+
+
+def warm(client, uri, line, character):
+    client.protocol.notify("hirope/warm", {"textDocument": {"uri": uri}, "position": {"line": line, "character": character}})
+
+
+async def until_idle(client, timeout=120.0) -> dict:
+    """Status once no warming or prefetching is left."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = await status(client)
+        if not state["warming"]:
+            return state
+        await asyncio.sleep(0.02)
+    raise AssertionError("warming never ended")
+
+
+def cursor_in(text: str, line: int) -> tuple[int, int]:
+    return line, len(text.split("\n")[line])
+
+
+@pytest_lsp.fixture(config=ClientServerConfig(server_command=SERVER))
+async def client(lsp_client: LanguageClient, workspace):
+    await start(lsp_client, workspace, promptBudget=2048, latencyTargetMs=10000)
+    yield
+    await lsp_client.shutdown_session()
+
+
+async def test_a_warmed_prompt_is_reused_by_the_request_that_follows(client: LanguageClient):
+    uri = (client.workspace_root / "long.py").as_uri()
+    open_doc(client, uri, LONG)
+    line, character = cursor_in(LONG, 1500)
+    warm(client, uri, line, character)
+    warmed = await until_idle(client)
+    assert warmed["warmJobs"] == 1 and warmed["warmedTokens"] > 1500
+    assert warmed["computedTokens"] == 0  # no request has run yet
+    await inline(client, uri, line, character)
+    after = await status(client)
+    assert after["computedTokens"] <= 2  # the prompt's last token (its logits) and a healed one
+    assert after["warmedUsedTokens"] == warmed["warmedTokens"]
+
+
+async def test_a_request_during_warming_is_answered_first(client: LanguageClient):
+    client.workspace_did_change_configuration(
+        types.DidChangeConfigurationParams(settings={"hirope": {"promptBudget": 6144}}))
+    long_uri = (client.workspace_root / "long.py").as_uri()
+    small_uri = (client.workspace_root / "geometry.py").as_uri()
+    open_doc(client, long_uri, LONG)
+    small = (client.workspace_root / "geometry.py").read_text()
+    open_doc(client, small_uri, small)
+    warm(client, long_uri, *cursor_in(LONG, 2600))
+    for _ in range(200):  # the long prompt's warming is under way
+        if (await status(client))["warmedTokens"] > 0:
+            break
+        await asyncio.sleep(0.01)
+    await inline(client, small_uri, *cursor_in(small, 5))
+    answered = await status(client)
+    assert long_uri in answered["warming"], "the request waited for the whole warming"
+    assert answered["warmPreempted"] >= 1
+    done = await until_idle(client)
+    assert done["warmedTokens"] > answered["warmedTokens"]  # warming went on after the request
+
+
+async def test_warming_stops_when_the_document_closes(client: LanguageClient):
+    client.workspace_did_change_configuration(
+        types.DidChangeConfigurationParams(settings={"hirope": {"promptBudget": 6144}}))
+    uri = (client.workspace_root / "long.py").as_uri()
+    open_doc(client, uri, LONG)
+    warm(client, uri, *cursor_in(LONG, 2600))
+    for _ in range(200):
+        if (await status(client))["warmedTokens"] > 0:
+            break
+        await asyncio.sleep(0.01)
+    client.text_document_did_close(types.DidCloseTextDocumentParams(types.TextDocumentIdentifier(uri=uri)))
+    stopped = await until_idle(client, timeout=5)
+    await asyncio.sleep(0.3)
+    later = await status(client)
+    assert later["warmedTokens"] == stopped["warmedTokens"] < 6000
+    assert later["cacheBytes"] == 0  # the closed document's KV state is gone
+
+
+async def test_the_suggestion_after_an_accept_is_ready_before_it_is_asked_for(client: LanguageClient):
+    # suggestions cut after a few tokens end mid-statement: there is more to say after accepting one
+    client.workspace_did_change_configuration(types.DidChangeConfigurationParams(settings={"hirope": {"maxNewTokens": 3}}))
+    uri = (client.workspace_root / "long.py").as_uri()
+    lines = LONG.split("\n")
+    line = next(i for i in range(1200, len(lines)) if lines[i].strip().startswith("self."))
+    lines[line] = lines[line][: lines[line].index("self.") + len("self.")]  # mid-statement: something to say
+    text = "\n".join(lines)
+    open_doc(client, uri, text)
+    character = len(lines[line])
+    first = await inline(client, uri, line, character)
+    assert first.items, "the model suggested nothing here; pick another line"
+    text = first.items[0].insert_text
+    before = await until_idle(client)
+    type_text(client, uri, 2, line, character, text)  # accepted as VS Code inserts it
+    line, character = line + text.count("\n"), (len(text.rsplit("\n", 1)[-1]) if "\n" in text else character + len(text))
+    await inline(client, uri, line, character)
+    after = await status(client)
+    assert after["prefetchedAnswers"] == 1
+    assert after["computedTokens"] == before["computedTokens"]  # answered without the model
+
+
+@pytest_lsp.fixture(config=ClientServerConfig(server_command=SERVER))
+async def slow_client(lsp_client: LanguageClient, workspace):
+    # a latency target no full prompt meets here: the machine is "too slow" for this budget
+    await start(lsp_client, workspace, promptBudget=8192, latencyTargetMs=50)
+    yield
+    await lsp_client.shutdown_session()
+
+
+async def test_a_cold_request_gets_a_short_prompt_and_the_full_one_warms(slow_client: LanguageClient):
+    client = slow_client
+    uri = (client.workspace_root / "long.py").as_uri()
+    open_doc(client, uri, LONG)
+    line, character = cursor_in(LONG, 2000)
+    await inline(client, uri, line, character)
+    answered = await status(client)
+    assert answered["fastAnswers"] == 1
+    assert 0 < answered["computedTokens"] < 2048
+    warmed = await until_idle(client)
+    assert warmed["warmedTokens"] > 4096  # the full prompt, after the answer

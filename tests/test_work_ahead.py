@@ -1,0 +1,115 @@
+"""The engine's side of working ahead, on the embedded default model: warming keeps what it computed
+and a request reuses it, generated tokens take the cursor's unit, the measured speed, the deadline,
+and the suggestion prefetched for after an accept."""
+
+import pytest
+import torch
+
+from hirope_lsp.completion.context import ContextSettings, PromptBuilder
+from hirope_lsp.completion.typed_ahead import ShownSuggestions
+from hirope_lsp.hierarchy.document import Document
+from hirope_lsp.model.engine import Engine, EngineSettings, Prompt
+from hirope_lsp.model.loading import load_model
+from hirope_lsp.model.rope import RopeMethodConfig
+
+SOURCE = "import os\n\n\n" + "".join(
+    f"def f{k}(path):\n    '''Step {k}.'''\n    parts = os.path.split(path)\n    return parts[{k % 2}]\n\n\n"
+    for k in range(40)) + "class Walker:\n    def run(self, path):\n        return self.\n"
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    torch.set_num_threads(1)
+    return load_model(None, device="cpu", dtype="float32")
+
+
+@pytest.fixture
+def engine(loaded):
+    return Engine(EngineSettings(rope=RopeMethodConfig(window=64), prefill_chunk=128), loaded=loaded)
+
+
+def built_at(engine, text, line, character, budget=1024):
+    doc = Document("file:///w/m.py", text, language_id="python")
+    return PromptBuilder(engine.tokenizer, engine.fim, ContextSettings(budget_tokens=budget)).build(doc, line, character)
+
+
+def cursor_line(text):
+    lines = text.split("\n")
+    line = len(lines) - 2
+    return line, len(lines[line])
+
+
+def test_the_speed_is_measured_at_load_and_the_probe_is_not_counted(engine):
+    assert 0 < engine.speed.prefill_s < 1 and 0 < engine.speed.decode_s < 10
+    assert engine.speed.prefill_samples >= 1 and engine.speed.decode_samples >= 1
+    assert engine.pool.counters.requests == 0 and engine.pool.counters.computed_tokens == 0
+    assert "#speed" not in engine.pool.slots
+
+
+def test_warming_in_chunks_is_reused_whole_by_the_request(engine):
+    built = built_at(engine, SOURCE, *cursor_line(SOURCE))
+    prompt = Prompt("doc", built.token_ids, built.positions, built.cursor_unit)
+    assert engine.reusable_tokens(prompt) == 0
+    computed = engine.prefill(prompt, chunk=100)
+    assert computed == engine.reusable_tokens(prompt) > 300
+    assert engine.pool.counters.warmed_tokens == computed and engine.pool.counters.requests == 0
+    warm = engine.generate(prompt, 6)
+    assert warm.computed_tokens == 1 and engine.pool.counters.warmed_used_tokens == computed
+    engine.pool.clear()
+    cold = engine.generate(prompt, 6)
+    assert cold.reused_tokens == 0 and cold.text == warm.text  # warming changes nothing but the time
+
+
+def test_warming_stops_between_chunks_when_asked_and_keeps_its_part(engine):
+    built = built_at(engine, SOURCE, *cursor_line(SOURCE))
+    prompt = Prompt("doc", built.token_ids, built.positions)
+    calls = []
+    computed = engine.prefill(prompt, cancelled=lambda: calls.append(1) or len(calls) > 2, chunk=64)
+    assert computed == 128 and engine.reusable_tokens(prompt) == 128
+
+
+def test_warming_stops_at_the_cache_budget(loaded):
+    engine = Engine(EngineSettings(rope=RopeMethodConfig(window=64), cache_budget_mb=0), loaded=loaded)
+    engine.pool.budget_bytes = 200_000  # a few hundred tokens of this model's KV state
+    built = built_at(engine, SOURCE, *cursor_line(SOURCE))
+    computed = engine.prefill(Prompt("doc", built.token_ids, built.positions), chunk=64)
+    assert 0 < computed < len(built.token_ids) - 1
+    assert engine.pool.total_bytes() <= engine.pool.budget_bytes
+
+
+def test_generated_tokens_take_the_cursors_unit_not_the_middle_tokens(engine):
+    text = SOURCE.replace("        return self.\n", "        return self.\n\n\ndef tail():\n    return 0\n")
+    line = text.split("\n").index("        return self.")
+    built = built_at(engine, text, line, len("        return self."))
+    mid_unit = built.positions[-1, :-1]
+    assert built.cursor_unit is not None and not torch.equal(built.cursor_unit, mid_unit)
+    pre = engine.tokenizer.convert_tokens_to_ids("<|fim_prefix|>")
+    assert torch.equal(built.cursor_unit, built.positions[len(built.token_ids) - 2, :-1])  # the prefix's last token
+    assert built.token_ids.index(pre) < len(built.token_ids) - 2
+    seen = []
+    forward = engine.handle.forward
+    engine.handle.forward = lambda ids, positions, **kw: seen.append((ids.shape[1], positions[0, -1].clone())) \
+        or forward(ids, positions, **kw)
+    engine.generate(Prompt("doc", built.token_ids, built.positions, built.cursor_unit), 4, heal=False,
+                    suppress_eos=True)
+    decoded = [p for n, p in seen if n == 1]  # the decoding steps' newest positions
+    assert len(decoded) == 3 and all(torch.equal(p[:-1], built.cursor_unit) for p in decoded)
+    assert [int(p[-1]) for p in decoded] == [len(built.token_ids) + k for k in range(len(decoded))]
+
+
+def test_decoding_stops_after_its_time_with_the_tokens_in_hand(engine):
+    built = built_at(engine, SOURCE, *cursor_line(SOURCE))
+    gen = engine.generate(Prompt("doc", built.token_ids, built.positions), 32, decode_seconds=0.0)
+    assert gen.stopped_by in ("time", "eos") and len(gen.token_ids) <= 1
+
+
+def test_a_prefetched_suggestion_answers_once_the_document_reaches_its_state():
+    ahead = ShownSuggestions(answers_at_start=True)
+    accepted = Document("file:///w/m.py", "x = 1\nprint(x)\n")
+    ahead.remember(accepted, len("x = 1\nprint(x)"), "\ny = 2")
+    before = Document("file:///w/m.py", "x = 1\nprint(\n")  # not yet accepted: nothing
+    assert ahead.rest(before, len("x = 1\nprint(")) is None
+    assert ahead.rest(accepted, len("x = 1\nprint(x)")) == "\ny = 2"
+    shown = ShownSuggestions()  # what is on screen answers only once its start is typed
+    shown.remember(accepted, len("x = 1\nprint(x)"), "\ny = 2")
+    assert shown.rest(accepted, len("x = 1\nprint(x)")) is None
