@@ -390,23 +390,25 @@ class Session:
     def _fit_to_latency(self, service: CompletionService, doc: Document, cursor: Cursor,
                         job: CompletionJob) -> tuple[CompletionJob, bool]:
         """The full prompt when what is not cached of it prefills within the latency target; else the
-        longest shorter prompt (a power of two of tokens) that does, kept in a slot of its own."""
+        longest shorter prompt (a power of two of tokens) that does, kept in a slot of its own, as long
+        as it has less left to compute than the full one."""
         engine = service.engine
-        target = self.settings.latency_target_ms / 1000 - EXPECTED_NEW_TOKENS * engine.speed.decode_s
+        target = max(0.0, self.settings.latency_target_ms / 1000 - EXPECTED_NEW_TOKENS * engine.speed.decode_s)
         missing = len(job.prompt.token_ids) - engine.reusable_tokens(job.prompt)
-        if not self.settings.warm_ahead or missing * engine.speed.prefill_s <= target:
-            return job, False
         budget = self.settings.context.budget_tokens
-        if budget <= MIN_FAST_BUDGET:
+        if not self.settings.warm_ahead or missing * engine.speed.prefill_s <= target or missing <= MIN_FAST_BUDGET \
+                or budget <= MIN_FAST_BUDGET:
             return job, False
         while budget > MIN_FAST_BUDGET:
             budget = max(MIN_FAST_BUDGET, 1 << ((budget - 1).bit_length() - 1))  # the power of two below
             self.fast_builder.settings = _with_budget(self.settings.context, budget)
             fast = service.prepare(doc, cursor.line, cursor.character, builder=self.fast_builder,
                                    key=fast_key(doc.uri))
-            missing = len(fast.prompt.token_ids) - engine.reusable_tokens(fast.prompt)
-            if missing * engine.speed.prefill_s <= target:
+            fast_missing = len(fast.prompt.token_ids) - engine.reusable_tokens(fast.prompt)
+            if fast_missing * engine.speed.prefill_s <= target:
                 break
+        if fast_missing >= missing:
+            return job, False
         log.info("completion %s: %d-token prompt while the %d-token one warms", doc.uri,
                  len(fast.prompt.token_ids), len(job.prompt.token_ids))
         return fast, True

@@ -29,11 +29,27 @@ def read_lines(path):
 def count_lines(path):
     return len(read_lines(`;
 
+async function waitFor<T>(probe: () => Promise<T | undefined>, timeoutMs: number): Promise<T | undefined> {
+  const deadline = Date.now() + timeoutMs;
+  while (Date.now() < deadline) {
+    const value = await probe();
+    if (value !== undefined) {
+      return value;
+    }
+    await new Promise((resolve) => setTimeout(resolve, 200));
+  }
+  return undefined;
+}
+
 async function main() {
   const settings: Record<string, unknown> = {
     pythonPath: process.env.HIROPE_PYTHON ?? "python3",
     maxNewTokens: 16,
     promptBudget: 1024,
+    // a shared CPU decodes at ~140 ms/token: the default 400 ms target cuts decoding at 800 ms, at times
+    // before the first token, and sends every request to the short fast-path prompt (which the warm
+    // does not fill).  The protocol is under test here, not the latency policy.
+    latencyTargetMs: 10000,
   };
   const config: ConfigReader = { get: <T>(key: string, fallback: T) => (key in settings ? (settings[key] as T) : fallback) };
   const { command, args } = serverCommand(config);
@@ -69,6 +85,17 @@ async function main() {
   });
   const lines = SOURCE.split("\n");
   const position = { line: lines.length - 1, character: lines[lines.length - 1].length };
+  // what the extension sends when the editor gets the focus or the cursor rests: the server prefills
+  // that prompt in the background (once the model is loaded) and counts the job in hirope/status
+  await connection.sendNotification("hirope/warm", { textDocument: { uri }, position });
+  const warmed = await waitFor(async () => {
+    const status = await connection.sendRequest<Record<string, unknown>>("hirope/status", {});
+    // the prefill has finished: `warming` counts the jobs under way, or lists their documents
+    const done = !status.warming || (Array.isArray(status.warming) && !status.warming.includes(uri));
+    return typeof status.warmJobs === "number" && status.warmJobs >= 1 && done ? status : undefined;
+  }, 180_000);
+  assert.ok(warmed, "hirope/warm starts a warm job (hirope/status warmJobs >= 1)");
+  console.log(`warm: ${warmed.warmJobs} job(s), ${warmed.warmedTokens} tokens warmed`);
   const result = await connection.sendRequest(InlineCompletionRequest.type, {
     textDocument: { uri },
     position,
@@ -81,6 +108,10 @@ async function main() {
   assert.ok((first.insertText as string).length > 0);
   assert.deepEqual(first.range?.start, position);
   console.log(`inline completion: ${JSON.stringify(first.insertText)}`);
+  const after = await connection.sendRequest<Record<string, unknown>>("hirope/status", {});
+  const used = typeof after.warmedUsedTokens === "number" ? after.warmedUsedTokens : after.reusedTokens;
+  assert.ok(typeof used === "number" && used > 0, "the completion reuses the warmed prompt");
+  console.log(`warmed tokens used by the completion: ${used}`);
   await connection.sendRequest("shutdown");
   await connection.sendNotification("exit");
   connection.dispose();
