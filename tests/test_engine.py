@@ -84,18 +84,31 @@ def test_cached_logits_equal_a_full_forward(loaded):
     assert torch.allclose(full, last, atol=1e-4)
 
 
-def test_cancellation_stops_generation(loaded):
-    engine = engine_for(loaded)
+@pytest.mark.parametrize("checks", [1, 3, 4, 7], ids=["prefill-chunk-2", "prefill-chunk-4", "decode-1", "decode-4"])
+def test_cancellation_stops_generation(loaded, checks):
+    """``cancelled()`` is asked before each prefill chunk (32 tokens here: four for this prompt) and each
+    decoding step: it stops mid-prefill or mid-decoding, and what follows is as if it had not run."""
+    engine = Engine(EngineSettings(rope=RopeMethodConfig(window=16), prefill_chunk=32), loaded=loaded)
+    prompt = prompt_for(engine, SOURCE, 18, 20)
+    assert 96 < len(prompt.token_ids) <= 128, "four prefill chunks"
     calls = []
 
     def cancelled():
         calls.append(1)
-        return len(calls) > 3
+        return len(calls) > checks
 
     with pytest.raises(Cancelled):
-        engine.generate(prompt_for(engine, SOURCE, 18, 20), max_new_tokens=50, cancelled=cancelled)
-    # the pool is left consistent: the next request works
-    assert engine.generate(prompt_for(engine, SOURCE, 18, 20), max_new_tokens=2).token_ids is not None
+        engine.generate(prompt, max_new_tokens=50, cancelled=cancelled)
+    assert len(calls) == checks + 1, "it stopped at the first check that said so"
+    # the pool is left consistent: the next request reuses what was computed before the stop and
+    # continues the prompt as an engine that never saw it does
+    after = engine.generate(prompt, max_new_tokens=8)
+    assert after.reused_tokens >= min(32 * checks, 96)
+    fresh = Engine(EngineSettings(rope=engine.settings.rope, reuse_cache=False), loaded=loaded)
+    from_scratch = fresh.generate(prompt, max_new_tokens=8)
+    assert from_scratch.reused_tokens == 0
+    assert after.token_ids, "the default model continues the prompt"
+    assert after.token_ids == from_scratch.token_ids
 
 
 def test_cache_budget_evicts_least_recently_used(loaded):

@@ -68,8 +68,12 @@ def test_superseded_requests_are_all_answered_and_only_the_current_version_compl
     assert all("result" in r for r in replies), replies
     assert replies[0]["result"]["items"] == [], "a result for version 1 is never returned after the edit"
     assert replies[1]["result"]["items"] == [], "superseded by the third request"
-    for item in replies[2]["result"]["items"]:
-        assert item["range"]["start"] == {"line": 13, "character": 34}
+    items = replies[2]["result"]["items"]
+    assert len(items) == 1, "the current request completes (the model suggests after 'selfr')"
+    assert items[0]["insertText"].strip()
+    assert items[0]["range"]["start"] == {"line": 13, "character": 34}
+    state = raw.call("hirope/documentState", {"uri": uri})["result"]
+    assert state["version"] == 2
 
 
 def test_missing_model_is_reported_and_requests_get_errors(workspace):

@@ -55,16 +55,18 @@ async def test_open_complete_edit_complete_again(client: LanguageClient):
     line, character = len(last) - 1, len(last[-1])
     first = await inline(client, uri, line, character)
     assert isinstance(first, types.InlineCompletionList)
-    for item in first.items:
-        assert item.range == types.Range(types.Position(line, character), types.Position(line, character))
-        assert isinstance(item.insert_text, str) and item.insert_text.strip()
+    assert len(first.items) == 1, "the model suggests after 'self.' (it does: 'radius')"
+    item = first.items[0]
+    assert item.range == types.Range(types.Position(line, character), types.Position(line, character))
+    assert isinstance(item.insert_text, str) and item.insert_text.strip()
     # type two characters that are not the suggestion's start (that would be answered without the model)
-    # and ask again: the new result is for the new cursor and version
-    typed = "ra" if not any(item.insert_text.startswith("r") for item in first.items) else "zq"
+    # and ask again: the new result is for the new cursor and version ('self.ar' gets 'ray' from the model)
+    typed = "ar" if not item.insert_text.startswith("ar") else "ci"
     type_text(client, uri, 2, line, character, typed)
     second = await inline(client, uri, line, character + 2)
-    for item in second.items:
-        assert item.range.start == types.Position(line, character + 2)
+    assert len(second.items) == 1, f"the model suggests after 'self.{typed}'"
+    assert second.items[0].range.start == types.Position(line, character + 2)
+    assert second.items[0].insert_text.strip()
     status = await client.protocol.send_request_async("hirope/status", {})
     assert status.status.startswith("ready")
     assert status.reusedTokens > 0, "the second prompt reuses the first one's KV state"
@@ -104,20 +106,31 @@ async def test_a_newline_ending_block_opener_gets_a_completion(client: LanguageC
     open_doc(client, uri, text)
     results = await inline(client, uri, 4, 0)
     assert isinstance(results, types.InlineCompletionList)
+    assert len(results.items) == 1, "the cursor on the empty line after the def gets the function's body"
+    item = results.items[0]
+    assert item.range == types.Range(types.Position(4, 0), types.Position(4, 0))
+    assert item.insert_text.strip(), item.insert_text
+    # multiline auto: the cursor on an empty line below a block opener gets more than one line, the
+    # body indented under the def
+    assert "\n" in item.insert_text.strip(), item.insert_text
+    assert all(line.startswith(" ") for line in item.insert_text.split("\n") if line.strip()), item.insert_text
 
 
 async def test_ranges_with_multibyte_text(client: LanguageClient):
     uri = (client.workspace_root / "emoji.py").as_uri()
-    text = 'greeting = "😀 你好"  # 😀\nname = greeting.'
+    line0 = 'greeting = "😀 你好"; name = greeting.'
+    text = line0 + "\nname = greeting."
     open_doc(client, uri, text)
-    # UTF-16: the emoji counts 2; the cursor after 'greeting.' on line 1 is column 16
+    # the cursor after 'greeting.' on line 1 (below a line of multibyte text) is column 16
     result = await inline(client, uri, 1, 16)
-    for item in result.items:
-        assert item.range.start == types.Position(1, 16)
-    line0_end = len('greeting = "😀 你好"  # 😀'.encode("utf-16-le")) // 2
+    assert len(result.items) == 1, "the model suggests after 'greeting.'"
+    assert result.items[0].range.start == types.Position(1, 16)
+    # UTF-16: the emoji counts 2, so the end of line 0 is column 36 (35 code points, 42 bytes)
+    line0_end = len(line0.encode("utf-16-le")) // 2
+    assert line0_end == len(line0) + 1
     result = await inline(client, uri, 0, line0_end)
-    for item in result.items:
-        assert item.range.start == types.Position(0, line0_end)
+    assert len(result.items) == 1, "the model suggests after 'greeting.' at the end of line 0"
+    assert result.items[0].range.start == types.Position(0, line0_end)
 
 
 async def test_completion_fallback_has_a_correct_text_edit(client: LanguageClient):
@@ -127,10 +140,13 @@ async def test_completion_fallback_has_a_correct_text_edit(client: LanguageClien
     result = await client.text_document_completion_async(types.CompletionParams(
         text_document=types.TextDocumentIdentifier(uri=uri), position=types.Position(4, 11)))
     assert isinstance(result, types.CompletionList)
-    for item in result.items:
-        edit = item.text_edit
-        assert edit.range.start == types.Position(4, 9) and edit.range.end == types.Position(4, 11)
-        assert edit.new_text.startswith("ad")
+    assert len(result.items) == 1, "the model completes 'result = ad'"
+    item = result.items[0]
+    edit = item.text_edit
+    # the edit replaces the word typed so far ('ad') with it and the suggestion
+    assert edit.range.start == types.Position(4, 9) and edit.range.end == types.Position(4, 11)
+    assert edit.new_text.startswith("ad") and len(edit.new_text) > 2, edit.new_text
+    assert item.filter_text.startswith("ad")
 
 
 async def test_bad_requests_get_errors_and_the_server_keeps_serving(client: LanguageClient):
@@ -147,12 +163,65 @@ async def test_bad_requests_get_errors_and_the_server_keeps_serving(client: Lang
     assert isinstance(ok, types.InlineCompletionList)
 
 
+def configure(client: LanguageClient, options: dict) -> None:
+    """A settings change as vscode-languageclient sends it, {"hirope": {...}}; the server merges it into its
+    current settings."""
+    client.workspace_did_change_configuration(types.DidChangeConfigurationParams(settings={"hirope": options}))
+
+
+async def counters(client: LanguageClient) -> tuple[int, int]:
+    status = await client.protocol.send_request_async("hirope/status", {})
+    return status.reusedTokens, status.computedTokens
+
+
 async def test_configuration_change_is_applied(client: LanguageClient):
-    client.workspace_did_change_configuration(types.DidChangeConfigurationParams(
-        settings={"hirope": {"maxNewTokens": 4, "hirope": {"window": 0}}}))
-    await asyncio.sleep(0.2)
     uri = (client.workspace_root / "cfg.py").as_uri()
-    open_doc(client, uri, "def f():\n    return ")
-    result = await inline(client, uri, 1, 11)
-    assert isinstance(result, types.InlineCompletionList)
+    open_doc(client, uri, "import os\n\n\ndef list_python_files(directory):\n")
+    before = await inline(client, uri, 4, 0)  # maxNewTokens 24 (initializationOptions)
+    assert len(before.items) == 1
+    long = before.items[0].insert_text
+    # a good value and a bad one: the good one applies, the bad one is reported
+    configure(client, {"maxNewTokens": 4, "hirope": {"window": 0}})
+    after = await inline(client, uri, 4, 0)  # same prompt (greedy): the first 4 of the same tokens
+    assert len(after.items) == 1
+    short = after.items[0].insert_text
+    assert short.strip() and long.startswith(short) and len(short) < len(long), (short, long)
+    for _ in range(50):
+        if any("window" in m.message for m in client.messages):
+            break
+        await asyncio.sleep(0.1)
     assert any("window" in m.message for m in client.messages), "a bad value is reported to the user"
+    assert (await client.protocol.send_request_async("hirope/status", {})).status.startswith("ready")
+
+
+async def test_reuse_cache_and_prompt_budget_changes_are_applied(client: LanguageClient):
+    # no work ahead: a request's prompt is the whole prompt, and the counters move by the requests alone
+    configure(client, {"warmAhead": False})
+    uri = (client.workspace_root / "settings.py").as_uri()
+    filler = "".join(f"def offset_{i}(value):\n    return value + {i}\n\n\n" for i in range(40))
+    text = filler + GEOMETRY
+    open_doc(client, uri, text)
+    last = text.rstrip("\n").split("\n")
+    line, character = len(last) - 1, len(last[-1])  # after 'self.'
+    await inline(client, uri, line, character)
+    # reuseCache on (the default): after a keystroke the prompt's unchanged start is reused
+    reused, computed = await counters(client)
+    line, character = type_text(client, uri, 2, line, character, "Z")
+    await inline(client, uri, line, character)
+    reused_on, computed_on = await counters(client)
+    assert reused_on > reused and computed_on > computed
+    # reuseCache off: the next keystroke's prompt is computed whole
+    configure(client, {"reuseCache": False})
+    line, character = type_text(client, uri, 3, line, character, "Q")
+    await inline(client, uri, line, character)
+    reused_off, computed_off = await counters(client)
+    assert computed_off > computed_on, "the model ran"
+    assert reused_off == reused_on, "nothing was reused"
+    full = computed_off - computed_on  # the whole prompt under promptBudget 1024
+    assert full > 256, full
+    # promptBudget 64: the same cursor's prompt is at most 64 tokens
+    configure(client, {"promptBudget": 64})
+    result = await inline(client, uri, line, character)
+    assert isinstance(result, types.InlineCompletionList)
+    _, computed_small = await counters(client)
+    assert 0 < computed_small - computed_off <= 64, computed_small - computed_off
