@@ -51,7 +51,7 @@ def _run_corpus(args) -> int:
 def _run_train(args) -> int:
     import torch
 
-    from .train import TrainConfig, train
+    from .research.train import TrainConfig, train
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -72,7 +72,7 @@ def _run_train(args) -> int:
     summary = train(args.run_dir, cfg, export=args.export, init_from=args.init_from)
     print(json.dumps(summary, indent=2))
     if args.curve:
-        from .train import plot_loss_curve
+        from .research.train import plot_loss_curve
 
         plot_loss_curve(args.run_dir, args.curve)
     return 0
@@ -146,16 +146,16 @@ def _add_bench(sub) -> None:
 
 def _run_bench(args) -> int:
     if args.bench == "attention":
-        from .bench import bench_attention
+        from .research.bench import bench_attention
 
         result = bench_attention([int(x) for x in args.lengths.split(",")], repeats=args.repeats, device=args.device,
                                  query_chunk=args.query_chunk, rounds=args.rounds, **_far_bias_options(args))
     elif args.bench == "soak":
-        from .bench import bench_soak
+        from .research.bench import bench_soak
 
         result = bench_soak(args.requests, args.report_every, args.cache_budget_mb, **_far_bias_options(args))
     elif args.bench == "typing":
-        from .bench import bench_typing
+        from .research.bench import bench_typing
 
         result = bench_typing(args.keystrokes, args.budget, max_new_tokens=args.max_new_tokens, model=args.model,
                               **_far_bias_options(args))
@@ -165,7 +165,7 @@ def _run_bench(args) -> int:
         result = bench_replay(args.files, args.target_ms, args.budget, args.latency_target_ms, args.model, args.big,
                               args.big_files)
     else:
-        from .bench import bench_hierarchy
+        from .research.bench import bench_hierarchy
 
         result = bench_hierarchy(lines=args.lines, keystrokes=args.keystrokes, index_root=args.index_root)
     if args.json:
@@ -207,7 +207,7 @@ def _run_eval(args) -> int:
         from .research.far_eval import run_cli
 
         return run_cli(args)
-    from . import evaluate
+    from .research import evaluate
     from .model.rope import RopeMethodConfig
 
     base = RopeMethodConfig(window=args.window, split=args.split, token_index=args.token_index, **_far_bias_options(args))

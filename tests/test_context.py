@@ -103,7 +103,7 @@ def test_incremental_prefix_tokens_equal_tokenizing_the_whole_text():
     import random
 
     from hirope_lsp.completion.tokens import IncrementalEncoder
-    from hirope_lsp.train import stdlib_files
+    from hirope_lsp.research.train import stdlib_files
 
     tok = tokenizer()
     whole = lambda text: tuple(map(list, (tok(text, add_special_tokens=False, return_offsets_mapping=True)[k]  # noqa: E731

@@ -7,7 +7,7 @@ import pytest
 
 from hirope_lsp.research import corpus
 from hirope_lsp.research.corpus import SourceFile, held_out_names, load_sources, rejection, write_corpus
-from hirope_lsp.train import EOS, FILE_SEP, FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX, Samples, TrainConfig, pack
+from hirope_lsp.research.train import EOS, FILE_SEP, FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX, Samples, TrainConfig, pack
 
 MANIFEST = Path(__file__).parents[1] / "docs" / "corpus_manifest.json"
 

@@ -3,8 +3,8 @@ import math
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hirope_lsp import evaluate
-from hirope_lsp.train import TrainConfig, train
+from hirope_lsp.research import evaluate
+from hirope_lsp.research.train import TrainConfig, train
 
 TINY = dict(vocab_size=300, hidden_size=32, layers=1, heads=2, intermediate_size=64, context=32, batch_size=4,
             warmup=2, lr=3e-3, checkpoint_every=5, held_out_percent=10, max_files=40)

@@ -16,7 +16,7 @@ import torch
 
 from ..model.loading import load_model
 from ..model.patch import trained_length
-from ..train import read_text, token_byte_lengths
+from .train import read_text, token_byte_lengths
 
 
 @torch.no_grad()

@@ -88,7 +88,7 @@ def parse_grid(grid: str | list | tuple | None) -> list[Setting]:
 def source_files(root: Path) -> list[Path]:
     """The source files of a corpus directory (or the file itself): the suffixes ``evaluate`` reads, none
     over ``far_eval.MAX_FILE_BYTES``, hidden, cache, vendored and build folders left out; sorted."""
-    from ..evaluate import SOURCE_SUFFIXES
+    from .evaluate import SOURCE_SUFFIXES
 
     root = Path(root)
     if root.is_file():

@@ -497,7 +497,7 @@ def method_specs(biases: list[tuple[float, str]]) -> list[MethodSpec]:
 
 
 def rope_config(spec: MethodSpec, train_length: int, length: int):
-    from ..evaluate import method_config
+    from .evaluate import method_config
     from ..model.rope import RopeMethodConfig
 
     base = RopeMethodConfig(far_bias=spec.far_bias, far_bias_mode=spec.far_bias_mode)
@@ -627,7 +627,7 @@ def spread(values_by_group: dict[int, list[float]]) -> dict:
 
 def score_rows(corpus: str, method: str, budget: int, task: str, scored: list[tuple[Case, str]],
                seconds: float, prompt_tokens: list[int]) -> list[dict]:
-    from ..evaluate import edit_similarity
+    from .evaluate import edit_similarity
 
     rows = []
     for split in SPLITS + ("all",):
@@ -708,7 +708,7 @@ def perplexity_rows(corpus: Corpus, loaded, specs: list[MethodSpec], lengths_x, 
                     far_distance: int | None = None) -> list[dict]:
     import torch
 
-    from ..evaluate import make_windows, positions_for, token_nll, tokenize_files, truncated_nll
+    from .evaluate import make_windows, positions_for, token_nll, tokenize_files, truncated_nll
     from ..model.patch import attach, trained_length
 
     lm, tokenizer, fim = loaded

@@ -28,7 +28,7 @@ QWEN_05B_SHAPE = dict(num_hidden_layers=24, hidden_size=896, intermediate_size=4
 
 def workspace_files(count: int, min_tokens: int = 2500, max_tokens: int = 4000) -> list[Path]:
     """Standard-library modules of about 3,000 tokens (the issue's file size), by size in bytes."""
-    from ..train import stdlib_files
+    from .train import stdlib_files
 
     picked = []
     for path in stdlib_files():
@@ -91,7 +91,7 @@ class Replay:
         return text
 
     def _edit(self, uri: str, line: int, character: int, text: str) -> None:
-        from ..bench import _insert
+        from .bench import _insert
 
         self.versions[uri] += 1
         _insert(self.client, uri, self.versions[uri], line, character, text)
@@ -155,7 +155,7 @@ def _summary(events: list[dict], target_ms: float) -> dict:
 
 def run_replay(files: list[Path], model: str | None, warm_ahead: bool, target_ms: float, budget: int,
                latency_target_ms: int, wait_full: bool = False) -> dict:
-    from ..rawclient import RawClient
+    from .rawclient import RawClient
 
     root = Path(tempfile.mkdtemp(prefix="hirope-replay-"))
     for path in files:

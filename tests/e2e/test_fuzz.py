@@ -10,7 +10,7 @@ import re
 import time
 
 import pytest
-from hirope_lsp.rawclient import RawClient
+from hirope_lsp.research.rawclient import RawClient
 
 pytestmark = pytest.mark.e2e
 

@@ -5,7 +5,7 @@ import os
 import time
 
 import pytest
-from hirope_lsp.rawclient import RawClient
+from hirope_lsp.research.rawclient import RawClient
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

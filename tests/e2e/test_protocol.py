@@ -2,7 +2,7 @@
 
 import pytest
 from e2e.data import GEOMETRY
-from hirope_lsp.rawclient import RawClient
+from hirope_lsp.research.rawclient import RawClient
 
 pytestmark = pytest.mark.e2e
 

@@ -221,7 +221,7 @@ def _stdlib_sources(cfg: TrainConfig) -> tuple[list[str], list[str]]:
 def _corpus_sources(cfg: TrainConfig) -> tuple[list[dict], list[str]]:
     """Training documents of the corpus, and the held-out files of its tuning split (Python), which
     the training log reports on; the reporting split is kept for the release evaluation."""
-    from .research.corpus import held_out_files, read_documents
+    from .corpus import held_out_files, read_documents
 
     root = Path(cfg.corpus)
     docs = list(read_documents(root))[: cfg.max_files]

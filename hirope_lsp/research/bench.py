@@ -29,8 +29,8 @@ def _attention_child(method: str, length: int, repeats: int, device: str, query_
 
     import torch
 
-    from .model.patch import attach
-    from .model.rope import RopeMethodConfig, fixed_unit_positions
+    from ..model.patch import attach
+    from ..model.rope import RopeMethodConfig, fixed_unit_positions
 
     torch.set_grad_enabled(False)
     model = _bench_model(device)
@@ -69,7 +69,7 @@ def bench_attention(lengths: list[int], repeats: int = 2, device: str = "cpu", q
         for _ in range(rounds):
             for method in ("rope", "hirope"):
                 out = subprocess.run(
-                    [sys.executable, "-m", "hirope_lsp.bench", "attention-child", method, str(length), str(repeats),
+                    [sys.executable, "-m", "hirope_lsp.research.bench", "attention-child", method, str(length), str(repeats),
                      device, str(query_chunk), json.dumps(far_bias)],
                     capture_output=True, text=True, check=True,
                 )
@@ -132,9 +132,9 @@ def bench_hierarchy(lines: int = 10000, keystrokes: int = 300, index_root=None) 
     import sysconfig
     from pathlib import Path
 
-    from .hierarchy.document import Change, Document
-    from .workspace.files import FilePolicy
-    from .workspace.index import WorkspaceIndex
+    from ..hierarchy.document import Change, Document
+    from ..workspace.files import FilePolicy
+    from ..workspace.index import WorkspaceIndex
 
     text = _ten_thousand_lines(lines)
     text = "\n".join(text.split("\n")[:lines]) + "\n"

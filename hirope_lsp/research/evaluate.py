@@ -17,13 +17,13 @@ from pathlib import Path
 
 import torch
 
-from .hierarchy.document import Document
-from .hierarchy.languages import language_for_path
-from .hierarchy.positions import positions_from_unit_keys, token_unit_keys
-from .model.loading import load_model
-from .model.patch import attach, trained_length
-from .model.rope import RopeMethodConfig, default_window, fixed_unit_positions, plain_positions
-from .completion.postprocess import PHRASE_LOOP, SELF_ASSIGNMENT, finish, stop_policy
+from ..hierarchy.document import Document
+from ..hierarchy.languages import language_for_path
+from ..hierarchy.positions import positions_from_unit_keys, token_unit_keys
+from ..model.loading import load_model
+from ..model.patch import attach, trained_length
+from ..model.rope import RopeMethodConfig, default_window, fixed_unit_positions, plain_positions
+from ..completion.postprocess import PHRASE_LOOP, SELF_ASSIGNMENT, finish, stop_policy
 from .train import read_text
 
 log = logging.getLogger(__name__)
@@ -306,8 +306,8 @@ def confidence_gate(predictions: list[dict], thresholds=(-3.0, -2.5, -2.0, -1.5,
 def eval_completion(data: list[Path] | None = None, model: str | None = None, methods=("hirope", "truncate", "rope", "rerope"),
                     prompt_x: int = 4, count: int = 40, seed: int = 0, base: RopeMethodConfig | None = None,
                     max_new_tokens: int = 32) -> dict:
-    from .completion.context import ContextSettings, PromptBuilder
-    from .model.engine import Engine, EngineSettings, Prompt
+    from ..completion.context import ContextSettings, PromptBuilder
+    from ..model.engine import Engine, EngineSettings, Prompt
 
     loaded = load_model(model, device="cpu", dtype="float32")
     lm, tokenizer, fim = loaded
