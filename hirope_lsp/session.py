@@ -111,6 +111,7 @@ class Session:
         self.prefetched = ShownSuggestions(answers_at_start=True)  # the suggestion after an accept
         self.waiting = 0  # requests queued for or running on the worker
         self.warming: dict[str, RequestToken] = {}
+        self.fast_budgets: dict[str, int] = {}  # the short prompt's budget last used per document
         self.warm_counters = WarmingCounters()
         self._tasks: set[asyncio.Task] = set()
 
@@ -271,6 +272,7 @@ class Session:
     def close(self, uri: str) -> None:
         self.documents.pop(uri, None)
         self.cursors.pop(uri, None)
+        self.fast_budgets.pop(uri, None)
         if self.active == uri:
             self.active = None
         self.shown.forget(uri)
@@ -399,14 +401,19 @@ class Session:
         if not self.settings.warm_ahead or missing * engine.speed.prefill_s <= target or missing <= MIN_FAST_BUDGET \
                 or budget <= MIN_FAST_BUDGET:
             return job, False
+        # the last short budget first: while typing, its slot holds all but the newest keystroke
+        candidates = [b for b in [self.fast_budgets.get(doc.uri)] if b is not None and b < budget]
         while budget > MIN_FAST_BUDGET:
             budget = max(MIN_FAST_BUDGET, 1 << ((budget - 1).bit_length() - 1))  # the power of two below
+            candidates.append(budget)
+        for budget in candidates:
             self.fast_builder.settings = _with_budget(self.settings.context, budget)
             fast = service.prepare(doc, cursor.line, cursor.character, builder=self.fast_builder,
                                    key=fast_key(doc.uri))
             fast_missing = len(fast.prompt.token_ids) - engine.reusable_tokens(fast.prompt)
             if fast_missing * engine.speed.prefill_s <= target:
                 break
+        self.fast_budgets[doc.uri] = budget
         if fast_missing >= missing:
             return job, False
         log.info("completion %s: %d-token prompt while the %d-token one warms", doc.uri,

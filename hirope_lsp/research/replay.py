@@ -12,6 +12,7 @@ on and off (today's behaviour) in the same run, and with a model of Qwen2.5-Code
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import statistics
 import tempfile
@@ -148,7 +149,8 @@ def _summary(events: list[dict], target_ms: float) -> dict:
     for kind in ("open", "type", "accept", "jump", "switch", "all"):
         ms = [e["ms"] for e in events if kind in ("all", e["kind"])]
         if ms:
-            out[kind] = {"n": len(ms), "p50_ms": statistics.median(ms), "p95_ms": sorted(ms)[int(0.95 * (len(ms) - 1))],
+            out[kind] = {"n": len(ms), "p50_ms": statistics.median(ms),
+                         "p95_ms": sorted(ms)[min(len(ms) - 1, math.ceil(0.95 * len(ms)) - 1)],
                          "within_target": sum(m <= target_ms for m in ms) / len(ms)}
     return out
 
