@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 EXPECTED_NEW_TOKENS = 12  # a typical suggestion's length, for the decoding share of the latency target
 MIN_FAST_BUDGET = 64
 WARM_CHUNK_SECONDS = 0.1  # warming gives the worker back this often (a request waits at most one chunk)
+IDLE_SECONDS = 0.3  # a pause in requests this long counts as the user resting (warming resumes)
 
 
 class BadRequest(ValueError):
@@ -110,6 +111,7 @@ class Session:
         self.shown = ShownSuggestions()  # typing along what is on screen
         self.prefetched = ShownSuggestions(answers_at_start=True)  # the suggestion after an accept
         self.waiting = 0  # requests queued for or running on the worker
+        self.last_request = 0.0  # event-loop time the newest request was handed to the worker
         self.warming: dict[str, RequestToken] = {}
         self.fast_budgets: dict[str, int] = {}  # the short prompt's budget last used per document
         self.warm_counters = WarmingCounters()
@@ -364,7 +366,7 @@ class Session:
         self.shown.remember(current, cursor.byte, result.text)
         if fast:
             self.warm_counters.fast_answers += 1
-            self.warm(uri)  # the full prompt, now that the user has something to read
+            self._spawn(self._warm_when_idle(uri))  # the full prompt, once the user pauses
         else:
             self._prefetch_after_accept(current, cursor, result.text)
         return Suggestion(result.text, uri, job.line, job.character, prompt_tokens=len(job.prompt.token_ids),
@@ -424,6 +426,7 @@ class Session:
         """Run a request on the worker ahead of any warming; None when cancelled."""
         loop = asyncio.get_running_loop()
         self.waiting += 1
+        self.last_request = loop.time()
         try:
             return await loop.run_in_executor(self.worker, lambda: service.run(job, cancelled, decode_seconds))
         except Cancelled:
@@ -492,8 +495,17 @@ class Session:
         return max(MIN_FAST_BUDGET, engine.speed.prefill_tokens_within(WARM_CHUNK_SECONDS))
 
     async def _rewarm_after_requests(self, uri: str) -> None:
-        while self.waiting > 0:
-            await asyncio.sleep(0.01)
+        await self._warm_when_idle(uri)
+
+    async def _warm_when_idle(self, uri: str) -> None:
+        """Warm ``uri`` once no request came for ``IDLE_SECONDS``: while the user types, warming chunks
+        would only stand between the keystrokes' requests and the worker."""
+        loop = asyncio.get_running_loop()
+        while True:
+            idle = loop.time() - self.last_request
+            if self.waiting == 0 and idle >= IDLE_SECONDS:
+                break
+            await asyncio.sleep(max(0.01, IDLE_SECONDS - idle))
         if uri not in self.warming:
             self.warm(uri)
 

@@ -240,8 +240,10 @@ def bench_typing(keystrokes: int = 40, budget: int = 4000, pause: float = 0.05, 
         client = RawClient()
         try:
             # KV reuse on and off, every keystroke through the model (typing along comes after)
+            # the whole budget on every request (reuse at a fixed prompt size; work ahead is `bench replay`'s)
             client.initialize(None, {"reuseCache": reuse, "promptBudget": budget, "maxNewTokens": max_new_tokens,
                                      "crossFile": False, "watchFiles": False, "typeAlong": False,
+                                     "latencyTargetMs": 10000,
                                      **({"model": model} if model else {}),
                                      **_position_options(far_bias, far_bias_mode)})
             uri = "file:///bench/typing.py"
