@@ -41,7 +41,8 @@ def test_far_bias_settings_are_parsed_and_bad_ones_reported():
 
 
 def test_far_bias_flags_reach_every_command():
-    from hirope_lsp import cli, evaluate
+    from hirope_lsp import cli
+    from hirope_lsp.research import evaluate
     from hirope_lsp.model.rope import FAR_BIAS_MODES, RopeMethodConfig
 
     assert cli.FAR_BIAS_MODES == FAR_BIAS_MODES

@@ -10,7 +10,8 @@ import pytest
 from tiny_models import tiny_model
 from transformers import AutoTokenizer
 
-from hirope_lsp import cli, evaluate
+from hirope_lsp import cli
+from hirope_lsp.research import evaluate
 from hirope_lsp.model.loading import DEFAULT_MODEL_DIR, load_model, recommended_far_bias
 from hirope_lsp.research import far_calibrate as fc
 
@@ -79,7 +80,7 @@ def test_zero_bias_row_is_plain_hirope_perplexity(result, model_dir, corpus):
     zero = next(r for r in result["table"] if r["value"] == 0)
     assert set(plain) == set(zero["by_multiple"])
     for x, ppl in plain.items():
-        assert math.isclose(zero["by_multiple"][x]["ppl"], ppl, rel_tol=1e-6), x
+        assert math.isclose(zero["by_multiple"][x]["ppl"], ppl, rel_tol=1e-5), x
     assert result["chosen"]["plain_hirope_ppl"] == zero["ppl"]
 
 
