@@ -176,7 +176,7 @@ def test_a_bad_position_setting_at_run_time_leaves_the_model_patched(loaded):
 def test_one_level_positions_complete_and_deeper_levels_are_refused(loaded):
     from hirope_lsp.config import Settings, apply_options
 
-    one = engine_for(loaded, levels=1)
+    one = engine_for(loaded, levels=1, far_bias=0.0)  # the card's far bias would make far keys differ
     prompt = prompt_for(one, SOURCE, 18, 20)
     text = one.generate(prompt, max_new_tokens=6).text
     # the token index alone is plain RoPE, as is HiRoPE with a window longer than the prompt
