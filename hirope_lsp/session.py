@@ -469,7 +469,7 @@ class Session:
             return
         if self.waiting > 0 and not token.cancelled():
             self.warm_counters.preempted += 1
-            self._spawn(self._rewarm_after_requests(uri))
+            self._spawn(self._warm_when_idle(uri))
         log.info("warmed %s: %d tokens", uri, computed)
 
     async def _warm_once(self, uri: str, token: RequestToken) -> int | None:
@@ -493,9 +493,6 @@ class Session:
     @staticmethod
     def _warm_chunk(engine: Engine) -> int:
         return max(MIN_FAST_BUDGET, engine.speed.prefill_tokens_within(WARM_CHUNK_SECONDS))
-
-    async def _rewarm_after_requests(self, uri: str) -> None:
-        await self._warm_when_idle(uri)
 
     async def _warm_when_idle(self, uri: str) -> None:
         """Warm ``uri`` once no request came for ``IDLE_SECONDS``: while the user types, warming chunks
