@@ -438,10 +438,7 @@ class Session:
 
     def point(self, uri: str, line: int, character: int) -> None:
         """The client shows where the cursor is (opened, focused, moved, idle): warm its prompt."""
-        doc = self.documents.get(uri)
-        if doc is None:
-            raise BadRequest(f"unknown document {uri}: it was not opened with textDocument/didOpen")
-        self.check_position(doc, line, character)
+        self.check_position(self.document(uri), line, character)
         self.cursors[uri], self.active = (line, character), uri
         self.warm(uri)
 
@@ -449,12 +446,15 @@ class Session:
         """Prefill ``uri``'s prompt at its last cursor in the background, unless a request is waiting."""
         if uri is None or not self.settings.warm_ahead or self.state != "ready" or uri not in self.cursors:
             return
+        self._spawn(self._warm(uri, self._claim_work_ahead(uri)))
+
+    def _claim_work_ahead(self, uri: str) -> RequestToken:
+        """A token for new work ahead on ``uri``; the work it replaces (an older cursor's) is cancelled."""
         previous = self.warming.pop(uri, None)
         if previous is not None:
-            previous.cancel()  # a newer cursor
-        token = RequestToken()
-        self.warming[uri] = token
-        self._spawn(self._warm(uri, token))
+            previous.cancel()
+        token = self.warming[uri] = RequestToken()
+        return token
 
     async def _warm(self, uri: str, token: RequestToken) -> None:
         try:
@@ -513,12 +513,7 @@ class Session:
         accepted = Document(doc.uri, doc.text[: cursor.offset] + text + doc.text[cursor.offset :], doc.version,
                             doc.language, doc.encoding)
         at = Cursor.at(accepted, *accepted.position_at(cursor.offset + len(text)))
-        token = RequestToken()
-        previous = self.warming.pop(doc.uri, None)
-        if previous is not None:
-            previous.cancel()
-        self.warming[doc.uri] = token
-        self._spawn(self._prefetch(accepted, at, token))
+        self._spawn(self._prefetch(accepted, at, self._claim_work_ahead(doc.uri)))
 
     async def _prefetch(self, accepted: Document, at: Cursor, token: RequestToken) -> None:
         try:
