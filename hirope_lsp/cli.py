@@ -189,7 +189,7 @@ def _add_eval(sub) -> None:
         _add_far_bias(e)
         e.add_argument("--quick", action="store_true", help="a smoke-test setting (seconds)")
     perplexity = esub.choices["perplexity"]
-    perplexity.add_argument("--methods", default="rope,ntk,yarn,rerope,self-extend,hirope,hirope-fixed,truncate")
+    perplexity.add_argument("--methods", default="all", help="comma-separated, or all (every position method and truncate)")
     perplexity.add_argument("--lengths-x", default="1,4,16,32", help="multiples of the training length")
     perplexity.add_argument("--windows", type=int, default=4, help="windows per length")
     perplexity.add_argument("--plot", type=Path, default=None)
@@ -217,9 +217,11 @@ def _run_eval(args) -> int:
         print(f"hirope-lsp: {err}", file=sys.stderr)
         return 2
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    unknown = [m for m in methods if m not in evaluate.ALL_METHODS]
+    if methods == ("all",):
+        methods = evaluate.all_methods()
+    unknown = [m for m in methods if m not in evaluate.all_methods()]
     if unknown:
-        print(f"hirope-lsp: unknown methods {unknown}; choose from {', '.join(evaluate.ALL_METHODS)}", file=sys.stderr)
+        print(f"hirope-lsp: unknown methods {unknown}; choose from {', '.join(evaluate.all_methods())}", file=sys.stderr)
         return 2
     if args.eval == "perplexity":
         lengths = (1, 2) if args.quick else tuple(float(x) for x in args.lengths_x.split(","))
@@ -261,7 +263,9 @@ def _add_model_options(p) -> None:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code")
     p.add_argument("--allow-download", action="store_true", help="fetch a hub model id that is not cached")
-    p.add_argument("--method", default="hirope", help="position method: rope, hirope, hirope-fixed, rerope, ...")
+    from .model.methods import method_names
+
+    p.add_argument("--method", default="hirope", choices=method_names(), help="position method")
     p.add_argument("--budget", type=int, default=None, help="prompt budget in tokens")
     _add_far_bias(p)
 

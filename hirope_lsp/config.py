@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 
 from .completion.context import ContextSettings
 from .model.engine import EngineSettings
-from .model.rope import FAR_BIAS_MODES, METHODS, TOKEN_INDEX_MODES, RopeMethodConfig
+from .model.methods import REGISTRY as POSITION_METHODS
+from .model.rope import FAR_BIAS_MODES, TOKEN_INDEX_MODES, RopeMethodConfig
 
 MULTILINE_MODES = ("auto", "always", "never")
 
@@ -165,9 +166,8 @@ SETTINGS: tuple[Setting, ...] = (
                 "is warmed in the background."),
     # the position method (the client's "hirope" object; VS Code's hirope.positions.*)
     Setting(key="hirope.method", target="engine.rope.method", type="string",
-            enum=tuple(sorted(METHODS, key=lambda m: not m.startswith("hirope"))),
-            doc="Position method: hirope (hierarchical), hirope-fixed (units of unitSize tokens), plain rope, "
-                "rerope, self-extend, ntk, dynamic-ntk, yarn."),
+            enum=tuple(POSITION_METHODS),
+            doc="Position method: " + ", ".join(m.summary for m in POSITION_METHODS.values()) + "."),
     Setting(key="hirope.window", target="engine.rope.window", type=("integer", "null"), minimum=1,
             shown_default="½ training length",
             doc="Distances below this keep plain RoPE positions; null: half the model's training length."),

@@ -8,6 +8,7 @@ from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 
 from hirope_lsp.model import attention
 from hirope_lsp.model.buffers import GrowingTensor, growing_cache
+from hirope_lsp.model.methods import REGISTRY
 from hirope_lsp.model.patch import attach, make_plan, truncate_cache
 from hirope_lsp.model.rope import (
     RopeMethodConfig,
@@ -18,6 +19,8 @@ from hirope_lsp.model.rope import (
 )
 
 ATOL = 2e-5
+WINDOW_METHODS = [m.name for m in REGISTRY.values() if m.windowed]
+SCALING_METHODS = [m.name for m in REGISTRY.values() if m.rescales]
 
 
 def random_units(length: int, seed: int = 1, mean_unit: int = 7) -> torch.Tensor:
@@ -89,7 +92,7 @@ def new_cache(kind, config):
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-@pytest.mark.parametrize("method", ["hirope", "hirope-fixed", "rerope", "self-extend"])
+@pytest.mark.parametrize("method", WINDOW_METHODS)
 @pytest.mark.parametrize("cache_kind", ["dynamic", "growing"])
 def test_incremental_decoding_equals_full_forward(family, method, cache_kind):
     model = tiny_model(family)
@@ -257,7 +260,7 @@ def test_theory_split_matches_the_paper():
 # ---- the other methods behind the same switch ----
 
 
-@pytest.mark.parametrize("method", ["ntk", "yarn", "dynamic-ntk"])
+@pytest.mark.parametrize("method", SCALING_METHODS)
 def test_scaling_methods_change_long_inputs_and_detach_restores(method):
     model = tiny_model("llama", train_length=32)
     ids = torch.randint(0, 97, (1, 64))

@@ -14,7 +14,8 @@ import pytest
 from hirope_lsp import settings_schema
 from hirope_lsp.config import (CLIENT_ONLY_KEYS, MULTILINE_MODES, SCHEMA, SERVER_SETTINGS, SETTINGS, Settings,
                                apply_options)
-from hirope_lsp.model.rope import FAR_BIAS_MODES, METHODS, TOKEN_INDEX_MODES, RopeMethodConfig
+from hirope_lsp.model.methods import method_names
+from hirope_lsp.model.rope import FAR_BIAS_MODES, TOKEN_INDEX_MODES, RopeMethodConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 VSCODE = ROOT / "editors" / "vscode"
@@ -75,7 +76,7 @@ def test_vscode_contributions_match_the_settings():
         assert spec.get("minimum") == s.minimum and spec.get("maximum") == s.maximum, s.key
         assert spec["description"] == s.doc
     # the choices are the server's own
-    assert set(contributed["hirope.positions.method"]["enum"]) == set(METHODS)
+    assert set(contributed["hirope.positions.method"]["enum"]) == set(method_names())
     assert contributed["hirope.positions.farBiasMode"]["enum"] == list(FAR_BIAS_MODES)
     assert contributed["hirope.positions.tokenIndex"]["enum"] == list(TOKEN_INDEX_MODES)
     assert contributed["hirope.multiline"]["enum"] == list(MULTILINE_MODES)

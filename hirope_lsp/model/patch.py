@@ -22,18 +22,10 @@ import inspect
 import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from .attention import AttentionPlan, FarKeyStore, windowed_attention
-from .rope import (
-    DEFAULT_FAR_BIAS,
-    WINDOW_METHODS,
-    RopeMethodConfig,
-    default_window,
-    delta_rotation,
-    far_positions,
-    theory_split,
-)
+from .methods import RotaryBase, position_method
+from .rope import DEFAULT_FAR_BIAS, RopeMethodConfig, default_window, delta_rotation, theory_split
 
 ATTN_NAME = "hirope"
 
@@ -148,11 +140,12 @@ class PositionHandle:
         self.rotary = find_rotary(model)
         inv_freq = self.rotary.inv_freq
         head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
+        self.method = position_method(cfg.method)
         self.dynamic = dynamic_rope(self.rotary)
-        if self.dynamic and cfg.method in ("ntk", "dynamic-ntk", "yarn"):
+        if self.dynamic and self.method.rescales:
             raise ValueError(f"the model's rope_type {self.rotary.rope_type!r} sets its frequencies from the input "
                              f"length; method {cfg.method!r} would fight it: use a window method or 'rope'")
-        if cfg.method in WINDOW_METHODS:
+        if self.method.windowed:
             check_rotary_layout(self.rotary, head_dim)
             check_attention(model.config)
         self.num_pairs = inv_freq.numel()
@@ -167,31 +160,23 @@ class PositionHandle:
         self._saved_scaling = getattr(self.rotary, "attention_scaling", 1.0)
         self._saved_seq_len = getattr(self.rotary, "max_seq_len_cached", None)  # a dynamic rope's state
         self.attached = True
-        if cfg.method in WINDOW_METHODS:
+        if self.method.windowed:
             model.set_attn_implementation(ATTN_NAME)
-        elif cfg.method in ("ntk", "yarn"):
+        elif self.method.rescales and not self.method.factor_from_input:
             self._rescale(cfg.factor or 1.0)
 
     @property
     def windowed(self) -> bool:
-        return self.cfg.method in WINDOW_METHODS
+        return self.method.windowed
 
     def _rescale(self, factor: float) -> None:
-        """Static NTK-aware base change, or YaRN through transformers' own init function."""
+        """The method's frequencies for ``factor``, from the model's own (``factor <= 1``: those)."""
         if factor <= 1.0:
             inv_freq, scaling = self._saved_inv_freq, self._saved_scaling
-        elif self.cfg.method in ("ntk", "dynamic-ntk"):
-            d = 2 * self.num_pairs
-            base = self.base * factor ** (d / (d - 2))
-            idx = torch.arange(0, d, 2, dtype=torch.float64, device=self._saved_inv_freq.device) / d
-            inv_freq, scaling = (1.0 / base**idx).float(), self._saved_scaling
         else:
-            conf = copy.deepcopy(self.model.config)
-            conf.rope_parameters = dict(conf.rope_parameters or {})
-            conf.rope_parameters.update(
-                rope_type="yarn", factor=float(factor), original_max_position_embeddings=self.train_length
-            )
-            inv_freq, scaling = ROPE_INIT_FUNCTIONS["yarn"](conf, self._saved_inv_freq.device)
+            saved = RotaryBase(self._saved_inv_freq, self._saved_scaling, self.base, self.train_length,
+                               self.model.config)
+            inv_freq, scaling = self.method.frequencies(saved, factor)
         self.rotary.inv_freq.copy_(inv_freq.to(self.rotary.inv_freq.dtype))
         self.rotary.attention_scaling = scaling
 
@@ -209,7 +194,7 @@ class PositionHandle:
                 f"positions cover {positions.shape[1]} tokens of batch {positions.shape[0]}, but the cache holds "
                 f"{past} and the input adds {S} (batch {B}): give one position per cached and new token"
             )
-        if self.cfg.method == "hirope" and positions.shape[-1] != self.cfg.levels:
+        if self.method.hierarchical and positions.shape[-1] != self.cfg.levels:
             raise ValueError(f"positions have {positions.shape[-1]} levels, the configuration says {self.cfg.levels}")
         if positions.dtype.is_floating_point:
             raise ValueError("positions must be integers")
@@ -228,7 +213,7 @@ class PositionHandle:
         positions = positions.to(input_ids.device)
         self.check_positions(input_ids, positions, past)
         S = input_ids.shape[1]
-        if self.cfg.method == "dynamic-ntk":
+        if self.method.factor_from_input:
             self._rescale(max(1.0, positions.shape[1] / self.train_length))
         if self.dynamic and self.windowed:  # let the rotary update its frequencies now, so the plan turns by them
             self.rotary(torch.zeros(1, device=input_ids.device), positions[:, -S:, -1])
@@ -270,7 +255,7 @@ def make_plan(cfg: RopeMethodConfig, positions: torch.Tensor, new_tokens: int, i
     """Attention plan for ``positions`` ``[B, T, levels]`` of which the last ``new_tokens`` are queries;
     keys before ``keys_from`` are turned already (kept beside the cache) and get no rotation here."""
     token = positions[..., -1]
-    far = far_positions(cfg, positions, inv_freq.numel(), split, window, start=keys_from)
+    far = position_method(cfg.method).far_positions(cfg, positions, inv_freq.numel(), split, window, keys_from)
     kc, ks = delta_rotation(far.key, token[:, keys_from:], inv_freq, dtype)
     qc, qs = delta_rotation(far.query[:, -new_tokens:], token[:, -new_tokens:], inv_freq, dtype)
     return AttentionPlan(

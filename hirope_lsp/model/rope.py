@@ -1,6 +1,7 @@
-"""The position math of HiRoPE and the window methods that share its shape.
+"""The position math of HiRoPE and the window methods that share its shape (each method's own
+part lives in ``methods/``, one module per method).
 
-Every method here keeps plain RoPE for query/key pairs closer than the window
+Every window method keeps plain RoPE for query/key pairs closer than the window
 ``W`` and gives far pairs other positions, rotary pair by rotary pair.  A
 method is described by its *far positions*: for every token and every rotary
 pair, the position that pair uses when the token takes part in a far
@@ -19,8 +20,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-METHODS = ("rope", "ntk", "dynamic-ntk", "yarn", "rerope", "self-extend", "hirope", "hirope-fixed")
-WINDOW_METHODS = ("rerope", "self-extend", "hirope", "hirope-fixed")
 TOKEN_INDEX_MODES = ("global", "restart")
 FAR_BIAS_MODES = ("constant", "log")
 # The prior against far keys when none is configured: the one place to change the shipped default.
@@ -76,8 +75,9 @@ class RopeMethodConfig:
 
     def validate(self, num_layers: int | None = None) -> None:
         """Raise ValueError for a bad setting; ``num_layers`` (at attach time) checks a per-layer far bias."""
-        if self.method not in METHODS:
-            raise ValueError(f"unknown position method {self.method!r}; choose one of {', '.join(METHODS)}")
+        from .methods import position_method
+
+        position_method(self.method)  # raises for an unknown name
         if self.split is not None and not (0.0 <= self.split <= 1.0):
             raise ValueError(f"HiRoPE split must lie in [0, 1], got {self.split}")
         if self.window is not None and self.window <= 0:
@@ -186,38 +186,6 @@ class FarPositions:
 
     query: torch.Tensor
     key: torch.Tensor
-
-
-def far_positions(cfg: RopeMethodConfig, positions: torch.Tensor, num_pairs: int, split: float, window: int,
-                  start: int = 0) -> FarPositions:
-    """Far positions of the tokens from ``start`` on in ``positions`` (``[B, T, levels]``), as query and as key."""
-    if cfg.method == "hirope-fixed":
-        positions = torch.stack([torch.div(positions[..., -1], cfg.unit_size, rounding_mode="floor"), positions[..., -1]], -1)
-    if cfg.method in ("hirope", "hirope-fixed") and cfg.token_index == "restart":
-        # the restarting index counts from the start of each unit, which may lie before ``start``
-        positions = torch.cat([positions[..., :-1], restart_token_index(positions).unsqueeze(-1)], -1)
-    positions = positions[:, start:]
-    token = positions[..., -1].to(torch.float64)
-    B, T = token.shape
-    if cfg.method == "rerope":
-        # every far pair sees the distance W
-        q = torch.full((B, T, num_pairs), float(window), dtype=torch.float64)
-        k = torch.zeros((B, T, num_pairs), dtype=torch.float64)
-        return FarPositions(q.to(positions.device), k.to(positions.device))
-    if cfg.method == "self-extend":
-        g = cfg.group_size
-        grouped = torch.div(positions[..., -1], g, rounding_mode="floor").to(torch.float64)
-        shift = window - window // g
-        q = (grouped + shift).unsqueeze(-1).expand(B, T, num_pairs)
-        k = grouped.unsqueeze(-1).expand(B, T, num_pairs)
-        return FarPositions(q, k)
-    levels = positions.shape[-1]
-    per_level = positions.to(torch.float64)
-    level_of_pair = pair_levels(num_pairs, split, levels).to(positions.device)
-    k = per_level[..., level_of_pair]  # [B, T, P]
-    coarse = (level_of_pair < levels - 1).to(torch.float64)
-    q = k + coarse * (window - 1)
-    return FarPositions(q, k)
 
 
 def delta_rotation(far: torch.Tensor, token: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):

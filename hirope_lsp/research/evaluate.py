@@ -7,6 +7,7 @@ length of context (a sliding window with stride ``L/2``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -22,13 +23,19 @@ from ..hierarchy.languages import language_for_path
 from ..hierarchy.positions import positions_from_unit_keys, token_unit_keys
 from ..model.loading import load_model
 from ..model.patch import attach, trained_length
-from ..model.rope import RopeMethodConfig, default_window, fixed_unit_positions, plain_positions
+from ..model.methods import method_names, position_method
+from ..model.rope import RopeMethodConfig, plain_positions
 from ..completion.postprocess import PHRASE_LOOP, SELF_ASSIGNMENT, finish, stop_policy
+from .far_eval import TRUNCATE
 from .train import read_text
 
 log = logging.getLogger(__name__)
 
-ALL_METHODS = ("rope", "ntk", "yarn", "rerope", "self-extend", "hirope", "hirope-fixed", "truncate")
+def all_methods() -> tuple[str, ...]:
+    """What the evaluation compares: every registered position method and the truncation baseline."""
+    return method_names() + (TRUNCATE,)
+
+
 SOURCE_SUFFIXES = (".py", ".js", ".ts", ".go", ".rs", ".java", ".c", ".h", ".cpp", ".cc", ".hpp")
 
 
@@ -99,21 +106,16 @@ def make_windows(files: list[TokenizedFile], length: int, max_windows: int, seed
 
 
 def method_config(method: str, train_len: int, length: int, base: RopeMethodConfig) -> RopeMethodConfig:
-    factor = max(1.0, length / train_len)
-    window = base.window or default_window(train_len)
-    # Self-Extend as its authors size it: groups large enough that the far positions fit the trained range
-    group = max(base.group_size, math.ceil(length / max(1, train_len - window)))
-    return RopeMethodConfig(method=method if method != "truncate" else "rope", split=base.split, window=base.window,
-                            token_index=base.token_index, unit_size=base.unit_size, group_size=group,
-                            factor=factor if method in ("ntk", "yarn") else None, query_chunk=base.query_chunk,
-                            far_bias=base.far_bias, far_bias_mode=base.far_bias_mode)
+    """``base``'s settings for ``method``, sized for inputs of ``length`` tokens as the method's authors
+    compare it (a scaling factor, Self-Extend's group size)."""
+    position = position_method("rope" if method == TRUNCATE else method)
+    return position.size_for(dataclasses.replace(base, factor=None), length, train_len)
 
 
 def positions_for(method: str, keys: list, length: int) -> torch.Tensor:
-    if method == "hirope":
+    """The syntax hierarchy for methods that read it; the token index alone for the others."""
+    if method != TRUNCATE and position_method(method).hierarchical:
         return positions_from_unit_keys(keys)[None]
-    if method == "hirope-fixed":
-        return fixed_unit_positions(length)
     return plain_positions(length)
 
 
@@ -145,12 +147,13 @@ def truncated_nll(model, ids: torch.Tensor, train_len: int) -> torch.Tensor:
     return nll
 
 
-def eval_perplexity(data: list[Path] | None = None, model: str | None = None, methods=ALL_METHODS,
+def eval_perplexity(data: list[Path] | None = None, model: str | None = None, methods=None,
                     lengths_x=(1, 4, 16, 32), max_windows: int = 4, seed: int = 0, base: RopeMethodConfig | None = None,
                     device: str = "cpu") -> dict:
     lm, tokenizer, fim = load_model(model, device=device, dtype="float32")
     train_len = trained_length(lm.config)
     base = base or RopeMethodConfig()
+    methods = methods or all_methods()
     files = tokenize_files(tokenizer, collect_files(data or default_eval_data()))
     sep = tokenizer.convert_tokens_to_ids(fim.file_separator) if fim.file_separator else tokenizer.eos_token_id
     results = []
@@ -167,7 +170,7 @@ def eval_perplexity(data: list[Path] | None = None, model: str | None = None, me
             t0 = time.time()
             for kind, name, ids, keys in windows:
                 ids_t = torch.tensor([ids], device=lm.device)
-                if method == "truncate":
+                if method == TRUNCATE:
                     nll = truncated_nll(lm, ids_t, train_len)
                 else:
                     handle = attach(lm, method_config(method, train_len, length, base))
@@ -318,7 +321,7 @@ def eval_completion(data: list[Path] | None = None, model: str | None = None, me
                                  count, seed)
     results = []
     for method in methods:
-        budget = train_len - 8 if method == "truncate" else prompt_tokens
+        budget = train_len - 8 if method == TRUNCATE else prompt_tokens
         cfg = method_config(method, train_len, prompt_tokens, base)
         engine = Engine(EngineSettings(rope=cfg, reuse_cache=False), loaded=loaded)
         builder = PromptBuilder(tokenizer, fim, ContextSettings(budget_tokens=budget, cross_file=False, suffix_share=0.0))
@@ -327,9 +330,7 @@ def eval_completion(data: list[Path] | None = None, model: str | None = None, me
             doc = Document(Path(s["file"]).as_uri() + f"#{k}", s["prompt"], language_id=language_for_path(s["file"]))
             line, character = doc.position_at(len(s["prompt"]))
             built = builder.build(doc, line, character)
-            if method == "hirope-fixed":
-                built.positions = fixed_unit_positions(len(built.token_ids))[0]
-            elif method != "hirope":
+            if method == TRUNCATE or not position_method(method).hierarchical:
                 built.positions = plain_positions(len(built.token_ids))[0]
             gen = engine.generate(Prompt(f"s{k}", built.token_ids, built.positions, built.cursor_unit), max_new_tokens,
                                   should_stop=lambda t: "\n" in t.lstrip("\n"))

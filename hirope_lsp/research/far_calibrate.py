@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .far_eval import MAX_FILE_BYTES, Corpus, MethodSpec, parse_biases, perplexity_rows
+from .far_eval import MAX_FILE_BYTES, TRUNCATE, Corpus, MethodSpec, parse_biases, perplexity_rows
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ def calibrate_far_bias(loaded, files: list[Path], *, multiples=DEFAULT_MULTIPLES
     root = Path(root) if root is not None else Path(os.path.commonpath([str(f.parent) for f in files]))
     name = corpus_name or root.name
     started = time.time()
-    specs = [MethodSpec("truncate", "truncate")] + [MethodSpec(s.label, "hirope", s.value, s.mode) for s in settings]
+    specs = [MethodSpec(TRUNCATE, TRUNCATE)] + [MethodSpec(s.label, "hirope", s.value, s.mode) for s in settings]
     rows = perplexity_rows(Corpus("tune", name, root, files), loaded, specs, multiples, windows, seed)
     if not rows:
         raise ValueError(f"{name}: no window of {int(min(multiples) * L)} tokens in {len(files)} files")
@@ -169,7 +169,7 @@ def calibrate_far_bias(loaded, files: list[Path], *, multiples=DEFAULT_MULTIPLES
     for s in settings:
         mine = [r for r in rows if r["method"] == s.label]
         table.append({"setting": s.label, "mode": s.mode, "value": s.value, **_summary(mine)})
-    truncate = {"setting": "truncate", **_summary([r for r in rows if r["method"] == "truncate"])}
+    truncate = {"setting": "truncate", **_summary([r for r in rows if r["method"] == TRUNCATE])}
     for row in table:
         row["vs_truncate"] = row["ppl"] / truncate["ppl"] - 1
     chosen = choose(table, tolerance)

@@ -88,6 +88,7 @@ ROLES = ("tune", "report")
 DEFAULT_BUDGETS = (1024, 4096)
 DEFAULT_BIASES = ("2",)
 DEFAULT_LENGTHS_X = (1, 4, 16, 32)
+TRUNCATE = "truncate"  # the baseline, not a position method: plain RoPE on a prompt cut to the trained length
 TRUNCATE_MARGIN = 8  # as evaluate.eval_completion: the prompt and the first generated tokens fit the trained range
 MAX_FILE_BYTES = 1024 * 1024
 MIN_TARGET_CHARS = 8
@@ -459,7 +460,7 @@ def _encode(tokenizer, text: str):
 @dataclass(frozen=True)
 class MethodSpec:
     name: str
-    method: str  # hirope or truncate
+    method: str  # a position method's name, or TRUNCATE
     far_bias: float = 0.0
     far_bias_mode: str = "constant"
 
@@ -489,7 +490,7 @@ def parse_biases(text: str | list | tuple | None) -> list[tuple[float, str]]:
 
 
 def method_specs(biases: list[tuple[float, str]]) -> list[MethodSpec]:
-    specs = [MethodSpec("hirope", "hirope"), MethodSpec("truncate", "truncate")]
+    specs = [MethodSpec("hirope", "hirope"), MethodSpec(TRUNCATE, TRUNCATE)]
     for value, mode in biases:
         label = f"hirope+{value:g}" if mode == "constant" else f"hirope+log:{value:g}"
         specs.append(MethodSpec(label, "hirope", value, mode))
@@ -563,7 +564,7 @@ class BlockCache:
 
 
 def budget_of(spec: MethodSpec, budget: int, train_length: int) -> int:
-    return train_length - TRUNCATE_MARGIN if spec.method == "truncate" else budget
+    return train_length - TRUNCATE_MARGIN if spec.method == TRUNCATE else budget
 
 
 class Completer:
@@ -597,7 +598,7 @@ class Completer:
         if max_new_tokens is not None:
             self.service.max_new_tokens = max_new_tokens
         job = self.service.prepare(doc, line, character)
-        if self.spec.method == "truncate":
+        if self.spec.method == TRUNCATE:
             job.prompt.positions = plain_positions(len(job.prompt.token_ids))[0]
         self.prompt_tokens.append(len(job.prompt.token_ids))
         return self.service.run(job).text
@@ -656,7 +657,7 @@ def evaluate_cases(cases: list[Case], corpus: Corpus, loaded, index, specs: list
     texts: dict[str, str] = {}
     rows, predictions = [], []
     for spec in specs:
-        for budget in (budgets[:1] if spec.method == "truncate" else budgets):
+        for budget in (budgets[:1] if spec.method == TRUNCATE else budgets):
             completer = Completer(loaded, spec, budget, index, max(MAX_NEW_TOKENS.values()), blocks)
             try:
                 for task in tasks:
@@ -741,7 +742,7 @@ def perplexity_rows(corpus: Corpus, loaded, specs: list[MethodSpec], lengths_x, 
             all_nll, far_nll, rest_nll, per_window = [], [], [], []
             for _, _, ids, keys in wins:
                 ids_t = torch.tensor([ids], device=lm.device)
-                if spec.method == "truncate":
+                if spec.method == TRUNCATE:
                     nll = truncated_nll(lm, ids_t[:, -2 * L :], L)
                 else:
                     handle = attach(lm, rope_config(spec, L, length))
@@ -886,7 +887,7 @@ def replay_rows(corpus: Corpus, loaded, index, specs: list[MethodSpec], budgets:
                 debounce: int, max_new_tokens: int, blocks: BlockCache | None = None) -> list[dict]:
     rows = []
     for spec in specs:
-        for budget in (budgets[:1] if spec.method == "truncate" else budgets):
+        for budget in (budgets[:1] if spec.method == TRUNCATE else budgets):
             completer = Completer(loaded, spec, budget, index, max_new_tokens, blocks)
             total = ReplayStats()
             try:
