@@ -78,6 +78,8 @@ class Suggestion:
     source: str = "model"  # model | typed-along | prefetched
     prompt_tokens: int = 0  # of the prompt the model read (0: answered without it)
     ms: float = 0.0  # the model's time
+    confidence: float | None = None  # mean log-probability per generated token
+    raw: str = ""  # what the model wrote, before the stop rules and clean-up
 
 
 @dataclass
@@ -93,14 +95,21 @@ class Session:
     settings: Settings = field(default_factory=Settings)
     show: Callable[[str, str], None] = lambda message, kind: None  # (message, "info" | "warning" | "error")
     progress: Callable[[str, str], None] = lambda kind, message: None  # ("begin" | "report" | "end", message)
+    # what an evaluation hands in instead: a model already loaded (model, tokenizer, fim), an index
+    # already scanned, the thread its other model calls run on
+    loaded: tuple | None = None
+    index: WorkspaceIndex | None = None
+    worker: ThreadPoolExecutor | None = None
 
     def __post_init__(self):
         self.documents: dict[str, Document] = {}
         self.cursors: dict[str, tuple[int, int]] = {}  # the last cursor a client showed for a document
         self.active: str | None = None
-        self.index = WorkspaceIndex(policy=FilePolicy(self.settings.max_file_bytes))
+        if self.index is None:
+            self.index = WorkspaceIndex(policy=FilePolicy(self.settings.max_file_bytes))
         self.watcher: WorkspaceWatcher | None = None
-        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hirope-inference")
+        if self.worker is None:
+            self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hirope-inference")
         self.state = "starting"  # loading | ready | failed
         self.status = "starting"
         self.service: CompletionService | None = None
@@ -158,7 +167,7 @@ class Session:
         async def run():
             self.progress("begin", "loading model")
             try:
-                engine = await loop.run_in_executor(self.worker, Engine, self.settings.engine)
+                engine = await loop.run_in_executor(self.worker, Engine, self.settings.engine, self.loaded)
             except (ModelLoadError, ValueError, RuntimeError) as err:
                 if load_id != self._loads:
                     return
@@ -370,7 +379,8 @@ class Session:
         else:
             self._prefetch_after_accept(current, cursor, result.text)
         return Suggestion(result.text, uri, job.line, job.character, prompt_tokens=len(job.prompt.token_ids),
-                          ms=result.generation.seconds * 1000)
+                          ms=result.generation.seconds * 1000, confidence=result.generation.confidence,
+                          raw=result.generation.text)
 
     def _answer_without_model(self, doc: Document, cursor: Cursor) -> Suggestion | None:
         rest = self.shown.rest(doc, cursor.byte) if self.settings.type_along else None

@@ -25,7 +25,7 @@ from ..model.loading import load_model
 from ..model.patch import attach, trained_length
 from ..model.methods import method_names, position_method
 from ..model.rope import RopeMethodConfig, plain_positions
-from ..completion.postprocess import PHRASE_LOOP, SELF_ASSIGNMENT, finish, stop_policy
+from ..completion.postprocess import PHRASE_LOOP, SELF_ASSIGNMENT
 from .far_eval import TRUNCATE
 from .train import read_text
 
@@ -309,8 +309,8 @@ def confidence_gate(predictions: list[dict], thresholds=(-3.0, -2.5, -2.0, -1.5,
 def eval_completion(data: list[Path] | None = None, model: str | None = None, methods=("hirope", "truncate", "rope", "rerope"),
                     prompt_x: int = 4, count: int = 40, seed: int = 0, base: RopeMethodConfig | None = None,
                     max_new_tokens: int = 32) -> dict:
-    from ..completion.context import ContextSettings, PromptBuilder
-    from ..model.engine import Engine, EngineSettings, Prompt
+    """Next-line completion through the server's session (no cross-file context, no suffix: LCC's task)."""
+    from .far_eval import Completer, MethodSpec
 
     loaded = load_model(model, device="cpu", dtype="float32")
     lm, tokenizer, fim = loaded
@@ -321,36 +321,31 @@ def eval_completion(data: list[Path] | None = None, model: str | None = None, me
                                  count, seed)
     results = []
     for method in methods:
-        budget = train_len - 8 if method == TRUNCATE else prompt_tokens
-        cfg = method_config(method, train_len, prompt_tokens, base)
-        engine = Engine(EngineSettings(rope=cfg, reuse_cache=False), loaded=loaded)
-        builder = PromptBuilder(tokenizer, fim, ContextSettings(budget_tokens=budget, cross_file=False, suffix_share=0.0))
+        spec = MethodSpec(method, method, base.far_bias, base.far_bias_mode)
+        completer = Completer(loaded, spec, prompt_tokens, None, max_new_tokens, base=base,
+                              context={"cross_file": False, "suffix_share": 0.0})
         exact, sims, far_sims, loops, shown_repeats, predictions = 0, [], [], 0, 0, []
-        for k, s in enumerate(samples):
-            doc = Document(Path(s["file"]).as_uri() + f"#{k}", s["prompt"], language_id=language_for_path(s["file"]))
-            line, character = doc.position_at(len(s["prompt"]))
-            built = builder.build(doc, line, character)
-            if method == TRUNCATE or not position_method(method).hierarchical:
-                built.positions = plain_positions(len(built.token_ids))[0]
-            gen = engine.generate(Prompt(f"s{k}", built.token_ids, built.positions, built.cursor_unit), max_new_tokens,
-                                  should_stop=lambda t: "\n" in t.lstrip("\n"))
-            raw = gen.text.lstrip("\n").split("\n")[0]
-            # what the server would show: its stop rules, repeat guards and syntax cut on the raw line
-            policy = stop_policy(s["prompt"], "\n", "never")
-            shown = finish(policy, gen.text.lstrip("\n") if s["prompt"].endswith("\n") else gen.text) or ""
-            predicted = shown.strip()
-            truth = s["target"].strip()
-            exact += predicted == truth
-            sim = edit_similarity(predicted, truth)
-            sims.append(sim)
-            loops += bool(PHRASE_LOOP.search(raw)) or _repeats_line(raw, s["prompt"])
-            shown_repeats += bool(PHRASE_LOOP.search(shown)) or _repeats_line(shown, s["prompt"])
-            predictions.append({"target": truth, "predicted": predicted, "raw": raw.strip(), "far": s["far"],
-                                "edit_similarity": sim, "confidence": gen.confidence})
-            if s["far"]:
-                far_sims.append(sim)
-        engine.handle.detach()
-        row = {"method": method, "samples": len(samples), "prompt_tokens": budget, "exact_match": exact / max(1, len(samples)),
+        try:
+            for k, s in enumerate(samples):
+                doc = Document(Path(s["file"]).as_uri() + f"#{k}", s["prompt"], language_id=language_for_path(s["file"]))
+                shown = completer.complete(doc, *doc.position_at(len(s["prompt"])), multiline="never")
+                completer.reset(doc.uri)
+                raw = completer.last.raw.lstrip("\n").split("\n")[0]
+                predicted = shown.strip()
+                truth = s["target"].strip()
+                exact += predicted == truth
+                sim = edit_similarity(predicted, truth)
+                sims.append(sim)
+                loops += bool(PHRASE_LOOP.search(raw)) or _repeats_line(raw, s["prompt"])
+                shown_repeats += bool(PHRASE_LOOP.search(shown)) or _repeats_line(shown, s["prompt"])
+                predictions.append({"target": truth, "predicted": predicted, "raw": raw.strip(), "far": s["far"],
+                                    "edit_similarity": sim, "confidence": completer.last.confidence})
+                if s["far"]:
+                    far_sims.append(sim)
+        finally:
+            completer.close()
+        row = {"method": method, "samples": len(samples), "prompt_tokens": completer.budget,
+               "exact_match": exact / max(1, len(samples)),
                "edit_similarity": 100 * sum(sims) / max(1, len(sims)),
                "edit_similarity_far": 100 * sum(far_sims) / max(1, len(far_sims)), "far_samples": len(far_sims),
                "raw_repeats": loops, "shown_repeats": shown_repeats, "confidence_gate": confidence_gate(predictions),

@@ -461,7 +461,7 @@ def _encode(tokenizer, text: str):
 class MethodSpec:
     name: str
     method: str  # a position method's name, or TRUNCATE
-    far_bias: float = 0.0
+    far_bias: float | None = 0.0  # None: the model card's
     far_bias_mode: str = "constant"
 
 
@@ -497,11 +497,14 @@ def method_specs(biases: list[tuple[float, str]]) -> list[MethodSpec]:
     return specs
 
 
-def rope_config(spec: MethodSpec, train_length: int, length: int):
+def rope_config(spec: MethodSpec, train_length: int, length: int, base=None):
+    """``spec``'s method and prior on ``base``'s other settings (default: the shipped ones)."""
+    from dataclasses import replace
+
     from .evaluate import method_config
     from ..model.rope import RopeMethodConfig
 
-    base = RopeMethodConfig(far_bias=spec.far_bias, far_bias_mode=spec.far_bias_mode)
+    base = replace(base or RopeMethodConfig(), far_bias=spec.far_bias, far_bias_mode=spec.far_bias_mode)
     return method_config(spec.method, train_length, length, base)
 
 
@@ -567,49 +570,80 @@ def budget_of(spec: MethodSpec, budget: int, train_length: int) -> int:
     return train_length - TRUNCATE_MARGIN if spec.method == TRUNCATE else budget
 
 
+@functools.cache
+def inference_worker():
+    """The one thread every model call of an evaluation runs on (the sessions' worker and the perplexity):
+    torch on two threads that each ran parallel ops is about twice as slow on a small machine."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="hirope-eval")
+
+
 class Completer:
-    """The server's completion path for one method and budget: PromptBuilder over the workspace index,
-    CompletionService stop rules and clean-up, the Engine (KV reuse on); ``truncate`` gets plain positions."""
+    """The server's session for one method and budget, driven as an editor drives it: a case's document
+    is opened (or its text replaced), completed at the cursor, and closed by ``reset``; KV reuse on, no
+    work ahead, no typing along.  ``truncate`` is plain RoPE on a budget cut to the trained length."""
 
     def __init__(self, loaded, spec: MethodSpec, budget: int, index, max_new_tokens: int = 64,
-                 blocks: BlockCache | None = None):
-        from ..completion.context import ContextSettings, PromptBuilder
-        from ..completion.service import CompletionService
-        from ..model.engine import Engine, EngineSettings
-        from ..model.patch import trained_length
+                 blocks: BlockCache | None = None, context: dict | None = None, base=None):
+        import asyncio
 
-        lm, tokenizer, fim = loaded
-        self.train_length = trained_length(lm.config)
+        from ..config import Settings
+        from ..model.patch import trained_length
+        from ..session import Session
+
+        self.train_length = trained_length(loaded[0].config)
         self.spec = spec
         self.budget = budget_of(spec, budget, self.train_length)
-        cfg = rope_config(spec, self.train_length, max(self.budget, self.train_length))
-        self.engine = Engine(EngineSettings(rope=cfg, reuse_cache=True), loaded=loaded)
-        self.builder = PromptBuilder(tokenizer, fim, ContextSettings(budget_tokens=self.budget))
+        settings = Settings(max_new_tokens=max_new_tokens, watch_files=False, type_along=False, warm_ahead=False)
+        settings.engine.rope = rope_config(spec, self.train_length, max(self.budget, self.train_length), base)
+        settings.engine.measure_speed = False
+        settings.context.budget_tokens = self.budget
+        for name, value in (context or {}).items():
+            setattr(settings.context, name, value)
+        self.loop = asyncio.new_event_loop()
+        self.session = Session(settings, loaded=loaded, index=index, worker=inference_worker())
+        self.loop.run_until_complete(self._load())
         if blocks is not None:
-            blocks.install(self.builder)
-        self.service = CompletionService(self.engine, index, self.builder, max_new_tokens)
+            blocks.install(self.session.service.builder)
         self.prompt_tokens: list[int] = []
+        self.last = None  # the last Suggestion (its confidence and raw model text)
+
+    async def _load(self) -> None:
+        self.session.load_model()
+        await self.session.ready_service()
 
     def complete(self, doc, line: int, character: int, multiline: str = "auto",
                  max_new_tokens: int | None = None) -> str:
-        from ..model.rope import plain_positions
+        from ..hierarchy.document import Change
 
-        self.service.multiline = multiline
+        options = {"multiline": multiline}
         if max_new_tokens is not None:
-            self.service.max_new_tokens = max_new_tokens
-        job = self.service.prepare(doc, line, character)
-        if self.spec.method == TRUNCATE:
-            job.prompt.positions = plain_positions(len(job.prompt.token_ids))[0]
-        self.prompt_tokens.append(len(job.prompt.token_ids))
-        return self.service.run(job).text
+            options["maxNewTokens"] = max_new_tokens
+        problems = self.session.apply(options)
+        if problems:
+            raise ValueError("; ".join(problems))
+        opened = self.session.documents.get(doc.uri)
+        if opened is None:
+            self.session.open(doc.uri, doc.text, doc.version, doc.language, doc.encoding)
+        elif opened.text != doc.text or opened.version != doc.version:
+            self.session.change(doc.uri, [Change(doc.text)], doc.version)
+        self.last = self.loop.run_until_complete(self.session.complete(doc.uri, line, character))
+        if self.last is None:
+            raise RuntimeError(f"the session dropped the request for {doc.uri}")
+        self.prompt_tokens.append(self.last.prompt_tokens)
+        return self.last.text
 
     def reset(self, uri: str) -> None:
-        self.builder.forget(uri)
-        self.engine.pool.clear()
+        """The editor closes ``uri``: its cache slot and prompt memory go."""
+        self.session.close(uri)
 
     def close(self) -> None:
-        self.engine.pool.clear()
-        self.engine.handle.detach()
+        self.session.shutdown()
+        engine = self.session.service.engine
+        engine.pool.clear()
+        engine.handle.detach()
+        self.loop.close()
 
 
 def normalize(text: str, task: str) -> str:
@@ -747,7 +781,7 @@ def perplexity_rows(corpus: Corpus, loaded, specs: list[MethodSpec], lengths_x, 
                 else:
                     handle = attach(lm, rope_config(spec, L, length))
                     try:
-                        nll = token_nll(handle, ids_t, positions_for("hirope", keys, length))
+                        nll = token_nll(handle, ids_t, positions_for(spec.method, keys, length))
                     finally:
                         handle.detach()
                 last = nll[-min(len(nll), L):].cpu().tolist()
@@ -795,7 +829,7 @@ class ReplayStats:
 
 
 def replay(uri: str, before: str, section: str, after: str,
-           suggest: Callable[[object, int, int], str], debounce: int = 4, on_open=None, on_change=None) -> ReplayStats:
+           suggest: Callable[[object, int, int], str], debounce: int = 4) -> ReplayStats:
     """Type ``section`` after ``before`` character by character into a Document, asking ``suggest(doc, line,
     character)`` for a suggestion after a word boundary (the last typed character is not a letter, digit
     or underscore), after every ``debounce`` characters typed since the last request, and again right
@@ -804,8 +838,6 @@ def replay(uri: str, before: str, section: str, after: str,
     from ..hierarchy.document import Change, Document
 
     doc = Document(uri, before, version=0, language_id="python")
-    if on_open is not None:
-        on_open(doc)
     stats = ReplayStats(chars=len(section))
     to_come = section + after
     i, since, ask = 0, 0, True
@@ -816,8 +848,6 @@ def replay(uri: str, before: str, section: str, after: str,
         line, character = doc.position_at(len(doc.text))
         version += 1
         doc.apply_changes([Change(text, ((line, character), (line, character)))], version)
-        if on_change is not None:
-            on_change(doc)
 
     while i < len(section):
         if ask or since >= debounce:
@@ -896,15 +926,10 @@ def replay_rows(corpus: Corpus, loaded, index, specs: list[MethodSpec], budgets:
                     uri = path.as_uri()
                     completer.reset(uri)
 
-                    try:  # the editor's document is open in the index, as in the server
-                        stats = replay(uri, text[:start], text[start:end], text[end:], completer.complete, debounce,
-                                       index.open_document if index is not None else None,
-                                       index.document_changed if index is not None else None)
+                    try:
+                        total.add(replay(uri, text[:start], text[start:end], text[end:], completer.complete, debounce))
                     finally:
-                        if index is not None:
-                            index.close_document(uri)
-                    total.add(stats)
-                    completer.reset(uri)
+                        completer.reset(uri)
             finally:
                 completer.close()
             row = {"corpus": corpus.name, "method": spec.name, "budget": completer.budget, "sections": len(sections)}
@@ -975,8 +1000,8 @@ def run(settings: FarEvalSettings) -> dict:
         rows, predictions = evaluate_cases(cases, corpus, loaded, index, specs, list(settings.budgets),
                                            settings.tasks, settings.keep_predictions, blocks)
         report["completion"] += rows
-        report["perplexity"] += perplexity_rows(corpus, loaded, specs, settings.lengths_x, settings.windows,
-                                                settings.seed)
+        report["perplexity"] += inference_worker().submit(perplexity_rows, corpus, loaded, specs, settings.lengths_x,
+                                                          settings.windows, settings.seed).result()
         sections = replay_sections(corpus, tokenizer, L, settings.replay_sections, settings.replay_lines,
                                    settings.seed)
         report["replay"] += replay_rows(corpus, loaded, index, specs, list(settings.budgets), sections,
