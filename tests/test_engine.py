@@ -1,5 +1,7 @@
 """The engine on the embedded default model: KV reuse gives what a fresh computation gives."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -160,6 +162,26 @@ def test_token_healing_backs_off_a_bare_newline(loaded):
     assert all(engine.token_texts()[i].startswith("\n") for i in allowed.tolist())
     gen = engine.generate(Prompt("h", ids, positions), max_new_tokens=4)
     assert not gen.text.startswith("\n"), "the healed newline is not repeated in the completion"
+
+
+@pytest.mark.parametrize("order", ["spm", "psm"])
+def test_token_healing_of_a_fill_in_the_middle_prompt_backs_off_the_prefix_end(loaded, order):
+    model, tokenizer, fim = loaded
+    engine = Engine(EngineSettings(rope=RopeMethodConfig(window=16)), loaded=(model, tokenizer,
+                                                                           dataclasses.replace(fim, order=order)))
+    text = "def area(self):\n    return self.wid"
+    line, character = 1, len("    return self.wid")
+    prompt = prompt_for(engine, text + "th * self.height\n\nprint(area)\n", line, character)
+    ids = prompt.token_ids
+    healed_ids, healed_pos, removed, allowed = engine.heal(ids, prompt.positions)
+    assert removed and "self.wid".endswith(removed), removed
+    gone = next(i for i, (a, b) in enumerate(zip(ids, healed_ids + [None])) if a != b)
+    suffix_marker = tokenizer.convert_tokens_to_ids(fim.suffix)
+    if order == "psm":  # the prefix ends before the suffix's marker, not before the middle token
+        assert ids[gone + 1] == suffix_marker
+    else:
+        assert gone == len(ids) - 2
+    assert healed_ids == ids[:gone] + ids[gone + 1 :] and healed_pos[:, -1].tolist() == list(range(len(ids) - 1))
 
 
 def test_a_bad_position_setting_at_run_time_leaves_the_model_patched(loaded):

@@ -142,7 +142,7 @@ class Engine:
         special = set(self.tokenizer.all_special_ids)
         at = len(ids) - 1
         if at >= 0 and ids[at] in special:
-            at -= 1  # a fill-in-the-middle prompt ends with its middle token: heal the prefix's last token
+            at = self.prefix_end(ids) - 1  # a fill-in-the-middle prompt: heal the prefix's last token
         if at < 1 or ids[at] in special:
             return ids, positions, "", None
         texts = self.token_texts()
@@ -159,6 +159,15 @@ class Engine:
         tail = positions[at + 1 :].clone()
         tail[:, -1] -= 1
         return new_ids, torch.cat([positions[:at], tail]), removed, torch.tensor(allowed)
+
+    def prefix_end(self, ids: list[int]) -> int:
+        """Where the prefix of a fill-in-the-middle prompt ends: before its middle token (suffix first),
+        or before the suffix's marker (prefix first, the suffix between it and the middle token)."""
+        if self.fim.available and self.fim.order == "psm":
+            marker = self.tokenizer.convert_tokens_to_ids(self.fim.suffix)
+            if marker in ids:
+                return len(ids) - 1 - ids[::-1].index(marker)
+        return len(ids) - 1
 
     @property
     def description(self) -> str:
