@@ -19,12 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from .completion.context import PromptBuilder
 from .completion.service import CompletionJob, CompletionService
 from .completion.typed_ahead import ShownSuggestions
 from .config import Settings, apply_options
 from .hierarchy.document import Change, Document
-from .model.engine import Cancelled, Engine
+from .model.engine import Cancelled, Engine, Prompt
 from .model.loading import ModelLoadError
 from .workspace.files import FilePolicy
 from .workspace.index import WorkspaceIndex, uri_to_path
@@ -403,9 +405,11 @@ class Session:
 
     def _fit_to_latency(self, service: CompletionService, doc: Document, cursor: Cursor,
                         job: CompletionJob) -> tuple[CompletionJob, bool]:
-        """The full prompt when what is not cached of it prefills within the latency target; else the
-        longest shorter prompt (a power of two of tokens) that does, kept in a slot of its own, as long
-        as it has less left to compute than the full one."""
+        """The full prompt when what is not cached of it prefills within the latency target; else, where
+        the suffix comes last, the full prompt with its suffix cut to what does (a keystroke moves all of
+        the suffix, never what warming computed before it); else the longest shorter prompt (a power of
+        two of tokens) that does, kept in a slot of its own, as long as it has less left to compute than
+        the full one."""
         engine = service.engine
         target = max(0.0, self.settings.latency_target_ms / 1000 - EXPECTED_NEW_TOKENS * engine.speed.decode_s)
         missing = len(job.prompt.token_ids) - engine.reusable_tokens(job.prompt)
@@ -413,6 +417,12 @@ class Session:
         if not self.settings.warm_ahead or missing * engine.speed.prefill_s <= target or missing <= MIN_FAST_BUDGET \
                 or budget <= MIN_FAST_BUDGET:
             return job, False
+        affordable = max(MIN_FAST_BUDGET, engine.speed.prefill_tokens_within(target))
+        cut = _with_suffix_cut(engine, job, len(job.prompt.token_ids) - missing, affordable)
+        if cut is not None:
+            log.info("completion %s: the %d-token prompt cut to %d tokens while its suffix warms", doc.uri,
+                     len(job.prompt.token_ids), len(cut.prompt.token_ids))
+            return cut, True
         # the last short budget first: while typing, its slot holds all but the newest keystroke
         candidates = [b for b in [self.fast_budgets.get(doc.uri)] if b is not None and b < budget]
         while budget > MIN_FAST_BUDGET:
@@ -579,3 +589,20 @@ def fast_key(uri: str) -> str:
 
 def _with_budget(context, budget: int):
     return dataclasses.replace(context, budget_tokens=budget)
+
+
+def _with_suffix_cut(engine: Engine, job: CompletionJob, cached: int, affordable: int) -> CompletionJob | None:
+    """``job`` with as much of its suffix as leaves ``affordable`` tokens to compute, given the ``cached``
+    ones; None where the prompt does not end with its suffix and middle token (suffix-prefix-middle, no
+    fill-in-the-middle), or where even without its suffix more is left to compute."""
+    ids = job.prompt.token_ids
+    suffix_start = engine.prefix_end(ids) + 1  # after the suffix's marker
+    if suffix_start >= len(ids):  # the suffix comes first, or there is none
+        return None
+    cut_at = suffix_start + affordable - max(0, suffix_start - cached) - 1  # the middle token is computed too
+    if cut_at < suffix_start or cut_at >= len(ids) - 1:
+        return None
+    positions = job.prompt.positions
+    middle = positions[cut_at - 1 : cut_at] + 1  # a unit of its own, the next token
+    cut = Prompt(job.prompt.key, ids[:cut_at] + ids[-1:], torch.cat([positions[:cut_at], middle]), job.prompt.unit)
+    return dataclasses.replace(job, prompt=cut)

@@ -1,0 +1,92 @@
+"""The session's prompt on a machine too slow for the full prompt: the embedded default model with the
+speed a 0.5B model measures on two cores, and a prefix-suffix-middle prompt (as Qwen2.5-Coder's)."""
+
+import argparse
+import asyncio
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from hirope_lsp.completion.context import ContextSettings
+from hirope_lsp.config import Settings
+from hirope_lsp.hierarchy.document import Change
+from hirope_lsp.model.engine import EngineSettings, Speed
+from hirope_lsp.model.loading import load_model
+from hirope_lsp.session import MIN_FAST_BUDGET, Session
+
+LONG = Path(argparse.__file__).read_text(encoding="utf-8")  # any budget fills
+URI = "file:///w/long.py"
+LINE = 1500
+
+
+class SpeedOf05B(Speed):
+    """A 0.5B model's prefill and decode on two cores, kept whatever the small model takes."""
+
+    def __init__(self):
+        super().__init__(prefill_s=0.006, decode_s=0.15)
+
+    def record_prefill(self, tokens: int, seconds: float) -> None:
+        pass
+
+    def record_decode(self, steps: int, seconds: float) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def loaded_psm():
+    torch.set_num_threads(1)
+    model, tokenizer, fim = load_model(None, device="cpu", dtype="float32")
+    return model, tokenizer, dataclasses.replace(fim, order="psm")
+
+
+@pytest.fixture
+async def slow(loaded_psm):
+    # decoding a suggestion alone takes longer than the latency target: no prefill fits in it
+    session = Session(Settings(engine=EngineSettings(measure_speed=False), max_new_tokens=4,
+                               context=ContextSettings(budget_tokens=1024, cross_file=False), latency_target_ms=1200),
+                      loaded=loaded_psm)
+    session.load_model()
+    (await session.ready_service()).engine.speed = SpeedOf05B()
+    session.open(URI, LONG, 1, "python", "utf-16")
+    yield session
+    session.close(URI)
+    await asyncio.gather(*session._tasks)
+    session.worker.shutdown()
+
+
+async def warmed(session: Session, line: int, character: int) -> dict:
+    session.point(URI, line, character)
+    while session.warming:
+        await asyncio.sleep(0.01)
+    return session.report()
+
+
+def end_of(line: int) -> tuple[int, int]:
+    return line, len(LONG.split("\n")[line])
+
+
+async def test_a_cold_request_gets_the_short_prompt(slow: Session):
+    suggestion = await slow.complete(URI, *end_of(LINE))
+    assert slow.report()["fastAnswers"] == 1 and suggestion.prompt_tokens <= MIN_FAST_BUDGET
+
+
+async def test_a_fully_warmed_prompt_is_used_at_its_cursor(slow: Session):
+    before = await warmed(slow, *end_of(LINE))
+    suggestion = await slow.complete(URI, *end_of(LINE))
+    after = slow.report()
+    assert after["fastAnswers"] == 0 and suggestion.prompt_tokens > 512
+    assert after["computedTokens"] <= 2 and after["warmedUsedTokens"] == before["warmedTokens"]
+
+
+async def test_after_a_keystroke_the_short_prompt_keeps_the_warmed_prefix(slow: Session):
+    # the keystroke moves the whole suffix (it follows the prefix): more than prefills in time
+    before = await warmed(slow, *end_of(LINE))
+    line, character = end_of(LINE)
+    slow.change(URI, [Change("x_", ((line, character), (line, character)))], 2)
+    suggestion = await slow.complete(URI, line, character + 2)
+    after = slow.report()
+    assert after["fastAnswers"] == 1 and suggestion.prompt_tokens > 512
+    assert after["computedTokens"] <= MIN_FAST_BUDGET
+    assert after["warmedUsedTokens"] >= before["warmedTokens"] - 200  # all but the suffix
