@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 
-from .completion.context import ContextSettings
+from .completion.context import FAR_PROMPTS, ContextSettings
 from .model.engine import EngineSettings
 from .model.methods import REGISTRY as POSITION_METHODS
 from .model.rope import FAR_BIAS_MODES, TOKEN_INDEX_MODES, RopeMethodConfig
@@ -145,6 +145,12 @@ SETTINGS: tuple[Setting, ...] = (
                 "always; never."),
     Setting(key="crossFile", target="context.cross_file", type="boolean",
             doc="Add definitions from other workspace files of names used near the cursor."),
+    Setting(key="farPrompt", target="context.far_prompt", type="string", enum=FAR_PROMPTS,
+            doc="The file far from the cursor: raw text as far as the budget goes, or its outline (imports, "
+                "class headers, signatures; function bodies dropped) before nearTokens of raw text."),
+    Setting(key="nearTokens", target="context.near_tokens", type=("integer", "null"), minimum=16,
+            shown_default="½ prefix", doc="With the outline: raw tokens kept before the cursor; null: half the "
+                                          "prefix's budget."),
     Setting(key="cacheBudgetMb", target="engine.cache_budget_mb", type="integer", minimum=0,
             doc="Memory in MiB for KV state kept between requests (across documents, the least recently "
                 "used goes first)."),

@@ -173,3 +173,64 @@ def test_suggestions_never_repeat_a_phrase_the_line_above_or_themselves():
     block = stop_policy("def f():", "\n")
     assert finish(block, "\n    x = 1\n    y = 2\n    x = 1\n    z = 3\n") == "\n    x = 1\n    y = 2"
     assert finish(block, "\n    a()\n    )\n    )\n") == "\n    a()\n    )\n    )", "closing lines are not repeats"
+
+
+# ---- the far part as an outline ----
+
+CLASS_TEXT = "import os\n\n\nclass Shape:\n    sides = 4\n\n" + "".join(
+    f"    def area_{k}(self, width,\n               height=2):\n        '''ü {k}'''\n        total = width * height\n"
+    f"        return total + {k}\n\n" for k in range(60)) + "\ndef main():\n    shape = Shape()\n    print(shape.\n"
+
+
+def test_the_outline_keeps_signatures_and_drops_far_bodies():
+    tok, b = builder(budget=600, far_prompt="outline", near_tokens=120)
+    doc = Document("file:///w/shape.py", CLASS_TEXT, language_id="python")
+    line = CLASS_TEXT.count("\n") - 1
+    built = b.build(doc, line, len("    print(shape."))
+    assert len(built.token_ids) <= 600
+    pre = tok.convert_tokens_to_ids("<|fim_prefix|>")
+    text = tok.decode(built.token_ids[built.token_ids.index(pre) + 1 : -1])
+    far, near = text[: len(text) - len(built.prefix_text)], built.prefix_text
+    assert near.endswith("    print(shape.") and text.endswith(near)
+    assert "def area_40(self, width,\n               height=2):\n        ...\n" in far, "the signature, a body elided"
+    assert far.count("total = width") <= 1, "far bodies are dropped (but the one the raw text starts in)"
+    assert far.count("def area_") > 20, "the outline holds far more signatures than the raw text would"
+    raw_tok, raw = builder(budget=600)
+    raw_text = raw_tok.decode(raw.build(doc, line, len("    print(shape.")).token_ids)
+    assert raw_text.count("def area_") < 15
+
+
+def test_outline_tokens_take_the_unit_of_their_function():
+    tok, b = builder(budget=600, far_prompt="outline", near_tokens=120)
+    doc = Document("file:///w/shape.py", CLASS_TEXT, language_id="python")
+    built = b.build(doc, CLASS_TEXT.count("\n") - 1, 4)
+    units = built.positions[:, 0]
+    assert bool((units[1:] >= units[:-1]).all())
+    pieces = [tok.decode([t]) for t in built.token_ids]
+    # an elided body ("...") is in its header's unit, the next signature starts a new one
+    at = next(i for i, p in enumerate(pieces) if "..." in p)
+    header = max(i for i in range(at) if "def" in pieces[i])
+    after = next(i for i in range(at + 1, len(pieces)) if "def" in pieces[i])
+    assert units[header] == units[at] < units[after]
+
+
+def test_the_outline_stays_put_while_typing_near_the_cursor():
+    tok, b = builder(budget=600, far_prompt="outline", near_tokens=120)
+    doc = Document("file:///w/shape.py", CLASS_TEXT, language_id="python")
+    line = CLASS_TEXT.count("\n") - 1
+    first = b.build(doc, line, len("    print(shape."))
+    doc.apply_changes([Change("are", ((line, 16), (line, 16)))], 2)
+    second = b.build(doc, line, 19)
+    common = next(i for i, (x, y) in enumerate(zip(first.token_ids, second.token_ids)) if x != y)
+    assert common >= len(first.token_ids) - len(tok(first.prefix_text)["input_ids"]) - 2, \
+        "only the raw prefix's end changes: the outline before it is reused from the cache"
+
+
+def test_brace_languages_keep_the_closing_line():
+    text = "import x from 'y';\n\n" + "".join(
+        f"function f{k}(a, b) {{\n  const c = a + b;\n  return c * {k};\n}}\n\n" for k in range(80)) + "f1("
+    tok, b = builder(budget=500, far_prompt="outline", near_tokens=80)
+    doc = Document("file:///w/m.js", text, language_id="javascript")
+    built = b.build(doc, text.count("\n"), 3)
+    decoded = tok.decode(built.token_ids)
+    assert "function f60(a, b) {\n  ...\n}\n" in decoded and "return c * 60" not in decoded

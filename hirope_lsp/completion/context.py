@@ -3,9 +3,12 @@ position for each.
 
 Layout, so that what changes while typing comes last (KV reuse):
 
-    spm:  [cross-file context] SUF suffix PRE prefix MID      (the embedded model)
-    psm:  PRE [cross-file context] prefix SUF suffix MID      (most code models)
-    none: [cross-file context] prefix                          (no FIM tokens)
+    spm:  [cross-file context] SUF suffix PRE [outline] prefix MID      (the embedded model)
+    psm:  PRE [cross-file context] [outline] prefix SUF suffix MID      (most code models)
+    none: [cross-file context] [outline] prefix                          (no FIM tokens)
+
+``outline`` (``far_prompt="outline"``): the file before the kept prefix with its functions'
+bodies dropped (``skeleton.py``), nearest part first when it does not fit.
 
 Positions: ``(unit, token)``.  ``token`` is the index in the prompt.  ``unit``
 counts changes of syntactic unit along the prompt: tokens of the current file
@@ -17,6 +20,7 @@ increasing along the prompt even when the suffix comes before the prefix.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import re
 from dataclasses import dataclass, field
@@ -29,6 +33,7 @@ from ..hierarchy.document import Document
 from ..hierarchy.positions import positions_from_unit_keys, token_unit_keys
 from ..model.loading import FimFormat
 from ..workspace.index import WorkspaceIndex, uri_to_path
+from .skeleton import outline_char_map, outline_pieces, outline_text
 from .tokens import IncrementalEncoder
 
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -36,6 +41,8 @@ IMPORT_LINE = re.compile(r"^[ \t]*(?:import |from |#include|use ).*$", re.MULTIL
 IMPORT_SCAN_CHARS = 256 * 1024  # imports are looked for in a file's head, not through a huge file per keystroke
 MAX_DEFINITIONS_PER_NAME = 4
 CONTEXT_FULL_TOKENS = 32
+FAR_PROMPTS = ("raw", "outline")
+FILE_PARTS = ("prefix", "suffix", "outline")  # their unit keys are the document's own (shared units)
 KEYWORDS = frozenset("""False None True and as assert async await break class continue def del elif else except finally
 for from global if import in is lambda nonlocal not or pass raise return try while with yield self cls print len range
 str int list dict set tuple const let var function return new this export default interface type struct impl fn pub use
@@ -51,6 +58,10 @@ class ContextSettings:
     max_definition_lines: int = 60
     fixed_unit: int = 128
     cross_file: bool = True
+    # the far part of the file: "raw" text (cut where the budget ends), or its "outline" (signatures,
+    # class headers, imports: function bodies dropped) before the last ``near_tokens`` of raw text
+    far_prompt: str = "raw"
+    near_tokens: int | None = None  # outline: raw tokens before the cursor; None: half the prefix budget
 
 
 @dataclass
@@ -81,6 +92,8 @@ class PromptBuilder:
         self._incremental = IncrementalEncoder(self._encode)
         # the same definitions are picked again on most keystrokes
         self._encode_block = functools.lru_cache(maxsize=1024)(lambda block: tuple(self._encode(block)[0]))
+        # and the same outline: typing after it leaves it as it was
+        self._encode_outline = functools.lru_cache(maxsize=16)(self._encode)
 
     def _special(self, token: str | None) -> list[int]:
         return [] if token is None else [self.tokenizer.convert_tokens_to_ids(token)]
@@ -149,33 +162,39 @@ class PromptBuilder:
         context_parts, names = self._context_parts(doc, cursor, index, context_budget) if context_budget else ([], [])
         used = special_budget + (len(suffix_part.ids) if suffix_part else 0) + sum(len(p.ids) for p in context_parts)
         prefix_budget = max(16, s.budget_tokens - used)
+        raw_budget = prefix_budget
+        if s.far_prompt == "outline":
+            raw_budget = max(16, min(prefix_budget, s.near_tokens or prefix_budget // 2))
         # the kept prefix starts no later than the line of its last character (never empty at a line start)
         last_line = doc.position_at(cursor - 1)[0] if cursor > 0 else 0
-        start_line, encoded = self._kept_prefix(doc, cursor, last_line, prefix_budget)
+        start_line, encoded = self._kept_prefix(doc, cursor, last_line, raw_budget)
         start_char = int(doc.line_char[start_line])
         if start_char < cursor - 16 * prefix_budget:  # a huge single line
             start_char, encoded = cursor - 16 * prefix_budget, None
         prefix_text = doc.text[start_char:cursor]
         prefix_part = self._file_part("prefix", doc, prefix_text, start_char, encoded)
-        if len(prefix_part.ids) > prefix_budget:  # a single very long line: keep its end
-            prefix_part.ids = prefix_part.ids[-prefix_budget:]
-            prefix_part.units = prefix_part.units[-prefix_budget:]
+        if len(prefix_part.ids) > raw_budget:  # a single very long line: keep its end
+            prefix_part.ids = prefix_part.ids[-raw_budget:]
+            prefix_part.units = prefix_part.units[-raw_budget:]
+        outline = []
+        # the outline's budget does not follow the raw prefix's length: typing leaves the outline as it was
+        if s.far_prompt == "outline" and start_char > 0 and prefix_budget - raw_budget >= CONTEXT_FULL_TOKENS:
+            outline = [self._outline_part(doc, start_char, prefix_budget - raw_budget)]
 
         def special(tok, name):
             ids = self._special(tok)
             return [PromptPart("special", ids, [("special", name)] * len(ids))] if ids else []
 
         if not self.fim.available or suffix_part is None:
-            parts = context_parts + [prefix_part]
+            parts = context_parts + outline + [prefix_part]
         elif self.fim.order == "spm":
             parts = context_parts + special(self.fim.suffix, "suf") + [suffix_part] + special(self.fim.prefix, "pre") \
-                + [prefix_part] + special(self.fim.middle, "mid")
+                + outline + [prefix_part] + special(self.fim.middle, "mid")
         else:
-            parts = special(self.fim.prefix, "pre") + context_parts + [prefix_part] + special(self.fim.suffix, "suf") \
-                + [suffix_part] + special(self.fim.middle, "mid")
+            parts = special(self.fim.prefix, "pre") + context_parts + outline + [prefix_part] \
+                + special(self.fim.suffix, "suf") + [suffix_part] + special(self.fim.middle, "mid")
         token_ids = [tid for part in parts for tid in part.ids]
-        keys = [(part.kind, key) if part.kind not in ("prefix", "suffix") else key
-                for part in parts for key in part.units]
+        keys = [(part.kind, key) if part.kind not in FILE_PARTS else key for part in parts for key in part.units]
         positions = positions_from_unit_keys(keys)
         cursor_unit = None
         if prefix_part.ids:
@@ -184,6 +203,29 @@ class PromptBuilder:
                 at += len(part.ids)
             cursor_unit = positions[at - 1, :-1].clone()
         return BuiltPrompt(token_ids, positions, prefix_text, suffix_text, names, start_char, cursor_unit)
+
+    def _outline_part(self, doc: Document, end_char: int, budget: int) -> PromptPart:
+        """The outline of ``doc.text[:end_char]``, its last ``budget`` tokens; each token takes the unit of the
+        document text it comes from (an elided body: its function's header)."""
+        pieces = outline_pieces(doc, end_char)
+        text = outline_text(doc, pieces)
+        ids, offsets = self._encode_outline(text)
+        if len(ids) > budget:  # its nearest part, from a paragraph's start (else a line's)
+            first = len(ids) - budget
+            at = offsets[first][0]
+            gap = text.find("\n\n", at, at + 1024)
+            newline = gap + 1 if gap >= 0 else text.find("\n", at)
+            # from the token holding that newline: the indentation after it often shares the token
+            cut = first if newline < 0 else max(first, bisect.bisect_right(offsets, (newline, 1 << 62), lo=first) - 1)
+            ids, offsets = ids[cut:], offsets[cut:]
+        starts, sources, real = outline_char_map(pieces)
+        piece_of = np.searchsorted(np.asarray(starts), np.asarray([max(0, e - 1) for _, e in offsets]), side="right") - 1
+        spans = []
+        for (start, end), k in zip(offsets, piece_of.tolist()):
+            last = sources[k] + (max(start, end - 1) - starts[k]) if real[k] else max(0, sources[k] - 1)
+            spans.append((last, last + 1))
+        tag = "outline" if doc.units is None else doc.uri
+        return PromptPart("outline", list(ids), token_unit_keys(doc, spans, tag, self.settings.fixed_unit))
 
     def _context_parts(self, doc: Document, cursor: int, index: WorkspaceIndex, budget: int):
         """Definitions from other files of names used near the cursor, in a stable order."""
