@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 
-from .completion.context import FAR_PROMPTS, ContextSettings
+from .completion.prompt import FAR_PROMPTS, ContextSettings
 from .model.engine import EngineSettings
 from .model.methods import REGISTRY as POSITION_METHODS
 from .model.rope import FAR_BIAS_MODES, TOKEN_INDEX_MODES, RopeMethodConfig

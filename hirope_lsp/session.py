@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from .completion.context import PromptBuilder
+from .completion.prompt import PromptBuilder
 from .completion.service import CompletionJob, CompletionService
 from .completion.typed_ahead import ShownSuggestions
 from .config import Settings, apply_options

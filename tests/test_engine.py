@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from hirope_lsp.completion.context import ContextSettings, PromptBuilder
+from hirope_lsp.completion.prompt import ContextSettings, PromptBuilder
 from hirope_lsp.hierarchy.document import Document
 from hirope_lsp.model.engine import Cancelled, Engine, EngineSettings, Prompt
 from hirope_lsp.model.loading import ModelLoadError, load_model

@@ -124,7 +124,7 @@ def test_far_copy_tokens_are_bigrams_seen_only_far_back():
 
 
 def test_prompts_over_the_corpus_index_are_the_servers(tmp_path, tokenizer):
-    from hirope_lsp.completion.context import ContextSettings, PromptBuilder
+    from hirope_lsp.completion.prompt import ContextSettings, PromptBuilder
     from hirope_lsp.hierarchy.document import Document
     from hirope_lsp.model.loading import fim_format
     from hirope_lsp.workspace.index import WorkspaceIndex
@@ -180,6 +180,12 @@ def test_bias_lists_and_methods():
     assert fe.parse_biases("2, log:1.5,none") == [(2.0, "constant"), (1.5, "log")]
     assert [m.name for m in fe.method_specs(fe.parse_biases("2,log:1"))] == ["hirope", "truncate", "hirope+2",
                                                                              "hirope+log:1"]
+    specs = fe.method_specs([(2.0, "constant")], ("hirope", "hirope-fixed", "ntk"), ("raw", "outline"))
+    assert [m.name for m in specs] == [
+        "hirope", "truncate", "hirope+2", "hirope-fixed", "hirope-fixed+2", "ntk",  # no far keys: no far bias
+        "hirope+outline", "truncate+outline", "hirope+2+outline", "hirope-fixed+outline", "hirope-fixed+2+outline",
+        "ntk+outline"]
+    assert {s.far_prompt for s in specs[6:]} == {"outline"} and specs[8].far_bias == 2.0
     with pytest.raises(ValueError):
         fe.parse_biases("sqrt:2")
     with pytest.raises(ValueError):

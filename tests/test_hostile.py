@@ -2,7 +2,7 @@
 
 import torch
 
-from hirope_lsp.completion.context import ContextSettings, PromptBuilder
+from hirope_lsp.completion.prompt import ContextSettings, PromptBuilder
 from hirope_lsp.completion.service import CompletionService
 from hirope_lsp.hierarchy.document import Change, Document
 from hirope_lsp.model.engine import Engine, EngineSettings

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from hirope_lsp.completion.context import ContextSettings, PromptBuilder
+from hirope_lsp.completion.prompt import ContextSettings, PromptBuilder
 from hirope_lsp.completion.service import CompletionService
 from hirope_lsp.hierarchy.document import Document
 from hirope_lsp.model.engine import Engine, EngineSettings

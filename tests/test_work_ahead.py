@@ -5,7 +5,7 @@ and the suggestion prefetched for after an accept."""
 import pytest
 import torch
 
-from hirope_lsp.completion.context import ContextSettings, PromptBuilder
+from hirope_lsp.completion.prompt import ContextSettings, PromptBuilder
 from hirope_lsp.completion.typed_ahead import ShownSuggestions
 from hirope_lsp.hierarchy.document import Document
 from hirope_lsp.model.engine import Engine, EngineSettings, Prompt

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hirope_lsp.completion.context import ContextSettings
+from hirope_lsp.completion.prompt import ContextSettings
 from hirope_lsp.config import Settings
 from hirope_lsp.hierarchy.document import Change
 from hirope_lsp.model.engine import EngineSettings, Speed

@@ -13,7 +13,7 @@ from ..hierarchy.document import Document
 from ..model.engine import Engine, Generation, Prompt
 from ..model.loading import knows_language, trained_languages
 from ..workspace.index import WorkspaceIndex
-from .context import BuiltPrompt, PromptBuilder
+from .prompt import BuiltPrompt, PromptBuilder
 from .postprocess import StopPolicy, finish, stop_policy
 from .syntax import statement_line
 

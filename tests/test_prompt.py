@@ -1,6 +1,6 @@
 import torch
 
-from hirope_lsp.completion.context import ContextSettings, PromptBuilder
+from hirope_lsp.completion.prompt import ContextSettings, PromptBuilder
 from hirope_lsp.completion.postprocess import finish, stop_policy
 from hirope_lsp.hierarchy.document import Change, Document
 from hirope_lsp.model.loading import FimFormat, load_model
