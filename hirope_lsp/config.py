@@ -145,6 +145,9 @@ SETTINGS: tuple[Setting, ...] = (
                 "always; never."),
     Setting(key="crossFile", target="context.cross_file", type="boolean",
             doc="Add definitions from other workspace files of names used near the cursor."),
+    Setting(key="similarCode", target="context.similar_code", type="boolean",
+            doc="Add the windows of code most like the lines before the cursor from open documents and the "
+                "cursor file's folder (half of the cross-file share)."),
     Setting(key="farPrompt", target="context.far_prompt", type="string", enum=FAR_PROMPTS,
             doc="The file far from the cursor: raw text as far as the budget goes, or its outline (imports, "
                 "class headers, signatures; function bodies dropped) before nearTokens of raw text."),

@@ -185,7 +185,11 @@ def test_bias_lists_and_methods():
         "hirope", "truncate", "hirope+2", "hirope-fixed", "hirope-fixed+2", "ntk",  # no far keys: no far bias
         "hirope+outline", "truncate+outline", "hirope+2+outline", "hirope-fixed+outline", "hirope-fixed+2+outline",
         "ntk+outline"]
-    assert {s.far_prompt for s in specs[6:]} == {"outline"} and specs[8].far_bias == 2.0
+    assert {s.prompt for s in specs[6:]} == {"outline"} and specs[8].far_bias == 2.0
+    assert fe.prompt_context("outline+similar") == {"far_prompt": "outline", "similar_code": True}
+    assert fe.prompt_context("raw") == {}
+    with pytest.raises(ValueError, match="unknown prompt variant"):
+        fe.prompt_context("skeleton")
     with pytest.raises(ValueError):
         fe.parse_biases("sqrt:2")
     with pytest.raises(ValueError):

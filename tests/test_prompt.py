@@ -234,3 +234,41 @@ def test_brace_languages_keep_the_closing_line():
     built = b.build(doc, text.count("\n"), 3)
     decoded = tok.decode(built.token_ids)
     assert "function f60(a, b) {\n  ...\n}\n" in decoded and "return c * 60" not in decoded
+
+
+# ---- similar code from neighbouring files ----
+
+
+def test_similar_code_from_a_sibling_file_is_in_the_prompt(tmp_path):
+    pattern = "    response = client.fetch(url, timeout=timeout)\n    payload = response.json()\n" \
+              "    items = payload['items']\n    return [Item(**raw) for raw in items]\n"
+    (tmp_path / "other.py").write_text("import json\n\n\ndef load_users(client, url, timeout):\n" + pattern
+                                       + "\n\ndef unrelated():\n    return 42\n" * 30)
+    (tmp_path / "far_away").mkdir()
+    (tmp_path / "far_away" / "copy.py").write_text("def load_x(client, url, timeout):\n" + pattern)
+    index = WorkspaceIndex([tmp_path])
+    index.scan()
+    text = "def load_orders(client, url, timeout):\n    response = client.fetch(url, timeout=timeout)\n    "
+    doc = Document((tmp_path / "mine.py").as_uri(), text, language_id="python")
+    tok, b = builder(budget=1000, similar_code=True)
+    built = b.build(doc, 2, 4, index)
+    decoded = tok.decode(built.token_ids)
+    assert "# other.py\n" in decoded and "payload = response.json()" in decoded
+    assert "far_away" not in decoded, "only open documents and the cursor file's folder are searched"
+    _, plain = builder(budget=1000)
+    assert "payload" not in tok.decode(plain.build(doc, 2, 4, index).token_ids), "off by default"
+
+
+def test_similar_code_stays_while_the_cursor_stays_in_its_unit(tmp_path):
+    (tmp_path / "other.py").write_text("def f(a, b):\n    total = a + b\n    scaled = total * 2\n    return scaled\n")
+    index = WorkspaceIndex([tmp_path])
+    index.scan()
+    text = "def g(a, b):\n    total = a + b\n    "
+    doc = Document((tmp_path / "mine.py").as_uri(), text, language_id="python")
+    tok, b = builder(budget=1000, similar_code=True)
+    first = b.build(doc, 2, 4, index)
+    doc.apply_changes([Change("unrelated_name = 1\n    ", ((2, 4), (2, 4)))], 2)
+    second = b.build(doc, 3, 4, index)
+    assert "scaled = total" in tok.decode(first.token_ids)
+    prefix = tok.convert_tokens_to_ids("<|fim_suffix|>")
+    assert first.token_ids[: first.token_ids.index(prefix)] == second.token_ids[: second.token_ids.index(prefix)]

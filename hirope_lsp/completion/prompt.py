@@ -33,6 +33,7 @@ from ..hierarchy.document import Document
 from ..hierarchy.positions import positions_from_unit_keys, token_unit_keys
 from ..model.loading import FimFormat
 from ..workspace.index import WorkspaceIndex, uri_to_path
+from .retrieval import similar_snippets
 from .skeleton import outline_char_map, outline_pieces, outline_text
 from .tokens import IncrementalEncoder
 
@@ -61,6 +62,8 @@ class ContextSettings:
     # the far part of the file: "raw" text (cut where the budget ends), or its "outline" (signatures,
     # class headers, imports: function bodies dropped) before the last ``near_tokens`` of raw text
     far_prompt: str = "raw"
+    # windows of similar code from open documents and the cursor file's folder (half the context budget)
+    similar_code: bool = False
     near_tokens: int | None = None  # outline: raw tokens before the cursor; None: half the prefix budget
 
 
@@ -94,6 +97,8 @@ class PromptBuilder:
         self._encode_block = functools.lru_cache(maxsize=1024)(lambda block: tuple(self._encode(block)[0]))
         # and the same outline: typing after it leaves it as it was
         self._encode_outline = functools.lru_cache(maxsize=16)(self._encode)
+        # similar code found for a document, kept while the cursor stays in the same unit (cache-friendly)
+        self._similar: dict[str, tuple[object, list]] = {}
 
     def _special(self, token: str | None) -> list[int]:
         return [] if token is None else [self.tokenizer.convert_tokens_to_ids(token)]
@@ -136,6 +141,7 @@ class PromptBuilder:
 
     def forget(self, uri: str) -> None:
         self._prefix_starts.pop(uri, None)
+        self._similar.pop(uri, None)
         self._incremental.forget(("prefix", uri))
         self._incremental.forget(("suffix", uri))
 
@@ -228,7 +234,33 @@ class PromptBuilder:
         return PromptPart("outline", list(ids), token_unit_keys(doc, spans, tag, self.settings.fixed_unit))
 
     def _context_parts(self, doc: Document, cursor: int, index: WorkspaceIndex, budget: int):
-        """Definitions from other files of names used near the cursor, in a stable order."""
+        """Similar code (``similar_code``, up to half the budget), then definitions from other files of
+        names used near the cursor, in a stable order."""
+        similar = self._similar_parts(doc, cursor, index, budget // 2) if self.settings.similar_code else []
+        parts, names = self._definition_parts(doc, cursor, index, budget - sum(len(p.ids) for p in similar))
+        return similar + parts, names
+
+    def _similar_parts(self, doc: Document, cursor: int, index: WorkspaceIndex, budget: int) -> list[PromptPart]:
+        here = uri_to_path(doc.uri)
+        line, _ = doc.position_at(cursor)
+        units = doc.unit_of_bytes([len(doc.text[:cursor].encode("utf-8"))])
+        where = (units[0] if units is not None else None, line if units is None else None)
+        kept = self._similar.get(doc.uri)
+        if kept is not None and kept[0] == where:
+            return kept[1]
+        parts, used = [], 0
+        query = doc.text[max(0, cursor - 4096) : cursor]
+        for snippet in similar_snippets(query, here, index):
+            block = f"# {_display_path(snippet.path, index)}\n{snippet.text}\n"
+            ids = self._encode_block(block)
+            if used + len(ids) > budget:
+                continue
+            used += len(ids)
+            parts.append(PromptPart("context", list(ids), [("similar", str(snippet.path), snippet.first_line)] * len(ids)))
+        self._similar[doc.uri] = (where, parts)
+        return parts
+
+    def _definition_parts(self, doc: Document, cursor: int, index: WorkspaceIndex, budget: int):
         s = self.settings
         here = uri_to_path(doc.uri)
         line, _ = doc.position_at(cursor)

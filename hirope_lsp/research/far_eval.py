@@ -463,7 +463,7 @@ class MethodSpec:
     method: str  # a position method's name, or TRUNCATE
     far_bias: float | None = 0.0  # None: the model card's
     far_bias_mode: str = "constant"
-    far_prompt: str = "raw"  # the prompt's far part: raw text or the file's outline (ContextSettings.far_prompt)
+    prompt: str = "raw"  # a prompt variant: raw, or PROMPT_VARIANTS joined by "+" ("outline+similar")
 
 
 def parse_biases(text: str | list | tuple | None) -> list[tuple[float, str]]:
@@ -490,8 +490,22 @@ def parse_biases(text: str | list | tuple | None) -> list[tuple[float, str]]:
     return out
 
 
-def method_specs(biases: list[tuple[float, str]], methods=("hirope",), far_prompts=("raw",)) -> list[MethodSpec]:
-    """Each method plain and with each far bias, and truncation; each of those with each far prompt
+# what a prompt variant changes in the server's ContextSettings
+PROMPT_VARIANTS = {"outline": {"far_prompt": "outline"}, "similar": {"similar_code": True}}
+
+
+def prompt_context(variant: str) -> dict:
+    """ContextSettings overrides of a variant such as ``outline+similar``; ``raw``: none."""
+    out = {}
+    for part in variant.split("+"):
+        if part != "raw" and part not in PROMPT_VARIANTS:
+            raise ValueError(f"unknown prompt variant {part!r}; choose raw or {', '.join(PROMPT_VARIANTS)} (joined by +)")
+        out.update(PROMPT_VARIANTS.get(part, {}))
+    return out
+
+
+def method_specs(biases: list[tuple[float, str]], methods=("hirope",), prompts=("raw",)) -> list[MethodSpec]:
+    """Each method plain and with each far bias, and truncation; each of those with each prompt variant
     (``+outline`` in the name)."""
     from ..model.methods import position_method
 
@@ -503,8 +517,9 @@ def method_specs(biases: list[tuple[float, str]], methods=("hirope",), far_promp
                 label = f"{method}+{value:g}" if mode == "constant" else f"{method}+log:{value:g}"
                 base.append(MethodSpec(label, method, value, mode))
     base.insert(1, MethodSpec(TRUNCATE, TRUNCATE))
-    return [spec if far == "raw" else MethodSpec(f"{spec.name}+{far}", spec.method, spec.far_bias, spec.far_bias_mode, far)
-            for far in far_prompts for spec in base]
+    return [spec if variant == "raw" else MethodSpec(f"{spec.name}+{variant}", spec.method, spec.far_bias,
+                                                      spec.far_bias_mode, variant)
+            for variant in prompts for spec in base]
 
 
 def rope_config(spec: MethodSpec, train_length: int, length: int, base=None):
@@ -609,8 +624,7 @@ class Completer:
         settings.engine.rope = rope_config(spec, self.train_length, max(self.budget, self.train_length), base)
         settings.engine.measure_speed = False
         settings.context.budget_tokens = self.budget
-        settings.context.far_prompt = spec.far_prompt
-        for name, value in (context or {}).items():
+        for name, value in {**prompt_context(spec.prompt), **(context or {})}.items():
             setattr(settings.context, name, value)
         self.loop = asyncio.new_event_loop()
         self.session = Session(settings, loaded=loaded, index=index, worker=inference_worker())
@@ -960,7 +974,7 @@ class FarEvalSettings:
     budgets: tuple[int, ...] = DEFAULT_BUDGETS
     biases: tuple = DEFAULT_BIASES  # "2", "log:1", ...
     methods: tuple[str, ...] = ("hirope",)  # position methods compared (with truncation always)
-    far_prompts: tuple[str, ...] = ("raw",)  # raw, outline
+    prompts: tuple[str, ...] = ("raw",)  # prompt variants: raw, outline, similar, outline+similar
     cases: int = 300  # per (task, split)
     tasks: tuple[str, ...] = TASKS
     lengths_x: tuple[float, ...] = DEFAULT_LENGTHS_X
@@ -993,7 +1007,7 @@ def run(settings: FarEvalSettings) -> dict:
     loaded = load_model(settings.model, device=settings.device, dtype="float32")
     lm, tokenizer, _ = loaded
     L = trained_length(lm.config)
-    specs = method_specs(parse_biases(list(settings.biases)), settings.methods, settings.far_prompts)
+    specs = method_specs(parse_biases(list(settings.biases)), settings.methods, settings.prompts)
     corpora = load_corpora(settings.corpus)
     report = {"kind": "far-eval", "model": settings.model or "default", "train_length": L, "seed": settings.seed,
               "settings": {**asdict(settings), "truncate_budget": L - TRUNCATE_MARGIN,
@@ -1013,7 +1027,7 @@ def run(settings: FarEvalSettings) -> dict:
         rows, predictions = evaluate_cases(cases, corpus, loaded, index, specs, list(settings.budgets),
                                            settings.tasks, settings.keep_predictions, blocks)
         report["completion"] += rows
-        raw_specs = [spec for spec in specs if spec.far_prompt == "raw"]  # perplexity reads raw windows
+        raw_specs = [spec for spec in specs if spec.prompt == "raw"]  # perplexity reads raw windows
         report["perplexity"] += inference_worker().submit(perplexity_rows, corpus, loaded, raw_specs, settings.lengths_x,
                                                           settings.windows, settings.seed).result()
         sections = replay_sections(corpus, tokenizer, L, settings.replay_sections, settings.replay_lines,
@@ -1163,7 +1177,8 @@ def register_cli(subparsers) -> argparse.ArgumentParser:
                    help="far biases to compare as hirope+b: numbers (constant mode) or log:b; 'none' for none")
     p.add_argument("--methods", default="hirope", help="position methods compared with truncation (hirope-fixed: "
                                                        "fixed blocks instead of syntax units)")
-    p.add_argument("--far-prompts", default="raw", help="the prompt's far part: raw, outline or both (raw,outline)")
+    p.add_argument("--prompts", default="raw", help="prompt variants compared: raw, outline (the far part as an "
+                                                     "outline), similar (similar code), joined by + (outline+similar)")
     p.add_argument("--cases", type=int, default=None, help="cases per (task, split) (default 300; quick 8)")
     p.add_argument("--tasks", default=",".join(TASKS), help="next-line, fim or both")
     p.add_argument("--lengths-x", default=",".join(map(str, DEFAULT_LENGTHS_X)),
@@ -1201,17 +1216,16 @@ def settings_from_args(args) -> FarEvalSettings:
         raise ValueError(f"unknown tasks {unknown}; choose from {', '.join(TASKS)}")
     parse_biases(args.biases)  # raises ValueError on a bad one
     biases = tuple(b.strip() for b in args.biases.split(",") if b.strip() and b.strip().lower() != "none")
-    from ..completion.prompt import FAR_PROMPTS
     from ..model.methods import method_names
 
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    far_prompts = tuple(f.strip() for f in args.far_prompts.split(",") if f.strip())
+    prompts = tuple(f.strip() for f in args.prompts.split(",") if f.strip())
     if not methods or any(m not in method_names() for m in methods):
         raise ValueError(f"unknown methods {methods}; choose from {', '.join(method_names())}")
-    if not far_prompts or any(f not in FAR_PROMPTS for f in far_prompts):
-        raise ValueError(f"unknown far prompts {far_prompts}; choose from {', '.join(FAR_PROMPTS)}")
+    for variant in prompts or ("",):
+        prompt_context(variant)  # raises ValueError on an unknown one
     common = dict(biases=biases, tasks=tasks, groups=args.groups, seed=args.seed, model=args.model,
-                  device=args.device, keep_predictions=args.predictions, methods=methods, far_prompts=far_prompts)
+                  device=args.device, keep_predictions=args.predictions, methods=methods, prompts=prompts)
     if args.quick:
         budgets = _ints(args.budgets)
         quick = dict(common, **given)

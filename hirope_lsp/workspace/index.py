@@ -217,6 +217,14 @@ class WorkspaceIndex:
             self._refresh_documents()
             return sum(len(v) for v in self._symbols.values())
 
+    def neighbours(self, path: Path | None, limit: int) -> list[Path]:
+        """The files a user works across beside ``path``: open documents, then the indexed files in its
+        folder (each sorted), never ``path`` itself; at most ``limit``."""
+        with self._lock:
+            open_paths = sorted(self.documents)
+            siblings = sorted(p for p in self.files if path is not None and p.parent == path.parent)
+        return [p for p in dict.fromkeys(open_paths + siblings) if p != path][:limit]
+
     def text_of(self, path: Path) -> str | None:
         """Current text of a workspace file: the open document's if open, else the disk's."""
         path = Path(path)
