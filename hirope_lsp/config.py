@@ -154,6 +154,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(key="nearTokens", target="context.near_tokens", type=("integer", "null"), minimum=16,
             shown_default="½ prefix", doc="With the outline: raw tokens kept before the cursor; null: half the "
                                           "prefix's budget."),
+    Setting(key="lookupTokens", target="engine.lookup_tokens", type="integer", minimum=0, maximum=16,
+            doc="Draft tokens copied from the text already seen (prompt lookup) and checked in one step while "
+                "decoding; the suggestion is the same, in fewer steps. 0: one token per step."),
     Setting(key="cacheBudgetMb", target="engine.cache_budget_mb", type="integer", minimum=0,
             doc="Memory in MiB for KV state kept between requests (across documents, the least recently "
                 "used goes first)."),

@@ -250,6 +250,7 @@ class Session:
         engine = service.engine
         if new.engine.rope != old.engine.rope:
             self.worker.submit(engine.reconfigure_rope, new.engine.rope)
+        engine.settings.lookup_tokens = new.engine.lookup_tokens
         engine.pool.enabled = new.engine.reuse_cache
         engine.pool.budget_bytes = new.engine.cache_budget_mb << 20
         service.builder.settings = new.context

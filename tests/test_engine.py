@@ -206,3 +206,33 @@ def test_one_level_positions_complete_and_deeper_levels_are_refused(loaded):
     assert text == plain.generate(prompt, max_new_tokens=6).text
     settings, problems = apply_options(Settings(), {"hirope": {"levels": 3}})
     assert settings.engine.rope.levels == 2 and len(problems) == 1 and "levels" in problems[0]
+
+
+def test_prompt_lookup_proposes_what_followed_the_latest_match():
+    from hirope_lsp.model.lookup import PromptLookup
+
+    lookup = PromptLookup([5, 6, 7, 8, 1, 5, 6, 9, 2, 5, 6], draft=3)
+    assert lookup.propose() == [9, 2, 5], "the latest earlier 5 6 was followed by 9 2 5"
+    lookup.extend([9])
+    assert lookup.propose() == [2, 5, 6]
+    assert PromptLookup([1, 2, 3], draft=4).propose() == []
+
+
+def test_decoding_with_lookup_drafts_gives_the_greedy_tokens_in_fewer_forwards(loaded):
+    text = SOURCE * 3  # repeats itself: drafts from the prompt are often right
+    results = {}
+    for lookup_tokens in (0, 4):
+        engine = Engine(EngineSettings(rope=RopeMethodConfig(window=16), lookup_tokens=lookup_tokens,
+                                       measure_speed=False), loaded=loaded)
+        calls = []
+        forward = engine.handle.forward
+        engine.handle.forward = lambda *a, **k: calls.append(1) or forward(*a, **k)
+        line = SOURCE.count("\n") * 2 + 3
+        generations = [engine.generate(prompt_for(engine, text, line + k, 4), max_new_tokens=20, suppress_eos=True)
+                       for k in range(0, 12, 3)]
+        results[lookup_tokens] = ([g.token_ids for g in generations], [g.token_logprobs for g in generations],
+                                  len(calls))
+    assert results[4][0] == results[0][0], "the same tokens as one at a time"
+    for with_lookup, plain in zip(results[4][1], results[0][1]):
+        assert torch.allclose(torch.tensor(with_lookup), torch.tensor(plain), atol=1e-4)
+    assert results[4][2] < results[0][2], "drafts accepted: fewer forwards"

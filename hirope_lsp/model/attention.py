@@ -386,27 +386,32 @@ class FarKeyStore:
 FEW_ROWS = 32  # query rows (decoding steps) for which one softmax over all blocks beats a kernel per block
 
 
-def tiles(blocks: list[KeyBlock]) -> bool:
-    """Whether the blocks are unmasked and follow each other without gaps (a decoding step's far and near keys)."""
-    return bool(blocks) and all(b.allowed is None for b in blocks) and all(
-        x.hi == y.lo for x, y in zip(blocks, blocks[1:]))
+def contiguous(blocks: list[KeyBlock]) -> bool:
+    """Whether the blocks follow each other without gaps or overlap (a decoding step's far and near keys)."""
+    return all(x.hi == y.lo for x, y in zip(blocks, blocks[1:]))
 
 
 def attend_tiles(near_q, far_q, key, far_key, value, blocks: list[KeyBlock], scale: float,
-                 far_bias: "float | torch.Tensor | None" = None) -> torch.Tensor:
-    """Attention over tiling blocks with one softmax: scores of each block against its own keys, side by side;
+                 far_bias: "float | torch.Tensor | None" = None, masks: "list[PairMask | None] | None" = None):
+    """Attention over all blocks with one softmax, for a few query rows: the scores of each block
+    against its own keys side by side (masked where ``masks`` say), one weighted sum of the values;
     ``far_bias`` (a number, or ``[B, 1, rows]``) is taken from the far blocks' scaled scores."""
-    scores = torch.cat([torch.matmul((far_q if b.far else near_q).float(),
-                                     (far_key if b.far else key)[:, :, b.lo : b.hi].float().transpose(-1, -2))
-                        for b in blocks], dim=-1)
-    scores = scores * scale
-    if far_bias is not None:
-        far_cols = torch.cat([torch.full((b.hi - b.lo,), b.far, dtype=torch.bool, device=scores.device) for b in blocks])
-        if isinstance(far_bias, torch.Tensor):
-            far_bias = far_bias.unsqueeze(-1)
-        scores = torch.where(far_cols, scores - far_bias, scores)
-    weights = torch.softmax(scores, dim=-1)
-    return torch.matmul(weights, value[:, :, blocks[0].lo : blocks[-1].hi].float()).to(near_q.dtype)
+    parts = []
+    for k, b in enumerate(blocks):
+        part = torch.matmul((far_q if b.far else near_q).float(),
+                            (far_key if b.far else key)[:, :, b.lo : b.hi].float().transpose(-1, -2)) * scale
+        if b.far and far_bias is not None:
+            part = part - (far_bias.unsqueeze(-1) if isinstance(far_bias, torch.Tensor) else far_bias)
+        mask = masks[k] if masks is not None else None
+        if mask is not None:
+            part = part.masked_fill(~mask.allowed, NEG_INF)
+        parts.append(part)
+    weights = torch.softmax(torch.cat(parts, dim=-1), dim=-1)
+    if contiguous(blocks):
+        values = value[:, :, blocks[0].lo : blocks[-1].hi]
+    else:  # a key both far (for some rows) and near (for others) appears in two blocks
+        values = torch.cat([value[:, :, b.lo : b.hi] for b in blocks], dim=-2)
+    return torch.matmul(weights, values.float()).to(near_q.dtype)
 
 
 def far_keys_of(key: torch.Tensor, plan: AttentionPlan, layer: int | None) -> torch.Tensor | None:
@@ -445,9 +450,10 @@ def windowed_attention(query, key, value, plan: AttentionPlan, scale: float, lay
         far_q = None if far_query is None else far_query[:, :, a:b].reshape(B, Hkv, G * C, D)
         blocks = chunk_blocks(plan, a, b)
         far_bias = plan.far_row_bias(a, b, layer, G) if any(block.far for block in blocks) else None
-        if G * C <= FEW_ROWS and tiles(blocks):
-            out[:, :, a:b] = attend_tiles(near_q, far_q, key, far_key, value, blocks, scale,
-                                          far_bias).reshape(B, Hq, C, D)
+        if G * C <= FEW_ROWS and blocks:
+            masks = [block.pair_mask(G, plan.masks) for block in blocks]
+            out[:, :, a:b] = attend_tiles(near_q, far_q, key, far_key, value, blocks, scale, far_bias,
+                                          masks).reshape(B, Hq, C, D)
             continue
         parts = []
         for block in blocks:

@@ -13,6 +13,7 @@ import torch
 
 from .cache import CacheCounters, KVCachePool
 from .loading import load_model
+from .lookup import PromptLookup
 from .patch import attach, trained_length
 from .rope import RopeMethodConfig
 
@@ -35,6 +36,7 @@ class EngineSettings:
     reuse_cache: bool = True
     prefill_chunk: int = 1024
     measure_speed: bool = True  # time a short prompt at load (how much prompt a latency target affords)
+    lookup_tokens: int = 4  # draft tokens from prompt lookup checked per decoding forward (0: one token each)
 
 
 @dataclass
@@ -259,43 +261,58 @@ class Engine:
                 slot.token_ids, slot.positions = list(ids), positions.clone()
                 out: list[int] = []
                 logprobs: list[float] = []
-                stopped_by = "length"
+                stopped_by = None
                 # generated tokens continue the cursor's unit, after the prompt's last token
                 unit = positions[-1, :-1] if prompt.unit is None or positions.shape[1] == 1 else prompt.unit.to(torch.long)
                 token = int(positions[-1, -1])
-                new_positions = pos_all
+                lookup = PromptLookup(ids, self.settings.lookup_tokens) if self.settings.lookup_tokens else None
+                rows, draft = logits[0, -1:], []  # rows[i] scores the token after draft[:i]
                 decode_start = time.perf_counter()
-                for step in range(max_new_tokens):
+                while stopped_by is None and max_new_tokens > 0:
                     if cancelled():
                         raise Cancelled()
-                    scores = logits[0, -1]
-                    if step == 0 and allowed is not None:
-                        masked = torch.full_like(scores, float("-inf"))
-                        masked[allowed] = scores[allowed]
-                        scores = masked
-                    if suppress_eos:
-                        scores = scores.clone()
-                        scores[list(self.eos_ids)] = float("-inf")
-                    next_id = int(scores.argmax())
-                    if next_id in self.eos_ids:
-                        stopped_by = "eos"
+                    for i in range(len(rows)):
+                        scores = rows[i]
+                        if not out and allowed is not None:
+                            masked = torch.full_like(scores, float("-inf"))
+                            masked[allowed] = scores[allowed]
+                            scores = masked
+                        if suppress_eos:
+                            scores = scores.clone()
+                            scores[list(self.eos_ids)] = float("-inf")
+                        next_id = int(scores.argmax())
+                        if next_id in self.eos_ids:
+                            stopped_by = "eos"
+                            break
+                        out.append(next_id)
+                        logprobs.append(float(torch.log_softmax(scores.float(), dim=-1)[next_id]))
+                        text = self.tokenizer.decode(out, skip_special_tokens=True)[len(healed):]
+                        if should_stop is not None and should_stop(text):
+                            stopped_by = "rule"
+                        elif len(out) == max_new_tokens:
+                            stopped_by = "length"
+                        elif decode_seconds is not None and time.perf_counter() - decode_start > decode_seconds:
+                            stopped_by = "time"
+                        if stopped_by is not None or i >= len(draft) or draft[i] != next_id:
+                            break  # the rows after a wrong draft token score a text that is not there
+                    if stopped_by is not None:
                         break
-                    out.append(next_id)
-                    logprobs.append(float(torch.log_softmax(scores.float(), dim=-1)[next_id]))
-                    text = self.tokenizer.decode(out, skip_special_tokens=True)[len(healed):]
-                    if should_stop is not None and should_stop(text):
-                        stopped_by = "rule"
-                        break
-                    if step + 1 == max_new_tokens:
-                        break
-                    if decode_seconds is not None and time.perf_counter() - decode_start > decode_seconds:
-                        stopped_by = "time"
-                        break
-                    pos = torch.cat([unit, torch.tensor([token + len(out)])]).view(1, 1, -1).to(self.device)
-                    new_positions = torch.cat([new_positions, pos], dim=1)
-                    logits = self.handle.forward(torch.tensor([[next_id]], device=self.device), new_positions,
-                                                 cache=slot.cache, use_cache=True).logits
+                    if lookup is not None:
+                        lookup.extend(out[len(lookup.tokens) - len(ids):])
+                        draft = lookup.propose()[: max_new_tokens - len(out)]
+                    # the cache holds the prompt and every chosen token but the last: feed it and the draft
+                    slot.truncate(len(ids) + len(out) - 1)
+                    feed = [out[-1]] + draft
+                    first = token + len(out)
+                    fed_positions = torch.stack([torch.cat([unit, torch.tensor([first + k])]) for k in range(len(feed))])
+                    generated = torch.stack([torch.cat([unit, torch.tensor([token + k])]) for k in range(1, len(out))]) \
+                        if len(out) > 1 else fed_positions[:0]
+                    all_positions = torch.cat([pos_all, torch.cat([generated, fed_positions]).unsqueeze(0).to(self.device)], 1)
+                    rows = self.handle.forward(torch.tensor([feed], device=self.device), all_positions,
+                                               cache=slot.cache, use_cache=True).logits[0]
                 self.speed.record_decode(max(0, len(out) - 1), time.perf_counter() - decode_start)
+                if stopped_by is None:
+                    stopped_by = "length"
             finally:
                 self.pool.release(slot, slot.token_ids or ids[:reused], slot.positions if slot.positions is not None
                                   else positions[:reused])

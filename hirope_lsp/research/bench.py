@@ -236,12 +236,13 @@ def bench_typing(keystrokes: int = 40, budget: int = 4000, pause: float = 0.05, 
     indent = lines[line][: len(lines[line]) - len(lines[line].lstrip())]
     typed = "result = compute_total(values, weights)"
     results = {}
-    for reuse in (True, False):
+    # KV reuse on, on without lookup drafts while decoding, and off: every keystroke through the model
+    for name, reuse, lookup in (("on", True, None), ("on_no_lookup", True, 0), ("off", False, None)):
         client = RawClient()
         try:
-            # KV reuse on and off, every keystroke through the model (typing along comes after)
             # the whole budget on every request (reuse at a fixed prompt size; work ahead is `bench replay`'s)
             client.initialize(None, {"reuseCache": reuse, "promptBudget": budget, "maxNewTokens": max_new_tokens,
+                                     **({"lookupTokens": lookup} if lookup is not None else {}),
                                      "crossFile": False, "watchFiles": False, "typeAlong": False,
                                      "latencyTargetMs": 10000,
                                      **({"model": model} if model else {}),
@@ -272,13 +273,13 @@ def bench_typing(keystrokes: int = 40, budget: int = 4000, pause: float = 0.05, 
                 time.sleep(pause)
             reused = status["reusedTokens"]
             total = status["reusedTokens"] + status["computedTokens"]
-            if reuse:
+            if name == "on":
                 client.notify("workspace/didChangeConfiguration", {"settings": {"hirope": {"typeAlong": True}}})
                 along = _type_along(client, uri, line, col, keystrokes + 2, keystrokes // 2, params)
         finally:
             client.close()
         prompt_tokens = statistics.median(computed) if not reuse else None
-        results["on" if reuse else "off"] = {
+        results[name] = {
             "p50_ms": statistics.median(latencies) * 1000,
             "p95_ms": _p95(latencies) * 1000,
             "recomputed_per_key_median": statistics.median(computed),
@@ -291,16 +292,18 @@ def bench_typing(keystrokes: int = 40, budget: int = 4000, pause: float = 0.05, 
     prompt_tokens = off["prompt_tokens"]
     on["reuse_per_key"] = 1 - on["recomputed_per_key_mean"] / max(1, prompt_tokens)
     results["speedup_p50"] = off["p50_ms"] / on["p50_ms"]
+    results["lookup_speedup_p50"] = results["on_no_lookup"]["p50_ms"] / on["p50_ms"]
     results["along"] = along
     print(f"typing {keystrokes} keys into a {prompt_tokens:.0f}-token prompt (budget {budget}), "
           f"{max_new_tokens} new tokens at most per completion")
-    print(f"{'reuse':>6} {'p50 ms':>8} {'p95 ms':>8} {'recomputed/key':>15} {'reused/key':>11}")
-    for name in ("on", "off"):
+    print(f"{'reuse':>12} {'p50 ms':>8} {'p95 ms':>8} {'recomputed/key':>15} {'reused/key':>11}")
+    for name in ("on", "on_no_lookup", "off"):
         r = results[name]
         reused_share = 1 - r["recomputed_per_key_mean"] / max(1, prompt_tokens)
-        print(f"{name:>6} {r['p50_ms']:>8.1f} {r['p95_ms']:>8.1f} {r['recomputed_per_key_mean']:>15.1f} "
+        print(f"{name:>12} {r['p50_ms']:>8.1f} {r['p95_ms']:>8.1f} {r['recomputed_per_key_mean']:>15.1f} "
               f"{reused_share:>10.1%}")
-    print(f"p50 speed-up with reuse: {results['speedup_p50']:.1f}x; cold first request {on['cold_ms']:.0f} ms")
+    print(f"p50 speed-up with reuse: {results['speedup_p50']:.1f}x, with lookup drafts: "
+          f"{results['lookup_speedup_p50']:.2f}x; cold first request {on['cold_ms']:.0f} ms")
     if along["keys"]:
         print(f"typing along the suggestion: {along['keys']} keys, p50 {along['p50_ms']:.1f} ms, "
               f"{along['model_runs']} of them ran the model")
