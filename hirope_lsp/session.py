@@ -600,7 +600,7 @@ def _with_suffix_cut(engine: Engine, job: CompletionJob, cached: int, affordable
     suffix_start = engine.prefix_end(ids) + 1  # after the suffix's marker
     if suffix_start >= len(ids):  # the suffix comes first, or there is none
         return None
-    cut_at = suffix_start + affordable - max(0, suffix_start - cached) - 1  # the middle token is computed too
+    cut_at = cached + affordable - 1  # what is cached, then what prefills in time (the middle token included)
     if cut_at < suffix_start or cut_at >= len(ids) - 1:
         return None
     positions = job.prompt.positions

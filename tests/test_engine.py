@@ -236,3 +236,19 @@ def test_decoding_with_lookup_drafts_gives_the_greedy_tokens_in_fewer_forwards(l
     for with_lookup, plain in zip(results[4][1], results[0][1]):
         assert torch.allclose(torch.tensor(with_lookup), torch.tensor(plain), atol=1e-4)
     assert results[4][2] < results[0][2], "drafts accepted: fewer forwards"
+
+
+def test_lookup_drafts_are_off_where_the_rotary_follows_the_input_length():
+    loaded = load_model(None, device="cpu", dtype="float32")  # unpatched: the module's engines left theirs on
+    model = loaded[0]
+    text = SOURCE * 12
+    results = []
+    for lookup_tokens in (0, 4):
+        engine = Engine(EngineSettings(rope=RopeMethodConfig(method="dynamic-ntk"), lookup_tokens=lookup_tokens,
+                                       measure_speed=False), loaded=loaded)
+        prompt = prompt_for(engine, text, text.count("\n") - 2, 4, budget=1500)
+        assert len(prompt.token_ids) > model.config.max_position_embeddings
+        generation = engine.generate(prompt, max_new_tokens=12, suppress_eos=True)
+        results.append((generation.token_ids, torch.tensor(generation.token_logprobs)))
+        engine.handle.detach()
+    assert results[0][0] == results[1][0] and torch.allclose(results[0][1], results[1][1], atol=1e-5)

@@ -272,3 +272,21 @@ def test_similar_code_stays_while_the_cursor_stays_in_its_unit(tmp_path):
     assert "scaled = total" in tok.decode(first.token_ids)
     prefix = tok.convert_tokens_to_ids("<|fim_suffix|>")
     assert first.token_ids[: first.token_ids.index(prefix)] == second.token_ids[: second.token_ids.index(prefix)]
+
+
+def test_an_empty_brace_function_keeps_its_closing_line():
+    from hirope_lsp.completion.skeleton import outline_pieces, outline_text
+
+    text = "function f() {\n}\n\nfunction g(a) {\n  return a;\n}\n\nx"
+    doc = Document("file:///w/m.js", text, language_id="javascript")
+    outline = outline_text(doc, outline_pieces(doc, len(text) - 1))
+    assert outline.startswith("function f() {\n}\n"), "an empty body: nothing to drop"
+    assert "function g(a) {\n  ...\n}\n" in outline
+
+
+def test_the_outline_is_the_raw_text_where_the_whole_file_fits():
+    tok, b = builder(budget=2000, far_prompt="outline", near_tokens=100)
+    text = CLASS_TEXT.split("    def area_8")[0] + "\ndef main():\n    x = Shape()\n    x."
+    doc = Document("file:///w/small.py", text, language_id="python")
+    decoded = tok.decode(b.build(doc, text.count("\n"), 6).token_ids)
+    assert "total = width" in decoded.split("def area_1(")[0], "no body is dropped while everything fits"

@@ -90,3 +90,16 @@ async def test_after_a_keystroke_the_short_prompt_keeps_the_warmed_prefix(slow: 
     assert after["fastAnswers"] == 1 and suggestion.prompt_tokens > 512
     assert after["computedTokens"] <= MIN_FAST_BUDGET
     assert after["warmedUsedTokens"] >= before["warmedTokens"] - 200  # all but the suffix
+
+
+async def test_the_cut_keeps_a_suffix_warmed_in_part(slow: Session):
+    from hirope_lsp.session import _with_suffix_cut
+
+    service = await slow.ready_service()
+    job = service.prepare(slow.document(URI), *end_of(LINE))
+    suffix_start = service.engine.prefix_end(job.prompt.token_ids) + 1
+    cached = suffix_start + 40  # warming was stopped 40 tokens into the suffix
+    cut = _with_suffix_cut(service.engine, job, cached, affordable=20)
+    assert len(cut.prompt.token_ids) == cached + 20, "all that is cached, then what prefills in time"
+    assert cut.prompt.token_ids[:cached] == job.prompt.token_ids[:cached]
+    assert _with_suffix_cut(service.engine, job, suffix_start - 30, affordable=20) is None, "the prefix is not cached"

@@ -34,7 +34,7 @@ from ..hierarchy.positions import positions_from_unit_keys, token_unit_keys
 from ..model.loading import FimFormat
 from ..workspace.index import WorkspaceIndex, uri_to_path
 from .retrieval import similar_snippets
-from .skeleton import outline_char_map, outline_pieces, outline_text
+from .skeleton import Piece, outline_char_map, outline_pieces, outline_text
 from .tokens import IncrementalEncoder
 
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -213,9 +213,13 @@ class PromptBuilder:
     def _outline_part(self, doc: Document, end_char: int, budget: int) -> PromptPart:
         """The outline of ``doc.text[:end_char]``, its last ``budget`` tokens; each token takes the unit of the
         document text it comes from (an elided body: its function's header)."""
-        pieces = outline_pieces(doc, end_char)
+        pieces = [Piece(0, end_char)]  # the raw text where all of it fits
         text = outline_text(doc, pieces)
         ids, offsets = self._encode_outline(text)
+        if len(ids) > budget:
+            pieces = outline_pieces(doc, end_char)
+            text = outline_text(doc, pieces)
+            ids, offsets = self._encode_outline(text)
         if len(ids) > budget:  # its nearest part, from a paragraph's start (else a line's)
             first = len(ids) - budget
             at = offsets[first][0]

@@ -52,16 +52,16 @@ def outline_pieces(doc: Document, end_char: int) -> list[Piece]:
         header_end = _header_end(doc.text, start, end)
         if header_end is None:
             continue  # a one-liner or a header we cannot see the end of: kept whole
+        body_end = end
+        if doc.language != "python":  # the closing line stays: "}" and its indentation
+            closing = doc.text.rfind("\n", header_end, end)
+            body_end = closing if closing >= header_end else end
+        if not doc.text[header_end:body_end].strip():
+            continue  # nothing to drop
         covered = d.end
         pieces.append(Piece(at, header_end))
-        body_indent = _indent_of_body(doc.text, header_end, end)
-        if doc.language == "python":
-            pieces.append(Piece(header_end, header_end, "\n" + body_indent + "..."))
-            at = end
-        else:
-            closing = doc.text.rfind("\n", header_end, end)  # the closing line stays: "}" and its indentation
-            pieces.append(Piece(header_end, header_end, "\n" + body_indent + "..."))
-            at = closing if closing > header_end else end
+        pieces.append(Piece(header_end, header_end, "\n" + _indent_of_body(doc.text, header_end, end) + "..."))
+        at = body_end
     pieces.append(Piece(at, end_char))
     return [p for p in pieces if p.text is not None or p.end > p.start]
 

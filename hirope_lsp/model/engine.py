@@ -20,6 +20,9 @@ from .rope import RopeMethodConfig
 log = logging.getLogger(__name__)
 
 
+LOOKUP_PROMPT_TOKENS = 2048  # drafts are looked for in the prompt's end (indexing all of a long one costs)
+
+
 class Cancelled(Exception):
     """The request was cancelled or superseded while the model worked on it."""
 
@@ -265,7 +268,9 @@ class Engine:
                 # generated tokens continue the cursor's unit, after the prompt's last token
                 unit = positions[-1, :-1] if prompt.unit is None or positions.shape[1] == 1 else prompt.unit.to(torch.long)
                 token = int(positions[-1, -1])
-                lookup = PromptLookup(ids, self.settings.lookup_tokens) if self.settings.lookup_tokens else None
+                # drafts change what is fed at once: not where the rotary follows the input's length
+                drafts = self.settings.lookup_tokens and not (self.handle.method.factor_from_input or self.handle.dynamic)
+                lookup = PromptLookup(ids[-LOOKUP_PROMPT_TOKENS:], self.settings.lookup_tokens) if drafts else None
                 rows, draft = logits[0, -1:], []  # rows[i] scores the token after draft[:i]
                 decode_start = time.perf_counter()
                 while stopped_by is None and max_new_tokens > 0:
@@ -298,7 +303,7 @@ class Engine:
                     if stopped_by is not None:
                         break
                     if lookup is not None:
-                        lookup.extend(out[len(lookup.tokens) - len(ids):])
+                        lookup.extend(out[lookup.added:])
                         draft = lookup.propose()[: max_new_tokens - len(out)]
                     # the cache holds the prompt and every chosen token but the last: feed it and the draft
                     slot.truncate(len(ids) + len(out) - 1)

@@ -12,6 +12,7 @@ class PromptLookup:
     def __init__(self, tokens: list[int], draft: int):
         self.tokens = list(tokens)
         self.draft = draft
+        self.added = 0  # tokens extended since the start
         self._last: dict[tuple[int, ...], int] = {}  # n-gram -> end index of its latest occurrence
         self._indexed = 0  # n-grams ending before this index are in ``_last``
         self._index(len(self.tokens) - 1)
@@ -29,6 +30,7 @@ class PromptLookup:
 
     def extend(self, new: list[int]) -> None:
         self.tokens.extend(new)
+        self.added += len(new)
         self._index(len(self.tokens) - 1)
 
     def propose(self) -> list[int]:
