@@ -39,7 +39,9 @@ class EngineSettings:
     reuse_cache: bool = True
     prefill_chunk: int = 1024
     measure_speed: bool = True  # time a short prompt at load (how much prompt a latency target affords)
-    lookup_tokens: int = 4  # draft tokens from prompt lookup checked per decoding forward (0: one token each)
+    # draft tokens from prompt lookup checked per decoding forward; 0 (one token each): on two CPU cores a
+    # step of 5 rows costs ~1.6 single ones and 24 tokens took 14 steps, no faster (README, Benchmarks)
+    lookup_tokens: int = 0
 
 
 @dataclass
