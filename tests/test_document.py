@@ -240,3 +240,12 @@ def test_oversized_document_is_plain_text():
     assert doc.tree is None and doc.units is None
     doc.apply_changes([Change("y", ((0, 0), (0, 1)))], 1)
     assert doc.text.startswith("y = 1")
+
+
+def test_byte_offsets_map_to_char_offsets_before_and_after_an_edit():
+    doc = Document("file:///w/a.py", "héllo wörld\nß x = 1\n\nüber\r\nend")
+    for _ in range(2):
+        source = doc.text.encode("utf-8")
+        assert [doc.byte_to_char(b) for b in range(len(source) + 1)] == \
+            [len(source[:b].decode("utf-8", "ignore")) for b in range(len(source) + 1)]
+        doc.apply_changes([Change("ää\n", ((1, 2), (1, 2)))])

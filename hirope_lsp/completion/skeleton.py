@@ -16,8 +16,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-import numpy as np
-
 from ..hierarchy.document import Document
 
 FUNCTION_KINDS = frozenset({"function", "method"})
@@ -38,7 +36,6 @@ def outline_pieces(doc: Document, end_char: int) -> list[Piece]:
         return []
     if doc.grammar is None:
         return [Piece(0, end_char)]
-    char_of = _byte_to_char(doc)
     end_byte = len(doc.text[:end_char].encode("utf-8"))
     pieces: list[Piece] = []
     at = 0  # chars copied so far
@@ -48,7 +45,7 @@ def outline_pieces(doc: Document, end_char: int) -> list[Piece]:
             break
         if d.kind not in FUNCTION_KINDS or d.end > end_byte or d.start < covered:
             continue
-        start, end = char_of(d.start), char_of(d.end)
+        start, end = doc.byte_to_char(d.start), doc.byte_to_char(d.end)
         header_end = _header_end(doc.text, start, end)
         if header_end is None:
             continue  # a one-liner or a header we cannot see the end of: kept whole
@@ -81,15 +78,6 @@ def outline_char_map(pieces: list[Piece]) -> tuple[list[int], list[int], list[in
         real.append(0 if p.text is not None else 1)
         at += len(p.text) if p.text is not None else p.end - p.start
     return starts, sources, real
-
-
-def _byte_to_char(doc: Document):
-    """Byte offset -> char offset for the whole document, in one pass (identity for ASCII)."""
-    if len(doc.source) == len(doc.text):
-        return lambda byte: byte
-    starts = (np.frombuffer(doc.source, dtype=np.uint8) & 0xC0) != 0x80  # first bytes of characters
-    chars_before = np.concatenate([[0], np.cumsum(starts)])
-    return lambda byte: int(chars_before[byte])
 
 
 def _header_end(text: str, start: int, end: int) -> int | None:

@@ -124,7 +124,10 @@ class Document:
         return line, sum(_width(ch, self.encoding) for ch in prefix)
 
     def byte_to_char(self, byte_offset: int) -> int:
-        return len(self.source[:byte_offset].decode("utf-8", "ignore"))
+        """The char offset of a UTF-8 byte offset, through the line tables (decodes one line's part)."""
+        line = int(np.searchsorted(self.line_byte, byte_offset, side="right")) - 1
+        start = int(self.line_byte[line])
+        return int(self.line_char[line]) + len(self.source[start:byte_offset].decode("utf-8", "ignore"))
 
     # ---- edits ----
 
