@@ -270,6 +270,10 @@ class Engine:
                 # generated tokens continue the cursor's unit, after the prompt's last token
                 unit = positions[-1, :-1] if prompt.unit is None or positions.shape[1] == 1 else prompt.unit.to(torch.long)
                 token = int(positions[-1, -1])
+                # the prompt's positions, then those of every token that may be generated (a step slices them)
+                steps = torch.arange(token + 1, token + 1 + max(0, max_new_tokens)).unsqueeze(1)
+                generated = torch.cat([unit.expand(len(steps), -1), steps], dim=1).unsqueeze(0).to(self.device)
+                all_positions = torch.cat([pos_all, generated], dim=1)
                 # drafts change what is fed at once: not where the rotary follows the input's length
                 drafts = self.settings.lookup_tokens and not (self.handle.method.factor_from_input or self.handle.dynamic)
                 lookup = PromptLookup(ids[-LOOKUP_PROMPT_TOKENS:], self.settings.lookup_tokens) if drafts else None
@@ -310,12 +314,8 @@ class Engine:
                     # the cache holds the prompt and every chosen token but the last: feed it and the draft
                     slot.truncate(len(ids) + len(out) - 1)
                     feed = [out[-1]] + draft
-                    first = token + len(out)
-                    fed_positions = torch.stack([torch.cat([unit, torch.tensor([first + k])]) for k in range(len(feed))])
-                    generated = torch.stack([torch.cat([unit, torch.tensor([token + k])]) for k in range(1, len(out))]) \
-                        if len(out) > 1 else fed_positions[:0]
-                    all_positions = torch.cat([pos_all, torch.cat([generated, fed_positions]).unsqueeze(0).to(self.device)], 1)
-                    rows = self.handle.forward(torch.tensor([feed], device=self.device), all_positions,
+                    rows = self.handle.forward(torch.tensor([feed], device=self.device),
+                                               all_positions[:, : len(ids) + len(out) - 1 + len(feed)],
                                                cache=slot.cache, use_cache=True).logits[0]
                 self.speed.record_decode(max(0, len(out) - 1), time.perf_counter() - decode_start)
                 if stopped_by is None:
