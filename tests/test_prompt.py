@@ -239,6 +239,14 @@ def test_brace_languages_keep_the_closing_line():
 # ---- similar code from neighbouring files ----
 
 
+def similar_setup(tmp_path, text):
+    """The workspace in ``tmp_path`` indexed, ``text`` as mine.py there, a builder with similar code on."""
+    index = WorkspaceIndex([tmp_path])
+    index.scan()
+    tok, b = builder(budget=1000, similar_code=True)
+    return tok, b, Document((tmp_path / "mine.py").as_uri(), text, language_id="python"), index
+
+
 def test_similar_code_from_a_sibling_file_is_in_the_prompt(tmp_path):
     pattern = "    response = client.fetch(url, timeout=timeout)\n    payload = response.json()\n" \
               "    items = payload['items']\n    return [Item(**raw) for raw in items]\n"
@@ -246,11 +254,8 @@ def test_similar_code_from_a_sibling_file_is_in_the_prompt(tmp_path):
                                        + "\n\ndef unrelated():\n    return 42\n" * 30)
     (tmp_path / "far_away").mkdir()
     (tmp_path / "far_away" / "copy.py").write_text("def load_x(client, url, timeout):\n" + pattern)
-    index = WorkspaceIndex([tmp_path])
-    index.scan()
-    text = "def load_orders(client, url, timeout):\n    response = client.fetch(url, timeout=timeout)\n    "
-    doc = Document((tmp_path / "mine.py").as_uri(), text, language_id="python")
-    tok, b = builder(budget=1000, similar_code=True)
+    tok, b, doc, index = similar_setup(
+        tmp_path, "def load_orders(client, url, timeout):\n    response = client.fetch(url, timeout=timeout)\n    ")
     built = b.build(doc, 2, 4, index)
     decoded = tok.decode(built.token_ids)
     assert "# other.py\n" in decoded and "payload = response.json()" in decoded
@@ -261,11 +266,7 @@ def test_similar_code_from_a_sibling_file_is_in_the_prompt(tmp_path):
 
 def test_similar_code_stays_while_the_cursor_stays_in_its_unit(tmp_path):
     (tmp_path / "other.py").write_text("def f(a, b):\n    total = a + b\n    scaled = total * 2\n    return scaled\n")
-    index = WorkspaceIndex([tmp_path])
-    index.scan()
-    text = "def g(a, b):\n    total = a + b\n    "
-    doc = Document((tmp_path / "mine.py").as_uri(), text, language_id="python")
-    tok, b = builder(budget=1000, similar_code=True)
+    tok, b, doc, index = similar_setup(tmp_path, "def g(a, b):\n    total = a + b\n    ")
     first = b.build(doc, 2, 4, index)
     doc.apply_changes([Change("unrelated_name = 1\n    ", ((2, 4), (2, 4)))], 2)
     second = b.build(doc, 3, 4, index)

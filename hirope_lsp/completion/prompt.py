@@ -147,7 +147,7 @@ class PromptBuilder:
 
     def build(self, doc: Document, line: int, character: int, index: WorkspaceIndex | None = None) -> BuiltPrompt:
         s = self.settings
-        cursor, _ = doc.offset_at(line, character)
+        cursor, cursor_byte = doc.offset_at(line, character)
         line, _ = doc.position_at(cursor)
         special_budget = 4
         suffix_budget = int(s.budget_tokens * s.suffix_share) if self.fim.available else 0
@@ -165,7 +165,7 @@ class PromptBuilder:
                 suffix_part.units = suffix_part.units[:suffix_budget]
                 suffix_text = self.tokenizer.decode(suffix_part.ids)
 
-        context_parts, names = self._context_parts(doc, cursor, index, context_budget) if context_budget else ([], [])
+        context_parts, names = self._context_parts(doc, cursor, cursor_byte, index, context_budget) if context_budget else ([], [])
         used = special_budget + (len(suffix_part.ids) if suffix_part else 0) + sum(len(p.ids) for p in context_parts)
         prefix_budget = max(16, s.budget_tokens - used)
         raw_budget = prefix_budget
@@ -237,17 +237,18 @@ class PromptBuilder:
         tag = "outline" if doc.units is None else doc.uri
         return PromptPart("outline", list(ids), token_unit_keys(doc, spans, tag, self.settings.fixed_unit))
 
-    def _context_parts(self, doc: Document, cursor: int, index: WorkspaceIndex, budget: int):
+    def _context_parts(self, doc: Document, cursor: int, cursor_byte: int, index: WorkspaceIndex, budget: int):
         """Similar code (``similar_code``, up to half the budget), then definitions from other files of
         names used near the cursor, in a stable order."""
-        similar = self._similar_parts(doc, cursor, index, budget // 2) if self.settings.similar_code else []
+        similar = self._similar_parts(doc, cursor, cursor_byte, index, budget // 2) if self.settings.similar_code else []
         parts, names = self._definition_parts(doc, cursor, index, budget - sum(len(p.ids) for p in similar))
         return similar + parts, names
 
-    def _similar_parts(self, doc: Document, cursor: int, index: WorkspaceIndex, budget: int) -> list[PromptPart]:
+    def _similar_parts(self, doc: Document, cursor: int, cursor_byte: int, index: WorkspaceIndex,
+                       budget: int) -> list[PromptPart]:
         here = uri_to_path(doc.uri)
         line, _ = doc.position_at(cursor)
-        units = doc.unit_of_bytes([len(doc.text[:cursor].encode("utf-8"))])
+        units = doc.unit_of_bytes([cursor_byte])
         where = (units[0] if units is not None else None, line if units is None else None)
         kept = self._similar.get(doc.uri)
         if kept is not None and kept[0] == where:
