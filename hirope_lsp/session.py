@@ -1,7 +1,7 @@
 """A running server's state and what happens to it: settings, open documents and their cursors,
 the workspace index and its watcher, the model's lifecycle (loading / ready / failed), requests in
-flight, suggestions shown, and work done ahead of the user (warming prompts, the suggestion after
-an accept).  No LSP types here: the adapter in ``server.py`` translates.
+flight, suggestions shown, and work done ahead of the user (warming prompts, the suggestion at a
+warmed cursor and the one after an accept).  No LSP types here: the adapter in ``server.py`` translates.
 
 Threads: everything here runs on the event loop except what is handed to the single inference
 worker (model calls) or the default executor (scanning folders).  A request waiting for the worker
@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 EXPECTED_NEW_TOKENS = 12  # a typical suggestion's length, for the decoding share of the latency target
 MIN_FAST_BUDGET = 64
 WARM_CHUNK_SECONDS = 0.1  # warming gives the worker back this often (a request waits at most one chunk)
+PREFETCHED_PER_DOCUMENT = 4
 IDLE_SECONDS = 0.3  # a pause in requests this long counts as the user resting (warming resumes)
 
 
@@ -89,7 +90,8 @@ class WarmingCounters:
     jobs: int = 0
     preempted: int = 0
     fast_answers: int = 0  # requests answered with the short prompt while the full one warmed
-    prefetched_answers: int = 0
+    prefetched_answers: int = 0  # requests answered by a suggestion made ahead (after an accept, at a warmed cursor)
+    suggested_ahead: int = 0  # suggestions made ahead of a request
 
 
 @dataclass
@@ -120,7 +122,8 @@ class Session:
         self._loads = 0
         self.latest: dict[str, RequestToken] = {}
         self.shown = ShownSuggestions()  # typing along what is on screen
-        self.prefetched = ShownSuggestions(answers_at_start=True)  # the suggestion after an accept
+        # suggestions made ahead: after an accept, at a warmed cursor (a short prompt's, then the full one's)
+        self.prefetched = ShownSuggestions(answers_at_start=True, keep=PREFETCHED_PER_DOCUMENT)
         self.waiting = 0  # requests queued for or running on the worker
         self.last_request = 0.0  # event-loop time the newest request was handed to the worker
         self.warming: dict[str, RequestToken] = {}
@@ -378,9 +381,7 @@ class Session:
         self.shown.remember(current, cursor.byte, result.text)
         if fast:
             self.warm_counters.fast_answers += 1
-            self._spawn(self._warm_when_idle(uri))  # the full prompt, once the user pauses
-        else:
-            self._prefetch_after_accept(current, cursor, result.text)
+        self._prefetch_after_accept(current, cursor, result.text, warm_full=fast)
         return Suggestion(result.text, uri, job.line, job.character, prompt_tokens=len(job.prompt.token_ids),
                           ms=result.generation.seconds * 1000, confidence=result.generation.confidence,
                           raw=result.generation.text)
@@ -508,8 +509,17 @@ class Session:
         engine = service.engine
         stop = lambda: token.cancelled() or self.waiting > 0  # noqa: E731
         self.warm_counters.jobs += 1
-        return await asyncio.get_running_loop().run_in_executor(
+        cursor = Cursor.at(doc, line, character)
+        answered = lambda: self.prefetched.covers(doc, cursor.byte) or self.shown.covers(doc, cursor.byte)  # noqa: E731
+        short, is_short = self._fit_to_latency(service, doc, cursor, job)
+        short_ahead = is_short and not answered()
+        if short_ahead:  # a pause soon after is answered at once, by the short prompt's suggestion
+            await self._suggest_ahead(service, doc, cursor, short, token)
+        computed = await asyncio.get_running_loop().run_in_executor(
             self.worker, engine.prefill, job.prompt, stop, self._warm_chunk(engine))
+        if engine.is_warm(job.prompt) and not stop() and (short_ahead or not answered()):  # the full prompt's replaces the short one's
+            await self._suggest_ahead(service, doc, cursor, job, token)
+        return computed
 
     @staticmethod
     def _warm_chunk(engine: Engine) -> int:
@@ -527,35 +537,50 @@ class Session:
         if uri not in self.warming:
             self.warm(uri)
 
-    def _prefetch_after_accept(self, doc: Document, cursor: Cursor, text: str) -> None:
-        """Compute the suggestion that follows ``text`` once the user accepts it, at idle priority."""
-        if not text or not self.settings.warm_ahead or self.service is None:
+    def _prefetch_after_accept(self, doc: Document, cursor: Cursor, text: str, warm_full: bool = False) -> None:
+        """Compute the suggestion that follows ``text`` once the user accepts it, at idle priority;
+        ``warm_full``: then, once the user pauses, the full prompt (``text`` came from a short one)."""
+        if not self.settings.warm_ahead or self.service is None:
+            return
+        if not text:
+            if warm_full:
+                self._spawn(self._warm_when_idle(doc.uri))
             return
         accepted = Document(doc.uri, doc.text[: cursor.offset] + text + doc.text[cursor.offset :], doc.version,
                             doc.language, doc.encoding)
         at = Cursor.at(accepted, *accepted.position_at(cursor.offset + len(text)))
-        self._spawn(self._prefetch(accepted, at, self._claim_work_ahead(doc.uri)))
+        self._spawn(self._prefetch(accepted, at, self._claim_work_ahead(doc.uri), warm_full))
 
-    async def _prefetch(self, accepted: Document, at: Cursor, token: RequestToken) -> None:
+    async def _prefetch(self, accepted: Document, at: Cursor, token: RequestToken, warm_full: bool) -> None:
         try:
             service = self.service
             if service is None or token.cancelled():
                 return
             job, _ = self._fit_to_latency(service, accepted, at, service.prepare(accepted, at.line, at.character))
-            stop = lambda: token.cancelled() or self.waiting > 0  # noqa: E731
-            chunk = self._warm_chunk(service.engine)
-            result = await asyncio.get_running_loop().run_in_executor(
-                self.worker, lambda: service.run(job, stop, self._decode_seconds(), chunk, ahead=True))
-        except Cancelled:
-            return
+            await self._suggest_ahead(service, accepted, at, job, token)
         except Exception:
             log.exception("prefetching after %s failed", accepted.uri)
             return
         finally:
             if self.warming.get(accepted.uri) is token:
                 del self.warming[accepted.uri]
-        if result.text and accepted.uri in self.documents:
-            self.prefetched.remember(accepted, at.byte, result.text)
+        if warm_full:
+            await self._warm_when_idle(accepted.uri)
+
+    async def _suggest_ahead(self, service: CompletionService, doc: Document, cursor: Cursor, job: CompletionJob,
+                             token: RequestToken) -> None:
+        """Make the suggestion for ``doc`` at ``cursor`` before it is asked for, at idle priority (a request
+        stops it between two model steps); a request that finds the document in that state is answered by it."""
+        stop = lambda: token.cancelled() or self.waiting > 0  # noqa: E731
+        chunk = self._warm_chunk(service.engine)
+        try:
+            result = await asyncio.get_running_loop().run_in_executor(
+                self.worker, lambda: service.run(job, stop, self._decode_seconds(), chunk, ahead=True))
+        except Cancelled:
+            return
+        self.warm_counters.suggested_ahead += 1
+        if result.text and doc.uri in self.documents:
+            self.prefetched.remember(doc, cursor.byte, result.text)
 
     # ---- reports ----
 
@@ -578,6 +603,7 @@ class Session:
             "warmPreempted": self.warm_counters.preempted,
             "fastAnswers": self.warm_counters.fast_answers,
             "prefetchedAnswers": self.warm_counters.prefetched_answers,
+            "suggestedAhead": self.warm_counters.suggested_ahead,
             "prefillMsPerToken": speed.prefill_s * 1000 if speed else None,
             "decodeMsPerToken": speed.decode_s * 1000 if speed else None,
             "watching": self.watcher is not None,

@@ -48,3 +48,18 @@ def test_anything_else_falls_back_to_the_model():
 def test_an_empty_suggestion_is_not_remembered():
     doc, shown = shown_at(suggestion="")
     assert shown.rest(doc, type_at(doc, 1, 11, "x")) is None
+
+
+def test_suggestions_made_ahead_for_several_states_of_a_document_each_answer():
+    ahead = ShownSuggestions(answers_at_start=True, keep=2)
+    doc = Document("file:///w/a.py", TEXT, language_id="python")
+    at_return, at_end = doc.offset_at(1, 11)[1], len(doc.source)
+    ahead.remember(doc, at_return, "x")
+    ahead.remember(doc, at_end, "main()")
+    assert ahead.covers(doc, at_return) and ahead.covers(doc, at_end)
+    assert not ahead.covers(doc, 0)
+    ahead.remember(doc, at_return, "x + 1")  # the same state again (the full prompt's): it replaces the short one's
+    assert ahead.rest(doc, at_return) == "x + 1"
+    ahead.remember(doc, 0, "import os\n")  # a third state: the oldest goes
+    assert ahead.covers(doc, 0) and ahead.covers(doc, at_return) and not ahead.covers(doc, at_end)
+    assert ahead.covers(doc, at_return), "covers changes nothing"

@@ -25,17 +25,21 @@ class Shown:
 
 class ShownSuggestions:
     """``answers_at_start``: a suggestion made ahead for a document not yet in that state (the one after
-    an accept) answers as soon as the document reaches it, before any character is typed."""
+    an accept) answers as soon as the document reaches it, before any character is typed.  ``keep``:
+    how many suggestions a document keeps (newest first); work ahead makes them for several states."""
 
-    def __init__(self, answers_at_start: bool = False) -> None:
-        self._shown: dict[str, Shown] = {}
+    def __init__(self, answers_at_start: bool = False, keep: int = 1) -> None:
+        self._shown: dict[str, list[Shown]] = {}
         self.answers_at_start = answers_at_start
+        self.keep = keep
 
     def remember(self, doc: Document, cursor_byte: int, text: str) -> None:
         if not text or len(doc.source) > MAX_KEPT_BYTES:
-            self._shown.pop(doc.uri, None)
+            if self.keep == 1:
+                self._shown.pop(doc.uri, None)
             return
-        self._shown[doc.uri] = Shown(doc.source, cursor_byte, text.encode("utf-8"))
+        kept = [s for s in self._shown.get(doc.uri, []) if (s.source, s.cursor) != (doc.source, cursor_byte)]
+        self._shown[doc.uri] = [Shown(doc.source, cursor_byte, text.encode("utf-8")), *kept][: self.keep]
 
     def forget(self, uri: str) -> None:
         self._shown.pop(uri, None)
@@ -43,12 +47,22 @@ class ShownSuggestions:
     def clear(self) -> None:
         self._shown.clear()
 
+    def covers(self, doc: Document, cursor_byte: int) -> bool:
+        """Whether ``rest`` would answer for ``doc`` at the cursor (nothing is changed)."""
+        return any(self._rest_of(shown, doc, cursor_byte) is not None for shown in self._shown.get(doc.uri, ()))
+
     def rest(self, doc: Document, cursor_byte: int) -> str | None:
-        """What is left of the suggestion shown for ``doc`` if the user typed its start up to the
-        cursor and changed nothing else; None otherwise (the rest is remembered as shown)."""
-        shown = self._shown.get(doc.uri)
-        if shown is None:
-            return None
+        """What is left of a suggestion made for ``doc`` if the user typed its start up to the cursor and
+        changed nothing else; None otherwise (the rest is remembered as shown)."""
+        kept = self._shown.get(doc.uri, [])
+        for i, shown in enumerate(kept):
+            rest = self._rest_of(shown, doc, cursor_byte)
+            if rest is not None:
+                kept[i] = Shown(doc.source, cursor_byte, shown.text[cursor_byte - shown.cursor :])
+                return rest
+        return None
+
+    def _rest_of(self, shown: Shown, doc: Document, cursor_byte: int) -> str | None:
         typed = cursor_byte - shown.cursor
         new, old = doc.source, shown.source
         if not (0 if self.answers_at_start else 1) <= typed < len(shown.text) or len(new) != len(old) + typed:
@@ -59,8 +73,6 @@ class ShownSuggestions:
                 or new_view[cursor_byte:] != old_view[shown.cursor :]):
             return None
         try:
-            rest = shown.text[typed:].decode("utf-8")
+            return shown.text[typed:].decode("utf-8")
         except UnicodeDecodeError:  # the cursor is inside a character of the suggestion
             return None
-        self._shown[doc.uri] = Shown(new, cursor_byte, shown.text[typed:])
-        return rest

@@ -201,6 +201,12 @@ class Engine:
         ids, positions, _, _ = self.heal(prompt.token_ids, self.levelled(prompt.positions))
         return self.pool.reusable(prompt.key, ids, positions)
 
+    def is_warm(self, prompt: Prompt) -> bool:
+        """Whether the kept KV state holds all of ``prompt`` that warming computes (a request recomputes
+        the last token anyway)."""
+        ids, positions, _, _ = self.heal(prompt.token_ids, self.levelled(prompt.positions))
+        return self.pool.reusable(prompt.key, ids, positions) >= len(ids) - 1
+
     @torch.inference_mode()
     def prefill(self, prompt: Prompt, cancelled: Callable[[], bool] | None = None, chunk: int | None = None) -> int:
         """Warm the KV state with ``prompt`` ahead of a request, ``chunk`` tokens at a time, stopping between

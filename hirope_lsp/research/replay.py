@@ -196,7 +196,7 @@ def _print(name: str, result: dict, target_ms: float) -> None:
     s = result["status"]
     print(f"  warmed {s['warmedTokens']} tokens, {s['warmedUsedTokens']} used by a request; unused warming "
           f"~{result['warm_unused_cpu_s']:.1f} s of CPU; {s['fastAnswers']} short-prompt answers, "
-          f"{s['prefetchedAnswers']} prefetched after an accept; prefill {s['prefillMsPerToken']:.2f} ms/token, "
+          f"{s['prefetchedAnswers']} answered by one of {s['suggestedAhead']} suggestions made ahead; prefill {s['prefillMsPerToken']:.2f} ms/token, "
           f"decode {s['decodeMsPerToken']:.1f} ms/token")
     if result["full_context_s"]:
         print("  full prompt warm " + ", ".join(f"{t:.1f}" for t in result["full_context_s"]) + " s after opening")

@@ -62,11 +62,39 @@ def cursor_in(text: str, line: int) -> tuple[int, int]:
     return line, len(text.split("\n")[line])
 
 
+def mid_statement(after_line: int = 1200) -> tuple[str, int, int]:
+    """The long file cut after ``self.`` on a line past ``after_line``: the model has something to say there."""
+    lines = LONG.split("\n")
+    line = next(i for i in range(after_line, len(lines)) if lines[i].strip().startswith("self."))
+    lines[line] = lines[line][: lines[line].index("self.") + len("self.")]
+    return "\n".join(lines), line, len(lines[line])
+
+
 @pytest_lsp.fixture(config=ClientServerConfig(server_command=SERVER))
 async def client(lsp_client: LanguageClient, workspace):
     await start(lsp_client, workspace, promptBudget=2048, latencyTargetMs=10000)
     yield
     await lsp_client.shutdown_session()
+
+
+async def test_a_warmed_cursor_is_answered_by_the_suggestion_made_ahead(client: LanguageClient):
+    uri = (client.workspace_root / "long.py").as_uri()
+    text, line, character = mid_statement()
+    open_doc(client, uri, text)
+    warm(client, uri, line, character)
+    warmed = await until_idle(client)
+    assert warmed["warmJobs"] == 1 and warmed["warmedTokens"] > 1500 and warmed["suggestedAhead"] == 1
+    assert warmed["computedTokens"] == 0  # no request has run yet
+    made_ahead = await inline(client, uri, line, character)
+    after = await status(client)
+    assert after["prefetchedAnswers"] == 1 and after["computedTokens"] == 0  # answered without the model
+    warm(client, uri, line, character)  # the editor says the cursor rests there again: nothing new to do
+    again = await until_idle(client)
+    assert again["suggestedAhead"] == 1 and again["computedTokens"] == 0
+    # what the model says there, asked directly, is what was made ahead
+    client.workspace_did_change_configuration(types.DidChangeConfigurationParams(settings={"hirope": {"warmAhead": False}}))
+    direct = await inline(client, uri, line, character)
+    assert [i.insert_text for i in direct.items] == [i.insert_text for i in made_ahead.items]
 
 
 async def test_a_warmed_prompt_is_reused_by_the_request_that_follows(client: LanguageClient):
@@ -76,11 +104,12 @@ async def test_a_warmed_prompt_is_reused_by_the_request_that_follows(client: Lan
     warm(client, uri, line, character)
     warmed = await until_idle(client)
     assert warmed["warmJobs"] == 1 and warmed["warmedTokens"] > 1500
-    assert warmed["computedTokens"] == 0  # no request has run yet
-    await inline(client, uri, line, character)
+    # keys no suggestion starts with: the one made ahead no longer applies
+    await inline(client, uri, *type_text(client, uri, 2, line, character, "  # zq"))
     after = await status(client)
-    assert after["computedTokens"] <= 2  # the prompt's last token (its logits) and a healed one
-    assert after["warmedUsedTokens"] == warmed["warmedTokens"]
+    assert after["prefetchedAnswers"] == 0
+    assert after["computedTokens"] <= 6  # the typed keys (and the prompt's last token, a healed one)
+    assert after["warmedUsedTokens"] >= warmed["warmedTokens"] - 4
 
 
 async def test_a_request_during_warming_is_answered_first(client: LanguageClient):
@@ -126,12 +155,8 @@ async def test_the_suggestion_after_an_accept_is_ready_before_it_is_asked_for(cl
     # suggestions cut after a few tokens end mid-statement: there is more to say after accepting one
     client.workspace_did_change_configuration(types.DidChangeConfigurationParams(settings={"hirope": {"maxNewTokens": 3}}))
     uri = (client.workspace_root / "long.py").as_uri()
-    lines = LONG.split("\n")
-    line = next(i for i in range(1200, len(lines)) if lines[i].strip().startswith("self."))
-    lines[line] = lines[line][: lines[line].index("self.") + len("self.")]  # mid-statement: something to say
-    text = "\n".join(lines)
+    text, line, character = mid_statement()
     open_doc(client, uri, text)
-    character = len(lines[line])
     first = await inline(client, uri, line, character)
     assert first.items, "the model suggested nothing here; pick another line"
     text = first.items[0].insert_text
@@ -167,3 +192,17 @@ async def test_a_cold_request_gets_a_short_prompt_and_the_full_one_warms(slow_cl
             break
         await asyncio.sleep(0.05)
     assert warmed["warmedTokens"] > 4096
+
+
+async def test_warming_on_a_slow_machine_suggests_from_the_short_prompt_then_from_the_full_one(
+        slow_client: LanguageClient):
+    client = slow_client
+    uri = (client.workspace_root / "long.py").as_uri()
+    text, line, character = mid_statement(2000)
+    open_doc(client, uri, text)
+    warm(client, uri, line, character)
+    done = await until_idle(client)
+    assert done["suggestedAhead"] == 2 and done["warmedTokens"] > 4096 and done["computedTokens"] == 0
+    await inline(client, uri, line, character)
+    after = await status(client)
+    assert after["prefetchedAnswers"] == 1 and after["computedTokens"] == 0
