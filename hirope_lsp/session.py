@@ -379,6 +379,8 @@ class Session:
             log.info("dropping a completion for %s v%d: the document moved on", uri, job.version)
             return None
         self.shown.remember(current, cursor.byte, result.text)
+        if self.settings.warm_ahead:  # asked again in this state (a cursor resting, a re-trigger): the same answer
+            self.prefetched.remember(current, cursor.byte, result.text)
         if fast:
             self.warm_counters.fast_answers += 1
         self._prefetch_after_accept(current, cursor, result.text, warm_full=fast)
@@ -549,6 +551,8 @@ class Session:
         accepted = Document(doc.uri, doc.text[: cursor.offset] + text + doc.text[cursor.offset :], doc.version,
                             doc.language, doc.encoding)
         at = Cursor.at(accepted, *accepted.position_at(cursor.offset + len(text)))
+        if self.prefetched.covers(accepted, at.byte):
+            return
         self._spawn(self._prefetch(accepted, at, self._claim_work_ahead(doc.uri), warm_full))
 
     async def _prefetch(self, accepted: Document, at: Cursor, token: RequestToken, warm_full: bool) -> None:

@@ -169,6 +169,19 @@ async def test_the_suggestion_after_an_accept_is_ready_before_it_is_asked_for(cl
     assert after["computedTokens"] == before["computedTokens"]  # answered without the model
 
 
+async def test_asked_again_in_the_same_state_the_answer_comes_without_the_model(client: LanguageClient):
+    uri = (client.workspace_root / "long.py").as_uri()
+    text, line, character = mid_statement()
+    open_doc(client, uri, text)
+    first = await inline(client, uri, line, character)
+    answered = await until_idle(client)  # the suggestion after its accept is prefetched meanwhile
+    again = await inline(client, uri, line, character)
+    after = await status(client)
+    assert after["prefetchedAnswers"] == 1 and after["computedTokens"] == answered["computedTokens"]
+    assert [i.insert_text for i in again.items] == [i.insert_text for i in first.items]
+    assert (await until_idle(client))["suggestedAhead"] == answered["suggestedAhead"], "nothing new to prefetch"
+
+
 @pytest_lsp.fixture(config=ClientServerConfig(server_command=SERVER))
 async def slow_client(lsp_client: LanguageClient, workspace):
     # a latency target no full prompt meets here: the machine is "too slow" for this budget
