@@ -172,7 +172,7 @@ SETTINGS: tuple[Setting, ...] = (
             shown_default="none", doc="Hide suggestions whose mean log-probability per token is below this "
                                       "(e.g. -1.5); null shows all."),
     Setting(key="warmAhead", target="warm_ahead", type="boolean",
-            doc="Prefill the prompt of the active document in the background before a suggestion is asked for."),
+            doc="Prefill the prompt of the active document, and make its suggestion, in the background before it is asked for."),
     Setting(key="latencyTargetMs", target="latency_target_ms", type="integer", minimum=50, maximum=10000,
             doc="A cold request's prompt is cut to what this machine prefills within this time; the full prompt "
                 "is warmed in the background."),
