@@ -86,6 +86,15 @@ class Suggestion:
 
 
 @dataclass
+class AheadWork:
+    """A suggestion being made ahead: for which state of a document, and its text once made."""
+
+    source: bytes
+    cursor: int  # byte offset
+    done: asyncio.Future  # the text ("" where the model has nothing to say); None: stopped before the end
+
+
+@dataclass
 class WarmingCounters:
     jobs: int = 0
     preempted: int = 0
@@ -127,6 +136,7 @@ class Session:
         self.waiting = 0  # requests queued for or running on the worker
         self.last_request = 0.0  # event-loop time the newest request was handed to the worker
         self.warming: dict[str, RequestToken] = {}
+        self.ahead: dict[str, AheadWork] = {}  # the suggestion being made ahead per document
         self.fast_budgets: dict[str, int] = {}  # the short prompt's budget last used per document
         self.warm_counters = WarmingCounters()
         self._tasks: set[asyncio.Task] = set()
@@ -361,6 +371,9 @@ class Session:
         ahead = self._answer_without_model(doc, cursor)
         if ahead is not None:
             return ahead
+        joined, suggestion = await self._join_ahead(doc, cursor)
+        if joined:
+            return suggestion
         service = await self.ready_service()
         doc = self.document(uri)  # it may have changed or closed while the model loaded
         self.check_position(doc, line, character)
@@ -387,6 +400,25 @@ class Session:
         return Suggestion(result.text, uri, job.line, job.character, prompt_tokens=len(job.prompt.token_ids),
                           ms=result.generation.seconds * 1000, confidence=result.generation.confidence,
                           raw=result.generation.text)
+
+    async def _join_ahead(self, doc: Document, cursor: Cursor) -> tuple[bool, Suggestion | None]:
+        """Where the suggestion for exactly this state is being made ahead, wait for it instead of starting
+        over (the request does not stop it); (whether it answers, the answer: None when superseded or stale)."""
+        work = self.ahead.get(doc.uri)
+        if work is None or (work.source, work.cursor) != (doc.source, cursor.byte):
+            return False, None
+        token = RequestToken()
+        self.supersede(doc.uri, token)
+        text = await asyncio.shield(work.done)
+        if self.latest.get(doc.uri) is token:
+            del self.latest[doc.uri]
+        if text is None and not token.cancelled():
+            return False, None  # stopped (a request for another document came first): the model answers
+        current = self.documents.get(doc.uri)
+        if token.cancelled() or current is None or current.version != doc.version:
+            return True, None
+        answer = self._answer_without_model(current, cursor)
+        return True, answer or Suggestion("", doc.uri, cursor.line, cursor.character, "prefetched")
 
     def _answer_without_model(self, doc: Document, cursor: Cursor) -> Suggestion | None:
         rest = self.shown.rest(doc, cursor.byte) if self.settings.type_along else None
@@ -577,11 +609,19 @@ class Session:
         stops it between two model steps); a request that finds the document in that state is answered by it."""
         stop = lambda: token.cancelled() or self.waiting > 0  # noqa: E731
         chunk = self._warm_chunk(service.engine)
+        loop = asyncio.get_running_loop()
+        work = self.ahead[doc.uri] = AheadWork(doc.source, cursor.byte, loop.create_future())
+        text = None
         try:
-            result = await asyncio.get_running_loop().run_in_executor(
+            result = await loop.run_in_executor(
                 self.worker, lambda: service.run(job, stop, self._decode_seconds(), chunk, ahead=True))
+            text = result.text
         except Cancelled:
             return
+        finally:
+            if self.ahead.get(doc.uri) is work:
+                del self.ahead[doc.uri]
+            work.done.set_result(text)  # a request waiting for it resumes after what follows
         self.warm_counters.suggested_ahead += 1
         if result.text and doc.uri in self.documents:
             self.prefetched.remember(doc, cursor.byte, result.text)

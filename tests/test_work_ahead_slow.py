@@ -108,3 +108,24 @@ async def test_the_cut_keeps_a_suffix_warmed_in_part(slow: Session):
     assert len(cut.prompt.token_ids) == cached + 20, "all that is cached, then what prefills in time"
     assert cut.prompt.token_ids[:cached] == job.prompt.token_ids[:cached]
     assert _with_suffix_cut(service.engine, job, suffix_start - 30, affordable=20) is None, "the prefix is not cached"
+
+
+async def test_a_request_for_the_state_a_suggestion_is_being_made_for_waits_for_it(slow: Session):
+    line, character = end_of(LINE)
+    slow.point(URI, line, character)
+    while URI not in slow.ahead:  # the short prompt's suggestion is being made
+        await asyncio.sleep(0.001)
+    suggestion = await slow.complete(URI, line, character)
+    report = slow.report()
+    assert suggestion.source == "prefetched" and report["prefetchedAnswers"] == 1
+    assert report["computedTokens"] == 0 and report["warmPreempted"] == 0, "the request did not start over"
+
+
+async def test_a_request_for_another_state_stops_the_suggestion_being_made(slow: Session):
+    line, character = end_of(LINE)
+    slow.point(URI, line, character)
+    while URI not in slow.ahead:
+        await asyncio.sleep(0.001)
+    suggestion = await slow.complete(URI, line - 1, 0)
+    report = slow.report()
+    assert suggestion.source == "model" and report["computedTokens"] > 0 and report["prefetchedAnswers"] == 0
