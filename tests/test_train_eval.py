@@ -49,3 +49,16 @@ def test_edit_similarity():
     assert evaluate.levenshtein("kitten", "sitting") == 3
     assert evaluate.edit_similarity("abc", "abc") == 1.0
     assert evaluate.edit_similarity("", "abcd") == 0.0
+
+
+def test_completion_samples_leave_out_comment_and_string_lines(tmp_path):
+    from transformers import AutoTokenizer
+
+    from hirope_lsp.model.loading import DEFAULT_MODEL_DIR
+
+    tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL_DIR)
+    body = "".join(f"function f{i}(a) {{\n  // note {i} about a\n  /* block {i} */\n   * doc line {i}\n"
+                   f"  return computeValue{i}(a) + 1;\n}}\n" for i in range(200))
+    (tmp_path / "m.js").write_text(body)
+    samples = evaluate.completion_samples(tokenizer, [tmp_path / "m.js"], 256, 128, 50, seed=0)
+    assert samples and all(s["target"].strip().startswith(("function", "return", "}")) for s in samples)

@@ -245,6 +245,10 @@ def edit_similarity(a: str, b: str) -> float:
     return 1.0 - levenshtein(a, b) / max(len(a), len(b))
 
 
+# lines that are comments or strings in the languages trained on: not what next-line completion measures
+COMMENT_OR_STRING_STARTS = ("#", '"', "'", "`", "//", "/*", "* ", "*/")
+
+
 def completion_samples(tokenizer, files: list[Path], prompt_tokens: int, train_len: int, count: int, seed: int):
     """(file, prompt text, target line) where the target line uses a name last seen beyond the trained window."""
     import re
@@ -269,7 +273,7 @@ def completion_samples(tokenizer, files: list[Path], prompt_tokens: int, train_l
 
         for n in range(1, len(lines)):
             target = lines[n].strip()
-            if len(target) < 8 or target.startswith(("#", '"', "'")):
+            if len(target) < 8 or target.startswith(COMMENT_OR_STRING_STARTS):
                 continue
             tok_at = bisect.bisect_left(starts, offsets[n])
             if tok_at < prompt_tokens:
