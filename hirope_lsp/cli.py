@@ -20,6 +20,8 @@ def _add_train(sub) -> None:
     p.add_argument("--curve", type=Path, default=None, help="save the loss curve (PNG) at the end")
     p.add_argument("--corpus", type=Path, default=None,
                    help="a corpus directory from `hirope-lsp corpus build` (default: the standard library)")
+    p.add_argument("--device", choices=("cpu", "cuda", "auto"), default=None,
+                   help="where to train (default: the recipe's, cpu); cuda runs the forward in bf16 autocast")
     p.add_argument("--init-from", type=Path, default=None,
                    help="start from fp16 weights (best.safetensors) or a model directory of the same shape")
     for name, kind in (("context", int), ("vocab-size", int), ("batch-size", int), ("lr", float), ("warmup", int),
@@ -65,6 +67,8 @@ def _run_train(args) -> int:
     cfg.max_minutes = args.max_minutes
     if args.corpus is not None:
         cfg.corpus = str(args.corpus)
+    if args.device is not None:
+        cfg.device = args.device
     for name in ("context", "vocab_size", "batch_size", "lr", "warmup", "checkpoint_every", "layers", "hidden_size",
                  "heads", "intermediate_size"):
         if getattr(args, name) is not None:

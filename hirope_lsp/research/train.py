@@ -15,6 +15,7 @@ starts a run from committed weights.  ``--export DIR`` writes a HuggingFace mode
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -62,6 +63,7 @@ class TrainConfig:
     corpus: str | None = None  # a directory written by `hirope-lsp corpus build`; None: the standard library
     tokenizer_sample_mb: float = 40.0  # text the tokenizer is trained on, drawn evenly across languages
     held_out_windows: int = 64
+    device: str = "cpu"  # cpu, cuda, auto (cuda where there is one); on CUDA the forward runs in bf16 autocast
     # sampling share of each language's stream (the corpus is mostly Java and JavaScript by bytes;
     # users and the evaluation are mostly Python); languages absent from the corpus are left out
     language_weights: dict = field(default_factory=lambda: {
@@ -179,6 +181,14 @@ class Samples:
         return torch.tensor([self.sample(rng) for _ in range(self.cfg.batch_size)], dtype=torch.long)
 
 
+def training_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("training on cuda was asked for, but torch sees no CUDA device")
+    return torch.device(name)
+
+
 def learning_rate(cfg: TrainConfig, step: int) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
@@ -251,28 +261,35 @@ def tokenizer_sample(docs: list[dict], megabytes: float, weights: dict, seed: in
     return sample
 
 
-def prepare(run_dir: Path, cfg: TrainConfig):
-    """Tokenizer, packed training stream and held-out documents, built once per run directory."""
-    from transformers import AutoTokenizer
-
+def _sources(cfg: TrainConfig) -> tuple[list[str], list[str], list[str], list[str]]:
+    """(training texts, their languages, the tokenizer's sample, held-out texts)."""
     if cfg.corpus:
         docs, held_texts = _corpus_sources(cfg)
-        train_texts = [d["text"] for d in docs]
-        languages = [d["language"] for d in docs]
         sample = tokenizer_sample(docs, cfg.tokenizer_sample_mb, cfg.language_weights, cfg.seed)
-    else:
-        train_texts, held_texts = _stdlib_sources(cfg)
-        languages = ["python"] * len(train_texts)
-        sample = train_texts
+        return [d["text"] for d in docs], [d["language"] for d in docs], sample, held_texts
+    train_texts, held_texts = _stdlib_sources(cfg)
+    return train_texts, ["python"] * len(train_texts), train_texts, held_texts
+
+
+def prepare(run_dir: Path, cfg: TrainConfig):
+    """Tokenizer, packed training stream and held-out documents, built once per run directory (the
+    sources are read only for what is missing: a run directory packed elsewhere needs no corpus)."""
+    from transformers import AutoTokenizer
+
     tok_dir = run_dir / "tokenizer"
-    if not (tok_dir / "tokenizer.json").exists():
-        log.info("training tokenizer on %.1f MB", sum(map(len, sample)) / 1e6)
-        train_tokenizer(sample, cfg.vocab_size, tok_dir)
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     stream_path = run_dir / "stream.npy"
     held_path = run_dir / "held_out.pt"
     segments_path = run_dir / "segments.json"
+    sources = None
+    if not (tok_dir / "tokenizer.json").exists() or not segments_path.exists():
+        sources = _sources(cfg)
+    if not (tok_dir / "tokenizer.json").exists():
+        sample = sources[2]
+        log.info("training tokenizer on %.1f MB", sum(map(len, sample)) / 1e6)
+        train_tokenizer(sample, cfg.vocab_size, tok_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     if not segments_path.exists():
+        train_texts, languages, _, held_texts = sources
         log.info("tokenizing %d training documents", len(train_texts))
         stream, segments = pack(encode_texts(tokenizer, train_texts), languages, tokenizer.convert_tokens_to_ids(FILE_SEP))
         np.save(stream_path, stream)
@@ -297,18 +314,30 @@ def token_byte_lengths(tokenizer) -> torch.Tensor:
     return lengths
 
 
+def held_out_windows(docs: list[list[int]], context: int, max_windows: int) -> list[list[int]]:
+    """The windows ``held_out_loss`` measures: the first ``max_windows`` of ``context`` tokens."""
+    windows = []
+    for d in docs:
+        for i in range(0, len(d) - 1, context):
+            if len(windows) == max_windows:
+                return windows
+            if len(d[i : i + context]) > 1:
+                windows.append(d[i : i + context])
+    return windows
+
+
 @torch.no_grad()
 def held_out_loss(model, docs: list[list[int]], context: int, max_windows: int = 64,
                   byte_lengths: torch.Tensor | None = None) -> float | tuple[float, float]:
     """Mean loss (nats per token) over the first ``max_windows`` windows of ``context`` tokens;
     with ``byte_lengths`` also bits per byte of the same targets."""
     model.eval()
+    device = next(model.parameters()).device
     total, count, nbytes = 0.0, 0, 0.0
-    windows = [d[i : i + context] for d in docs for i in range(0, len(d) - 1, context) if len(d[i : i + context]) > 1]
-    for w in windows[:max_windows]:
+    for w in held_out_windows(docs, context, max_windows):
         ids = torch.tensor([w])
-        out = model(ids, labels=ids)
-        total += out.loss.item() * (len(w) - 1)
+        out = model(ids.to(device), labels=ids.to(device))
+        total += out.loss.float().item() * (len(w) - 1)
         count += len(w) - 1
         if byte_lengths is not None:
             nbytes += float(byte_lengths[ids[0, 1:]].sum())
@@ -322,7 +351,7 @@ def held_out_loss(model, docs: list[list[int]], context: int, max_windows: int =
 def save_fp16(model, path: Path) -> None:
     from safetensors.torch import save_file
 
-    tensors = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)
     tmp = path.with_suffix(".tmp")
@@ -387,12 +416,15 @@ def train(run_dir: Path, cfg: TrainConfig, export: Path | None = None, init_from
     config_path = run_dir / "train_config.json"
     if config_path.exists():
         saved = json.loads(config_path.read_text())
-        cfg = TrainConfig(**{**asdict(TrainConfig()), **saved, "steps": cfg.steps, "max_minutes": cfg.max_minutes})
+        # the recipe is the run's; how long and where it runs is the command's
+        cfg = TrainConfig(**{**asdict(TrainConfig()), **saved, "steps": cfg.steps, "max_minutes": cfg.max_minutes,
+                             "device": cfg.device})
     config_path.write_text(json.dumps(asdict(cfg), indent=2))
     torch.manual_seed(cfg.seed)
     tokenizer, stream, segments, held = prepare(run_dir, cfg)
     special = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     model = LlamaForCausalLM(model_config(cfg, tokenizer))
+    device = training_device(cfg.device)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW(
@@ -404,10 +436,11 @@ def train(run_dir: Path, cfg: TrainConfig, export: Path | None = None, init_from
     best = {"held_out_loss": math.inf}
     ckpt_path = run_dir / "checkpoint.pt"
     best_path = run_dir / "best.safetensors"
+    optimizer_state = None
     if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, weights_only=False)
+        ckpt = torch.load(ckpt_path, weights_only=False, map_location="cpu")
         model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        optimizer_state = ckpt["optimizer"]
         rng.setstate(ckpt["rng"])
         torch.set_rng_state(ckpt["torch_rng"])
         step = ckpt["step"]
@@ -422,6 +455,10 @@ def train(run_dir: Path, cfg: TrainConfig, export: Path | None = None, init_from
         if meta_path.exists():  # continue the schedule where the committed weights left it
             step = json.loads(meta_path.read_text()).get("step", 0)
         log.info("started from %s at step %d (optimizer state starts fresh)", init_from, step)
+    model.to(device)
+    if optimizer_state is not None:  # loaded once the parameters are on the device: the state follows them
+        optimizer.load_state_dict(optimizer_state)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     samples = Samples(stream, segments, cfg, special)
     byte_lengths = token_byte_lengths(tokenizer)
     n_params = sum(p.numel() for p in model.parameters())
@@ -437,6 +474,21 @@ def train(run_dir: Path, cfg: TrainConfig, export: Path | None = None, init_from
                     "torch_rng": torch.get_rng_state(), "step": step, "best": best}, tmp)
         tmp.replace(ckpt_path)
 
+    measured = None  # (step, held-out loss, bits per byte) of the last measurement
+
+    def measure_and_keep() -> tuple[float, float]:
+        """Held-out loss now; the weights kept as the best where it is the lowest yet; a checkpoint."""
+        nonlocal best, measured
+        with autocast:
+            loss, bpb = held_out_loss(model, held, cfg.context, cfg.held_out_windows, byte_lengths)
+        if loss < best["held_out_loss"]:
+            best = {"held_out_loss": loss, "held_out_bpb": bpb, "step": step}
+            save_fp16(model, best_path)
+            best_path.with_suffix(".json").write_text(json.dumps(best))
+        save()
+        measured = (step, loss, bpb)
+        return loss, bpb
+
     tokens_seen = 0
     while step < cfg.steps:
         if cfg.max_minutes is not None and time.time() - started > cfg.max_minutes * 60:
@@ -444,8 +496,9 @@ def train(run_dir: Path, cfg: TrainConfig, export: Path | None = None, init_from
             break
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(cfg, step)
-        batch = samples.batch(rng)
-        out = model(batch[:, :-1], labels=batch[:, :-1].clone())
+        batch = samples.batch(rng).to(device, non_blocking=True)
+        with autocast:
+            out = model(batch[:, :-1], labels=batch[:, :-1].clone())
         # labels are shifted inside the model: predict token t+1 from tokens <= t
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
@@ -456,21 +509,22 @@ def train(run_dir: Path, cfg: TrainConfig, export: Path | None = None, init_from
         record = {"step": step, "loss": round(out.loss.item(), 4), "lr": learning_rate(cfg, step - 1),
                   "tokens": step * cfg.batch_size * (cfg.context + 1)}
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            loss, bpb = held_out_loss(model, held, cfg.context, cfg.held_out_windows, byte_lengths)
+            loss, bpb = measure_and_keep()
             record["held_out_loss"], record["held_out_bpb"] = round(loss, 4), round(bpb, 4)
-            if loss < best["held_out_loss"]:
-                best = {"held_out_loss": loss, "held_out_bpb": bpb, "step": step}
-                save_fp16(model, best_path)
-                best_path.with_suffix(".json").write_text(json.dumps(best))
-            save()
         loss_log.write(json.dumps(record) + "\n")
         loss_log.flush()
         if step % 10 == 0 or "held_out_loss" in record:
             rate = tokens_seen / max(1e-6, time.time() - started)
             log.info("step %d/%d loss %.3f %s(%.0f tok/s)", step, cfg.steps, record["loss"],
                      f"held-out {record['held_out_loss']:.3f} " if "held_out_loss" in record else "", rate)
-    save()
-    loss, bpb = held_out_loss(model, held, cfg.context, cfg.held_out_windows, byte_lengths)
+    if measured is not None and measured[0] == step:
+        _, loss, bpb = measured
+        save()
+    else:  # stopped by the time limit between checkpoints: its last steps count for the best weights too
+        loss, bpb = measure_and_keep()
+        loss_log.write(json.dumps({"step": step, "held_out_loss": round(loss, 4), "held_out_bpb": round(bpb, 4)}) + "\n")
+    loss_log.close()
+    model.to("cpu")
     summary = {"step": step, "parameters": n_params, "tokens_seen": step * cfg.batch_size * (cfg.context + 1),
                "held_out_loss": loss, "held_out_bpb": bpb, "held_out_ppl": math.exp(loss),
                # the server suggests nothing in a language the model never saw

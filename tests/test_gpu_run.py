@@ -1,0 +1,47 @@
+"""The GPU training run prepared here: packed into a folder small enough to travel, unpacked and run
+with no corpus beside it (on the CPU here; on a lent GPU the same code runs with device cuda)."""
+
+import json
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from hirope_lsp.research import gpu_run
+from hirope_lsp.research.train import TrainConfig, held_out_windows, train
+
+TINY = dict(vocab_size=300, hidden_size=32, layers=1, heads=2, intermediate_size=64, context=32, batch_size=4,
+            warmup=2, lr=3e-3, checkpoint_every=5, held_out_percent=10, max_files=40)
+
+
+def test_a_slice_of_the_stream_keeps_each_languages_share_spread_over_its_segment():
+    stream = np.arange(100_000, dtype=np.int32)  # each token is its own position
+    segments = {"go": (0, 10_000), "python": (10_000, 100_000)}
+    part, parts = gpu_run.stream_slice(stream, segments, {"python": 0.5, "go": 0.5, "rust": 0.1}, 8_000, -1)
+    (ga, gb), (pa, pb) = parts["go"], parts["python"]
+    assert set(parts) == {"go", "python"} and gb == pa and pb == len(part)
+    assert abs((gb - ga) - 4_000) <= 128 and abs((pb - pa) - 4_000) <= 128
+    python = part[pa:pb][part[pa:pb] != -1]
+    assert python.min() < 12_000 and python.max() > 98_000, "pieces from all over the segment"
+    assert set(part[ga:gb][part[ga:gb] != -1]) <= set(range(10_000))
+
+
+def test_a_packed_run_trains_without_its_corpus_and_brings_back_its_best_weights(tmp_path):
+    source = tmp_path / "cpu_run"
+    train(source, TrainConfig(**TINY, steps=5))
+    packed = tmp_path / "pack"
+    info = gpu_run.pack(source, packed, tokens=20_000)
+    assert 0 < info["tokens"] <= 20_000 + gpu_run.PIECES_PER_LANGUAGE
+    recipe = json.loads((packed / "train_config.json").read_text())
+    assert recipe["device"] == "cuda" and recipe["batch_size"] == gpu_run.GPU_RECIPE["batch_size"]
+    assert recipe["hidden_size"] == 32 and recipe["corpus"] is None  # the model's shape, nothing to read beside
+    held = torch.load(packed / "held_out.pt")
+    assert held == held_out_windows(torch.load(source / "held_out.pt"), 32, TrainConfig().held_out_windows)
+    out = tmp_path / "out"
+    summary = gpu_run.run(packed, tmp_path / "gpu_run", out, minutes=0.1, device="cpu")
+    assert summary["planned_steps"] > TINY["warmup"] and summary["device"] == "cpu"
+    weights = load_file(str(out / "best.safetensors"))
+    assert all(t.dtype == torch.float16 for t in weights.values())
+    steps = [json.loads(line)["step"] for line in (out / "loss.jsonl").read_text().splitlines()]
+    assert steps[0] == 1, "a schedule of its own, from the packed weights"
+    assert json.loads((out / "best.json").read_text())["step"] <= max(steps)
