@@ -30,7 +30,7 @@ def test_a_packed_run_trains_without_its_corpus_and_brings_back_its_best_weights
     source = tmp_path / "cpu_run"
     train(source, TrainConfig(**TINY, steps=5))
     packed = tmp_path / "pack"
-    info = gpu_run.pack(source, packed, tokens=20_000)
+    info = gpu_run.pack(source, packed, tokens=20_000, start=source / "best.safetensors")
     assert 0 < info["tokens"] <= 20_000 + gpu_run.PIECES_PER_LANGUAGE
     recipe = json.loads((packed / "train_config.json").read_text())
     assert recipe["device"] == "cuda" and recipe["batch_size"] == gpu_run.GPU_RECIPE["batch_size"]

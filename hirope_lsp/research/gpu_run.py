@@ -3,7 +3,7 @@
 The device machine reaches nothing and takes at most 64 MiB of working tree, so ``pack`` writes what
 the run needs into one folder: a slice of the packed token stream (pieces spread over each
 language's segment, its share as the recipe samples languages, xz-compressed: ~0.4 bytes a token),
-the tokenizer, the held-out windows the training log reports, the starting weights, and the recipe
+the tokenizer, the held-out windows the training log reports, and the recipe
 scaled to the card (a larger batch; the model's shape, hence the inference cost, unchanged).
 There, ``train`` unpacks it, times a few steps to size the cosine schedule to the minutes given,
 trains, and leaves ``best.safetensors`` (fp16), ``best.json`` and ``loss.jsonl`` in the output folder.
@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..model.loading import DEFAULT_MODEL_DIR
 from .train import FILE_SEP, TrainConfig, held_out_windows, train
 
 PIECES_PER_LANGUAGE = 64  # a slice of each language's segment in this many pieces: every part of it is seen
@@ -53,7 +54,9 @@ def stream_slice(stream: np.ndarray, segments: dict, weights: dict, tokens: int,
     return np.concatenate(parts), out_segments
 
 
-def pack(run_dir: Path, out: Path, tokens: int) -> dict:
+def pack(run_dir: Path, out: Path, tokens: int, start: Path | None = None) -> dict:
+    """``start``: fp16 weights to start from, carried along; None: the shipped default model's, which
+    travel with the package anyway."""
     from transformers import AutoTokenizer
 
     cfg = TrainConfig(**json.loads((run_dir / "train_config.json").read_text()))
@@ -69,7 +72,8 @@ def pack(run_dir: Path, out: Path, tokens: int) -> dict:
     held = torch.load(run_dir / "held_out.pt")
     torch.save(held_out_windows(held, cfg.context, cfg.held_out_windows), out / "held_out.pt")
     shutil.copytree(run_dir / "tokenizer", out / "tokenizer", dirs_exist_ok=True)
-    shutil.copyfile(run_dir / "best.safetensors", out / "start.safetensors")  # no best.json: a schedule of its own
+    if start is not None:
+        shutil.copyfile(start, out / "start.safetensors")  # no best.json beside it: a schedule of its own
     recipe = dataclasses.replace(cfg, corpus=None, max_minutes=None, **GPU_RECIPE)
     (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(recipe), indent=2))
     info = {"tokens": int(len(part)), "segments": part_segments, "from": str(run_dir),
@@ -105,8 +109,9 @@ def run(packed: Path, run_dir: Path, out: Path, minutes: float, device: str = "c
     cfg = TrainConfig(**json.loads((run_dir / "train_config.json").read_text()))
     cfg = dataclasses.replace(cfg, device=device)
     steps = steps_for(run_dir, cfg, minutes)
+    start = packed / "start.safetensors"
     summary = train(run_dir, dataclasses.replace(cfg, steps=steps, max_minutes=minutes),
-                    init_from=packed / "start.safetensors")
+                    init_from=start if start.exists() else DEFAULT_MODEL_DIR / "model.safetensors")
     out.mkdir(parents=True, exist_ok=True)
     for name in ("best.safetensors", "best.json", "loss.jsonl", "train_config.json"):
         if (run_dir / name).exists():
@@ -126,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("run_dir", type=Path)
     a.add_argument("out", type=Path)
     a.add_argument("--tokens", type=int, default=90_000_000)
+    a.add_argument("--start", type=Path, default=None, help="fp16 weights to start from (default: the shipped model)")
     b = sub.add_parser("train", help="there: unpack, size the schedule to the minutes, train")
     b.add_argument("packed", type=Path)
     b.add_argument("run_dir", type=Path)
@@ -134,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--device", default="cuda")
     args = p.parse_args(argv)
     if args.command == "pack":
-        print(json.dumps(pack(args.run_dir, args.out, args.tokens), indent=2))
+        print(json.dumps(pack(args.run_dir, args.out, args.tokens, args.start), indent=2))
     else:
         print(json.dumps(run(args.packed, args.run_dir, args.out, args.minutes, args.device), indent=2))
     return 0
