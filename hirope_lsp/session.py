@@ -551,8 +551,8 @@ class Session:
             await self._suggest_ahead(service, doc, cursor, short, token)
         computed = await asyncio.get_running_loop().run_in_executor(
             self.worker, engine.prefill, job.prompt, stop, self._warm_chunk(engine))
-        if engine.is_warm(job.prompt) and not stop() and (short_ahead or not answered()):  # the full prompt's replaces the short one's
-            await self._suggest_ahead(service, doc, cursor, job, token)
+        if engine.is_warm(job.prompt) and not stop() and (short_ahead or not answered()):
+            await self._suggest_ahead(service, doc, cursor, job, token)  # replaces the short prompt's
         return computed
 
     @staticmethod

@@ -522,7 +522,8 @@ def train(run_dir: Path, cfg: TrainConfig, export: Path | None = None, init_from
         save()
     else:  # stopped by the time limit between checkpoints: its last steps count for the best weights too
         loss, bpb = measure_and_keep()
-        loss_log.write(json.dumps({"step": step, "held_out_loss": round(loss, 4), "held_out_bpb": round(bpb, 4)}) + "\n")
+        record = {"step": step, "held_out_loss": round(loss, 4), "held_out_bpb": round(bpb, 4)}
+        loss_log.write(json.dumps(record) + "\n")
     loss_log.close()
     model.to("cpu")
     summary = {"step": step, "parameters": n_params, "tokens_seen": step * cfg.batch_size * (cfg.context + 1),
