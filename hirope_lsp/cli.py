@@ -21,7 +21,7 @@ def _add_train(sub) -> None:
     p.add_argument("--corpus", type=Path, default=None,
                    help="a corpus directory from `hirope-lsp corpus build` (default: the standard library)")
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default=None,
-                   help="where to train (default: the recipe's, cpu); cuda runs the forward in bf16 autocast")
+                   help="where to train (default cpu; not kept with the run); cuda runs the forward in bf16 autocast")
     p.add_argument("--init-from", type=Path, default=None,
                    help="start from fp16 weights (best.safetensors) or a model directory of the same shape")
     for name, kind in (("context", int), ("vocab-size", int), ("batch-size", int), ("lr", float), ("warmup", int),

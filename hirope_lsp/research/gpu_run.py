@@ -19,7 +19,6 @@ import dataclasses
 import json
 import lzma
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -44,13 +43,17 @@ def stream_slice(stream: np.ndarray, segments: dict, weights: dict, tokens: int,
             continue
         want = min(b - a, int(tokens * shares[lang] / total))
         piece = want // PIECES_PER_LANGUAGE
-        starts = np.linspace(a, b - piece, PIECES_PER_LANGUAGE).astype(np.int64) if piece else []
+        if piece == 0:
+            continue
+        starts = np.linspace(a, b - piece, PIECES_PER_LANGUAGE).astype(np.int64)
         begin = at
         for s in starts:
             parts.append(np.array([separator], dtype=stream.dtype))
             parts.append(np.asarray(stream[s : s + piece]))
             at += piece + 1
         out_segments[lang] = (begin, at)
+    if not parts:
+        raise ValueError(f"{tokens} tokens leave no language a piece of its segment")
     return np.concatenate(parts), out_segments
 
 
@@ -83,7 +86,8 @@ def pack(run_dir: Path, out: Path, tokens: int, start: Path | None = None) -> di
 
 
 def unpack(packed: Path, run_dir: Path) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(run_dir, ignore_errors=True)  # a rerun on the same machine starts over, not from the last try
+    run_dir.mkdir(parents=True)
     with lzma.open(packed / "stream.u16.xz", "rb") as f:
         np.save(run_dir / "stream.npy", np.frombuffer(f.read(), dtype=np.uint16))
     for name in ("segments.json", "held_out.pt", "train_config.json"):
@@ -92,14 +96,16 @@ def unpack(packed: Path, run_dir: Path) -> None:
 
 
 def steps_for(run_dir: Path, cfg: TrainConfig, minutes: float) -> int:
-    """How many steps of ``cfg`` fit in ``minutes`` here (timed on a throwaway copy of the run)."""
+    """How many steps of ``cfg`` fit in ``minutes`` here: a throwaway copy of the run trains a few steps,
+    timed from its log after the first ones (set-up, kernels, allocator) and without the measurements."""
     probe = run_dir.parent / (run_dir.name + "-probe")
     shutil.rmtree(probe, ignore_errors=True)
     shutil.copytree(run_dir, probe, ignore=shutil.ignore_patterns("checkpoint.pt", "loss.jsonl", "best.*"))
-    train(probe, dataclasses.replace(cfg, steps=5, checkpoint_every=10**9))  # set-up, kernels, allocator
-    started = time.time()
-    train(probe, dataclasses.replace(cfg, steps=5 + PROBE_STEPS, checkpoint_every=10**9))
-    per_step = (time.time() - started) / PROBE_STEPS
+    probe_cfg = dataclasses.replace(cfg, steps=5 + PROBE_STEPS, checkpoint_every=10**9)
+    (probe / "train_config.json").write_text(json.dumps(dataclasses.asdict(probe_cfg)))  # the saved recipe wins
+    train(probe, probe_cfg)
+    times = {r["step"]: r["s"] for r in map(json.loads, (probe / "loss.jsonl").read_text().splitlines()) if "s" in r}
+    per_step = (times[5 + PROBE_STEPS] - times[5]) / PROBE_STEPS
     shutil.rmtree(probe, ignore_errors=True)
     return max(cfg.warmup + 1, int(minutes * 60 * 0.9 / per_step))
 

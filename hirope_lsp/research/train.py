@@ -507,7 +507,7 @@ def train(run_dir: Path, cfg: TrainConfig, export: Path | None = None, init_from
         step += 1
         tokens_seen += batch.numel()
         record = {"step": step, "loss": round(out.loss.item(), 4), "lr": learning_rate(cfg, step - 1),
-                  "tokens": step * cfg.batch_size * (cfg.context + 1)}
+                  "tokens": step * cfg.batch_size * (cfg.context + 1), "s": round(time.time() - started, 3)}
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             loss, bpb = measure_and_keep()
             record["held_out_loss"], record["held_out_bpb"] = round(loss, 4), round(bpb, 4)
@@ -563,7 +563,7 @@ def plot_loss_curve(run_dir: Path, out: Path) -> None:
     for line in (run_dir / "loss.jsonl").read_text().splitlines():
         r = json.loads(line)
         records[r["step"]] = {**records.get(r["step"], {}), **r}
-    steps = sorted(records)
+    steps = sorted(s for s in records if "loss" in records[s])  # a run stopped at once logs a measurement alone
     window = 25
     losses = [records[s]["loss"] for s in steps]
     smooth = [sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
