@@ -23,7 +23,7 @@ import torch
 
 from .completion.prompt import PromptBuilder
 from .completion.service import CompletionJob, CompletionService
-from .completion.typed_ahead import ShownSuggestions
+from .completion.typed_ahead import DocumentState, ShownSuggestions
 from .config import Settings, apply_options
 from .hierarchy.document import Change, Document
 from .model.engine import Cancelled, Engine, Prompt
@@ -38,6 +38,7 @@ EXPECTED_NEW_TOKENS = 12  # a typical suggestion's length, for the decoding shar
 MIN_FAST_BUDGET = 64
 WARM_CHUNK_SECONDS = 0.1  # warming gives the worker back this often (a request waits at most one chunk)
 PREFETCHED_PER_DOCUMENT = 4
+JOIN_POLL_SECONDS = 0.02  # a request waiting for work ahead looks this often whether it was superseded
 IDLE_SECONDS = 0.3  # a pause in requests this long counts as the user resting (warming resumes)
 
 
@@ -99,8 +100,8 @@ class WarmingCounters:
     jobs: int = 0
     preempted: int = 0
     fast_answers: int = 0  # requests answered with the short prompt while the full one warmed
-    prefetched_answers: int = 0  # requests answered by a suggestion made ahead (after an accept, at a warmed cursor)
-    suggested_ahead: int = 0  # suggestions made ahead of a request
+    prefetched_answers: int = 0  # requests answered by a suggestion kept from before (made ahead, or asked before)
+    suggested_ahead: int = 0  # suggestions made ahead of a request, run to their end (empty ones too)
 
 
 @dataclass
@@ -137,6 +138,7 @@ class Session:
         self.last_request = 0.0  # event-loop time the newest request was handed to the worker
         self.warming: dict[str, RequestToken] = {}
         self.ahead: dict[str, AheadWork] = {}  # the suggestion being made ahead per document
+        self.joined: list[AheadWork] = []  # work ahead that requests wait for (all other work ahead yields)
         self.fast_budgets: dict[str, int] = {}  # the short prompt's budget last used per document
         self.warm_counters = WarmingCounters()
         self._tasks: set[asyncio.Task] = set()
@@ -393,7 +395,7 @@ class Session:
             return None
         self.shown.remember(current, cursor.byte, result.text)
         if self.settings.warm_ahead:  # asked again in this state (a cursor resting, a re-trigger): the same answer
-            self.prefetched.remember(current, cursor.byte, result.text)
+            self.prefetched.remember(current, cursor.byte, result.text, short=fast)
         if fast:
             self.warm_counters.fast_answers += 1
         self._prefetch_after_accept(current, cursor, result.text, warm_full=fast)
@@ -409,30 +411,46 @@ class Session:
             return False, None
         token = RequestToken()
         self.supersede(doc.uri, token)
-        text = await asyncio.shield(work.done)
-        if self.latest.get(doc.uri) is token:
-            del self.latest[doc.uri]
-        if text is None and not token.cancelled():
-            return False, None  # stopped (a request for another document came first): the model answers
+        version = doc.version
+        self.joined.append(work)
+        try:
+            while not work.done.done() and not token.cancelled():
+                await asyncio.wait({work.done}, timeout=JOIN_POLL_SECONDS)
+        finally:
+            self.joined.remove(work)
+            if self.latest.get(doc.uri) is token:
+                del self.latest[doc.uri]
         current = self.documents.get(doc.uri)
-        if token.cancelled() or current is None or current.version != doc.version:
-            return True, None
+        if token.cancelled() or current is None or current.version != version:
+            return True, None  # superseded, or the document moved on
+        if work.done.result() is None:
+            return False, None  # stopped before its end (a request for another document): the model answers
         answer = self._answer_without_model(current, cursor)
-        return True, answer or Suggestion("", doc.uri, cursor.line, cursor.character, "prefetched")
+        if answer is None:  # made but not kept (a document too large to keep with it): its text answers
+            self.warm_counters.prefetched_answers += 1
+            answer = Suggestion(work.done.result(), doc.uri, cursor.line, cursor.character, "prefetched")
+        return True, answer
+
+    def _yield_to_requests(self, work: AheadWork | None = None) -> bool:
+        """Whether work ahead (``work``, if it is a suggestion being made) should stop for a request: one
+        waits for the worker, or waits for other work ahead."""
+        return self.waiting > 0 or any(joined is not work for joined in self.joined)
 
     def _answer_without_model(self, doc: Document, cursor: Cursor) -> Suggestion | None:
-        rest = self.shown.rest(doc, cursor.byte) if self.settings.type_along else None
+        found = self.shown.answer(doc, cursor.byte) if self.settings.type_along else None
         source = "typed-along"
-        if rest is None and self.settings.warm_ahead:
-            rest, source = self.prefetched.rest(doc, cursor.byte), "prefetched"
-        if rest is None:
+        if found is None and self.settings.warm_ahead:
+            found, source = self.prefetched.answer(doc, cursor.byte), "prefetched"
+        if found is None:
             return None
+        rest, short = found
         self.supersede(doc.uri)
         log.info("completion %s v%d: %s, %d chars", doc.uri, doc.version, source, len(rest))
         if source == "prefetched":
             self.warm_counters.prefetched_answers += 1
             self.shown.remember(doc, cursor.byte, rest)
-            self._prefetch_after_accept(doc, cursor, rest)
+            # a short prompt's answer: the full prompt still warms once the user pauses
+            self._prefetch_after_accept(doc, cursor, rest, warm_full=short)
         return Suggestion(rest, doc.uri, cursor.line, cursor.character, source)
 
     def _decode_seconds(self) -> float | None:
@@ -513,8 +531,9 @@ class Session:
         return token
 
     async def _warm(self, uri: str, token: RequestToken) -> None:
+        preempted = [False]
         try:
-            computed = await self._warm_once(uri, token)
+            computed = await self._warm_once(uri, token, preempted)
         except Exception:
             log.exception("warming %s failed", uri)
             return
@@ -523,12 +542,12 @@ class Session:
                 del self.warming[uri]
         if computed is None:
             return
-        if self.waiting > 0 and not token.cancelled():
+        if preempted[0] and not token.cancelled():
             self.warm_counters.preempted += 1
             self._spawn(self._warm_when_idle(uri))
         log.info("warmed %s: %d tokens", uri, computed)
 
-    async def _warm_once(self, uri: str, token: RequestToken) -> int | None:
+    async def _warm_once(self, uri: str, token: RequestToken, preempted: list[bool]) -> int | None:
         service, doc = self.service, self.documents.get(uri)
         if service is None or doc is None or token.cancelled():
             return None
@@ -541,18 +560,25 @@ class Session:
         if not job.known_language:
             return None
         engine = service.engine
-        stop = lambda: token.cancelled() or self.waiting > 0  # noqa: E731
+
+        def stop() -> bool:  # called on the worker between chunks
+            if self._yield_to_requests():
+                preempted[0] = True
+            return token.cancelled() or preempted[0]
+
         self.warm_counters.jobs += 1
-        cursor = Cursor.at(doc, line, character)
-        answered = lambda: self.prefetched.covers(doc, cursor.byte) or self.shown.covers(doc, cursor.byte)  # noqa: E731
+        state, cursor = DocumentState.of(doc), Cursor.at(doc, line, character)  # the job's state: doc changes in place
+
+        def answered(full_only: bool = False) -> bool:
+            return self.prefetched.covers(state, cursor.byte, full_only) or self.shown.covers(state, cursor.byte)
+
         short, is_short = self._fit_to_latency(service, doc, cursor, job)
-        short_ahead = is_short and not answered()
-        if short_ahead:  # a pause soon after is answered at once, by the short prompt's suggestion
-            await self._suggest_ahead(service, doc, cursor, short, token)
+        if is_short and not answered():  # a pause soon after is answered at once, by the short prompt's suggestion
+            await self._suggest_ahead(service, state, cursor, short, token, short=True, live=True)
         computed = await asyncio.get_running_loop().run_in_executor(
             self.worker, engine.prefill, job.prompt, stop, self._warm_chunk(engine))
-        if engine.is_warm(job.prompt) and not stop() and (short_ahead or not answered()):
-            await self._suggest_ahead(service, doc, cursor, job, token)  # replaces the short prompt's
+        if engine.is_warm(job.prompt) and not stop() and not answered(full_only=True):
+            await self._suggest_ahead(service, state, cursor, job, token, live=True)  # replaces the short one's
         return computed
 
     @staticmethod
@@ -592,25 +618,32 @@ class Session:
             service = self.service
             if service is None or token.cancelled():
                 return
-            job, _ = self._fit_to_latency(service, accepted, at, service.prepare(accepted, at.line, at.character))
-            await self._suggest_ahead(service, accepted, at, job, token)
+            job, short = self._fit_to_latency(service, accepted, at, service.prepare(accepted, at.line, at.character))
+            await self._suggest_ahead(service, DocumentState.of(accepted), at, job, token, short=short)
         except Exception:
             log.exception("prefetching after %s failed", accepted.uri)
             return
         finally:
             if self.warming.get(accepted.uri) is token:
                 del self.warming[accepted.uri]
-        if warm_full:
+        if warm_full and not token.cancelled():
             await self._warm_when_idle(accepted.uri)
 
-    async def _suggest_ahead(self, service: CompletionService, doc: Document, cursor: Cursor, job: CompletionJob,
-                             token: RequestToken) -> None:
-        """Make the suggestion for ``doc`` at ``cursor`` before it is asked for, at idle priority (a request
-        stops it between two model steps); a request that finds the document in that state is answered by it."""
-        stop = lambda: token.cancelled() or self.waiting > 0  # noqa: E731
-        chunk = self._warm_chunk(service.engine)
+    async def _suggest_ahead(self, service: CompletionService, state: DocumentState, cursor: Cursor,
+                             job: CompletionJob, token: RequestToken, short: bool = False, live: bool = False) -> None:
+        """Make the suggestion for the document in ``state`` at ``cursor`` before it is asked for, at idle
+        priority (a request for anything else stops it between two model steps; ``live``: the state is
+        the document's now, and the suggestion stops once it changes); a request that finds the document
+        in that state is answered by it."""
         loop = asyncio.get_running_loop()
-        work = self.ahead[doc.uri] = AheadWork(doc.source, cursor.byte, loop.create_future())
+        work = self.ahead[state.uri] = AheadWork(state.source, cursor.byte, loop.create_future())
+
+        def moved_on() -> bool:
+            current = self.documents.get(state.uri)
+            return current is None or (live and current.version != state.version)
+
+        stop = lambda: token.cancelled() or self._yield_to_requests(work) or moved_on()  # noqa: E731
+        chunk = self._warm_chunk(service.engine)
         text = None
         try:
             result = await loop.run_in_executor(
@@ -619,12 +652,12 @@ class Session:
         except Cancelled:
             return
         finally:
-            if self.ahead.get(doc.uri) is work:
-                del self.ahead[doc.uri]
+            if self.ahead.get(state.uri) is work:
+                del self.ahead[state.uri]
             work.done.set_result(text)  # a request waiting for it resumes after what follows
         self.warm_counters.suggested_ahead += 1
-        if result.text and doc.uri in self.documents:
-            self.prefetched.remember(doc, cursor.byte, result.text)
+        if not moved_on():
+            self.prefetched.remember(state, cursor.byte, text, short=short)
 
     # ---- reports ----
 

@@ -63,3 +63,15 @@ def test_suggestions_made_ahead_for_several_states_of_a_document_each_answer():
     ahead.remember(doc, 0, "import os\n")  # a third state: the oldest goes
     assert ahead.covers(doc, 0) and ahead.covers(doc, at_return) and not ahead.covers(doc, at_end)
     assert ahead.covers(doc, at_return), "covers changes nothing"
+
+
+def test_nothing_to_say_is_kept_ahead_for_exactly_its_state():
+    ahead = ShownSuggestions(answers_at_start=True, keep=2)
+    doc = Document("file:///w/a.py", TEXT, language_id="python")
+    at = doc.offset_at(1, 11)[1]
+    ahead.remember(doc, at, "", short=True)
+    assert ahead.answer(doc, at) == ("", True)
+    assert ahead.covers(doc, at) and not ahead.covers(doc, at, full_only=True)
+    assert ahead.rest(doc, at + 1) is None
+    cursor = type_at(doc, 1, 11, "x")
+    assert ahead.rest(doc, cursor) is None and ahead.rest(doc, at) is None, "another text: the model answers"

@@ -56,6 +56,13 @@ async def slow(loaded_psm):
     session.worker.shutdown()
 
 
+async def until(condition, timeout: float = 60.0) -> None:
+    async def poll():
+        while not condition():
+            await asyncio.sleep(0.001)
+    await asyncio.wait_for(poll(), timeout)
+
+
 async def warmed(session: Session, line: int, character: int) -> dict:
     session.point(URI, line, character)
     while session.warming:
@@ -113,8 +120,7 @@ async def test_the_cut_keeps_a_suffix_warmed_in_part(slow: Session):
 async def test_a_request_for_the_state_a_suggestion_is_being_made_for_waits_for_it(slow: Session):
     line, character = end_of(LINE)
     slow.point(URI, line, character)
-    while URI not in slow.ahead:  # the short prompt's suggestion is being made
-        await asyncio.sleep(0.001)
+    await until(lambda: URI in slow.ahead)  # the short prompt's suggestion is being made
     suggestion = await slow.complete(URI, line, character)
     report = slow.report()
     assert suggestion.source == "prefetched" and report["prefetchedAnswers"] == 1
@@ -124,8 +130,44 @@ async def test_a_request_for_the_state_a_suggestion_is_being_made_for_waits_for_
 async def test_a_request_for_another_state_stops_the_suggestion_being_made(slow: Session):
     line, character = end_of(LINE)
     slow.point(URI, line, character)
-    while URI not in slow.ahead:
-        await asyncio.sleep(0.001)
+    await until(lambda: URI in slow.ahead)
     suggestion = await slow.complete(URI, line - 1, 0)
     report = slow.report()
     assert suggestion.source == "model" and report["computedTokens"] > 0 and report["prefetchedAnswers"] == 0
+    assert report["suggestedAhead"] == 0, "the suggestion being made was stopped, not finished first"
+
+
+async def test_an_edit_while_a_suggestion_is_made_ahead_keeps_it_from_answering_the_new_text(slow: Session):
+    line, character = end_of(LINE)
+    slow.point(URI, line, character)
+    await until(lambda: URI in slow.ahead)
+    last = LONG.count("\n")
+    slow.change(URI, [Change("# an edit below the cursor\n", ((last, 0), (last, 0)))], 2)  # the cursor's byte stays
+    await until(lambda: not slow.warming)
+    suggestion = await slow.complete(URI, line, character)
+    assert suggestion.source == "model" and slow.report()["prefetchedAnswers"] == 0
+
+
+async def test_work_ahead_yields_to_a_request_waiting_for_other_work_ahead(slow: Session):
+    from hirope_lsp.session import AheadWork
+
+    loop = asyncio.get_running_loop()
+    joined, other = AheadWork(b"a", 0, loop.create_future()), AheadWork(b"b", 0, loop.create_future())
+    assert not slow._yield_to_requests() and not slow._yield_to_requests(joined)
+    slow.joined.append(joined)
+    assert slow._yield_to_requests(), "a prefill stops for it"
+    assert slow._yield_to_requests(other), "so does another suggestion being made"
+    assert not slow._yield_to_requests(joined), "the work it waits for goes on"
+    slow.joined.remove(joined)
+
+
+async def test_a_short_prompts_suggestion_answering_leaves_the_full_prompt_to_warm(slow: Session):
+    line, character = end_of(LINE)
+    slow.point(URI, line, character)
+    service = await slow.ready_service()
+    await until(lambda: slow.prefetched.covers(slow.document(URI), slow.document(URI).offset_at(line, character)[1]))
+    suggestion = await slow.complete(URI, line, character)  # answered by the short prompt's suggestion
+    assert suggestion.source == "prefetched"
+    await until(lambda: not slow.warming and not slow._tasks)  # the prefetch, then the warming when idle
+    full = service.prepare(slow.document(URI), line, character)
+    assert service.engine.is_warm(full.prompt), "the full prompt warmed after the answer"

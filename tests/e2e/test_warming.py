@@ -88,9 +88,10 @@ async def test_a_warmed_cursor_is_answered_by_the_suggestion_made_ahead(client: 
     made_ahead = await inline(client, uri, line, character)
     after = await status(client)
     assert after["prefetchedAnswers"] == 1 and after["computedTokens"] == 0  # answered without the model
+    idle = await until_idle(client)  # the suggestion after its accept is prefetched meanwhile
     warm(client, uri, line, character)  # the editor says the cursor rests there again: nothing new to do
     again = await until_idle(client)
-    assert again["suggestedAhead"] == 1 and again["computedTokens"] == 0
+    assert again["suggestedAhead"] == idle["suggestedAhead"] and again["computedTokens"] == 0
     # what the model says there, asked directly, is what was made ahead
     client.workspace_did_change_configuration(types.DidChangeConfigurationParams(settings={"hirope": {"warmAhead": False}}))
     direct = await inline(client, uri, line, character)
