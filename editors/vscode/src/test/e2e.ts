@@ -109,9 +109,11 @@ async function main() {
   assert.deepEqual(first.range?.start, position);
   console.log(`inline completion: ${JSON.stringify(first.insertText)}`);
   const after = await connection.sendRequest<Record<string, unknown>>("hirope/status", {});
-  const used = typeof after.warmedUsedTokens === "number" ? after.warmedUsedTokens : after.reusedTokens;
-  assert.ok(typeof used === "number" && used > 0, "the completion reuses the warmed prompt");
-  console.log(`warmed tokens used by the completion: ${used}`);
+  // warming also made the suggestion at the warmed cursor: the request is answered by it, without the model
+  assert.ok(typeof warmed.suggestedAhead === "number" && warmed.suggestedAhead >= 1, "warming made the suggestion ahead");
+  assert.equal(after.prefetchedAnswers, 1, "the completion is the suggestion made ahead");
+  assert.equal(after.computedTokens, warmed.computedTokens, "the model computed nothing for the request");
+  console.log(`answered by the suggestion made ahead (${warmed.warmedTokens} tokens warmed)`);
   await connection.sendRequest("shutdown");
   await connection.sendNotification("exit");
   connection.dispose();
