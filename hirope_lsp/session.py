@@ -139,6 +139,9 @@ class Session:
         self.warming: dict[str, RequestToken] = {}
         self.ahead: dict[str, AheadWork] = {}  # the suggestion being made ahead per document
         self.joined: list[AheadWork] = []  # work ahead that requests wait for (all other work ahead yields)
+        self.warm_tokens: dict[str, RequestToken] = {}  # documents whose prompt warming is under way
+        # the prefetch after an accept asked for while the document's prompt warms: it follows the warming
+        self.pending_prefetch: dict[str, tuple[Document, Cursor, bool]] = {}
         self.fast_budgets: dict[str, int] = {}  # the short prompt's budget last used per document
         self.warm_counters = WarmingCounters()
         self._tasks: set[asyncio.Task] = set()
@@ -307,6 +310,7 @@ class Session:
         self.shown.forget(uri)
         self.prefetched.forget(uri)
         self.index.close_document(uri)
+        self.pending_prefetch.pop(uri, None)
         warming = self.warming.get(uri)
         if warming is not None:
             warming.cancel()  # stops after the chunk in hand, then leaves ``warming``
@@ -440,7 +444,8 @@ class Session:
         found = self.shown.answer(doc, cursor.byte) if self.settings.type_along else None
         source = "typed-along"
         if found is None and self.settings.warm_ahead:
-            found, source = self.prefetched.answer(doc, cursor.byte), "prefetched"
+            # typing along a suggestion kept ahead is typing along too: only where the user wants that
+            found, source = self.prefetched.answer(doc, cursor.byte, self.settings.type_along), "prefetched"
         if found is None:
             return None
         rest, short = found
@@ -520,7 +525,8 @@ class Session:
         """Prefill ``uri``'s prompt at its last cursor in the background, unless a request is waiting."""
         if uri is None or not self.settings.warm_ahead or self.state != "ready" or uri not in self.cursors:
             return
-        self._spawn(self._warm(uri, self._claim_work_ahead(uri)))
+        token = self.warm_tokens[uri] = self._claim_work_ahead(uri)
+        self._spawn(self._warm(uri, token))
 
     def _claim_work_ahead(self, uri: str) -> RequestToken:
         """A token for new work ahead on ``uri``; the work it replaces (an older cursor's) is cancelled."""
@@ -540,6 +546,12 @@ class Session:
         finally:
             if self.warming.get(uri) is token:
                 del self.warming[uri]
+            if self.warm_tokens.get(uri) is token:
+                del self.warm_tokens[uri]
+            pending = self.pending_prefetch.pop(uri, None)
+            if pending is not None and uri in self.documents:
+                # then the warming again where a request stopped it
+                self._spawn(self._prefetch(*pending[:2], self._claim_work_ahead(uri), pending[2] or preempted[0]))
         if computed is None:
             return
         if preempted[0] and not token.cancelled():
@@ -610,6 +622,10 @@ class Session:
                             doc.language, doc.encoding)
         at = Cursor.at(accepted, *accepted.position_at(cursor.offset + len(text)))
         if self.prefetched.covers(accepted, at.byte):
+            return
+        warming = self.warm_tokens.get(doc.uri)
+        if warming is not None and not warming.cancelled():  # the prompt's warming serves every request: it goes first
+            self.pending_prefetch[doc.uri] = (accepted, at, warm_full)
             return
         self._spawn(self._prefetch(accepted, at, self._claim_work_ahead(doc.uri), warm_full))
 

@@ -75,3 +75,14 @@ def test_nothing_to_say_is_kept_ahead_for_exactly_its_state():
     assert ahead.rest(doc, at + 1) is None
     cursor = type_at(doc, 1, 11, "x")
     assert ahead.rest(doc, cursor) is None and ahead.rest(doc, at) is None, "another text: the model answers"
+
+
+def test_with_typing_along_off_a_suggestion_kept_ahead_answers_only_its_own_state():
+    ahead = ShownSuggestions(answers_at_start=True)
+    doc = Document("file:///w/a.py", TEXT, language_id="python")
+    at = doc.offset_at(1, 11)[1]
+    ahead.remember(doc, at, "x * 2")
+    assert ahead.answer(doc, at, typed_along=False) == ("x * 2", False)
+    cursor = type_at(doc, 1, 11, "x")
+    assert ahead.answer(doc, cursor, typed_along=False) is None, "the model answers every keystroke"
+    assert ahead.answer(doc, cursor) == (" * 2", False)

@@ -69,12 +69,15 @@ class ShownSuggestions:
         return any(self._rest_of(shown, doc, cursor_byte) is not None and not (full_only and shown.short)
                    for shown in self._shown.get(doc.uri, ()))
 
-    def answer(self, doc: Document | DocumentState, cursor_byte: int) -> tuple[str, bool] | None:
+    def answer(self, doc: Document | DocumentState, cursor_byte: int,
+               typed_along: bool = True) -> tuple[str, bool] | None:
         """(what is left of a suggestion made for ``doc`` if the user typed its start up to the cursor and
         changed nothing else, whether it came from a short prompt); None otherwise (the rest is
-        remembered as shown)."""
+        remembered as shown).  ``typed_along=False``: only a suggestion made for exactly this state."""
         kept = self._shown.get(doc.uri, [])
         for i, shown in enumerate(kept):
+            if not typed_along and cursor_byte != shown.cursor:
+                continue
             rest = self._rest_of(shown, doc, cursor_byte)
             if rest is not None:
                 kept[i] = Shown(doc.source, cursor_byte, shown.text[cursor_byte - shown.cursor :], shown.short)
