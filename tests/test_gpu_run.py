@@ -10,9 +10,7 @@ from safetensors.torch import load_file
 from hirope_lsp.research import gpu_run
 from hirope_lsp.research import train as train_module
 from hirope_lsp.research.train import TrainConfig, held_out_windows, train
-
-TINY = dict(vocab_size=300, hidden_size=32, layers=1, heads=2, intermediate_size=64, context=32, batch_size=4,
-            warmup=2, lr=3e-3, checkpoint_every=5, held_out_percent=10, max_files=40)
+from tiny_models import TINY_RECIPE as TINY
 
 
 def test_a_slice_of_the_stream_keeps_each_languages_share_spread_over_its_segment():

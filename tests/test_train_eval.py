@@ -5,9 +5,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hirope_lsp.research import evaluate
 from hirope_lsp.research.train import TrainConfig, train
-
-TINY = dict(vocab_size=300, hidden_size=32, layers=1, heads=2, intermediate_size=64, context=32, batch_size=4,
-            warmup=2, lr=3e-3, checkpoint_every=5, held_out_percent=10, max_files=40)
+from tiny_models import TINY_RECIPE as TINY
 
 
 def test_training_smoke_loss_falls_resumes_and_exports(tmp_path):

@@ -30,3 +30,8 @@ def tiny_model(family: str = "llama", *, train_length: int = 64, seed: int = 0, 
     config = FAMILIES[family](**kwargs)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
     return model
+
+
+# `TrainConfig` fields of a recipe that trains in seconds on the standard library (training tests)
+TINY_RECIPE = dict(vocab_size=300, hidden_size=32, layers=1, heads=2, intermediate_size=64, context=32, batch_size=4,
+                   warmup=2, lr=3e-3, checkpoint_every=5, held_out_percent=10, max_files=40)
