@@ -198,14 +198,18 @@ class Engine:
 
     def reusable_tokens(self, prompt: Prompt) -> int:
         """How much of ``prompt`` the kept KV state already holds (as ``generate`` would heal it)."""
-        ids, positions, _, _ = self.heal(prompt.token_ids, self.levelled(prompt.positions))
-        return self.pool.reusable(prompt.key, ids, positions)
+        return self._reusable(prompt)[0]
 
     def is_warm(self, prompt: Prompt) -> bool:
         """Whether the kept KV state holds all of ``prompt`` that warming computes (a request recomputes
         the last token anyway)."""
+        reusable, length = self._reusable(prompt)
+        return reusable >= length - 1
+
+    def _reusable(self, prompt: Prompt) -> tuple[int, int]:
+        """(tokens of ``prompt`` the kept KV state holds, the prompt's length), both as healed."""
         ids, positions, _, _ = self.heal(prompt.token_ids, self.levelled(prompt.positions))
-        return self.pool.reusable(prompt.key, ids, positions) >= len(ids) - 1
+        return self.pool.reusable(prompt.key, ids, positions), len(ids)
 
     @torch.inference_mode()
     def prefill(self, prompt: Prompt, cancelled: Callable[[], bool] | None = None, chunk: int | None = None) -> int:
