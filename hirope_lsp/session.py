@@ -537,26 +537,26 @@ class Session:
         return token
 
     async def _warm(self, uri: str, token: RequestToken) -> None:
-        preempted = [False]
+        preempted, computed = [False], None
         try:
             computed = await self._warm_once(uri, token, preempted)
         except Exception:
             log.exception("warming %s failed", uri)
-            return
         finally:
-            if self.warming.get(uri) is token:
-                del self.warming[uri]
+            resumes = computed is not None and preempted[0] and not token.cancelled()
+            if not resumes:
+                self._release_work_ahead(uri, token)
             if self.warm_tokens.get(uri) is token:
                 del self.warm_tokens[uri]
             pending = self.pending_prefetch.pop(uri, None)
             if pending is not None and uri in self.documents:
                 # then the warming again where a request stopped it
-                self._spawn(self._prefetch(*pending[:2], self._claim_work_ahead(uri), pending[2] or preempted[0]))
+                self._spawn(self._prefetch(*pending[:2], self._claim_work_ahead(uri), pending[2] or resumes))
         if computed is None:
             return
-        if preempted[0] and not token.cancelled():
+        if resumes:
             self.warm_counters.preempted += 1
-            self._spawn(self._warm_when_idle(uri))
+            self._spawn(self._warm_when_idle(uri, token))  # the document stays in ``warming`` meanwhile
         log.info("warmed %s: %d tokens", uri, computed)
 
     async def _warm_once(self, uri: str, token: RequestToken, preempted: list[bool]) -> int | None:
@@ -597,17 +597,23 @@ class Session:
     def _warm_chunk(engine: Engine) -> int:
         return max(MIN_FAST_BUDGET, engine.speed.prefill_tokens_within(WARM_CHUNK_SECONDS))
 
-    async def _warm_when_idle(self, uri: str) -> None:
-        """Warm ``uri`` once no request came for ``IDLE_SECONDS``: while the user types, warming chunks
-        would only stand between the keystrokes' requests and the worker."""
+    async def _warm_when_idle(self, uri: str, token: RequestToken) -> None:
+        """Warm ``uri`` again once no request came for ``IDLE_SECONDS``: while the user types, warming
+        chunks would only stand between the keystrokes' requests and the worker. ``token`` holds the
+        document's place in ``warming`` meanwhile; other work ahead claiming it ends the wait."""
         loop = asyncio.get_running_loop()
-        while True:
+        while self.warming.get(uri) is token and not token.cancelled():
             idle = loop.time() - self.last_request
             if self.waiting == 0 and idle >= IDLE_SECONDS:
-                break
+                self._release_work_ahead(uri, token)
+                self.warm(uri)
+                return
             await asyncio.sleep(max(0.01, IDLE_SECONDS - idle))
-        if uri not in self.warming:
-            self.warm(uri)
+        self._release_work_ahead(uri, token)
+
+    def _release_work_ahead(self, uri: str, token: RequestToken) -> None:
+        if self.warming.get(uri) is token:
+            del self.warming[uri]
 
     def _prefetch_after_accept(self, doc: Document, cursor: Cursor, text: str, warm_full: bool = False) -> None:
         """Compute the suggestion that follows ``text`` once the user accepts it, at idle priority;
@@ -616,7 +622,7 @@ class Session:
             return
         if not text:
             if warm_full:
-                self._spawn(self._warm_when_idle(doc.uri))
+                self._spawn(self._warm_when_idle(doc.uri, self._claim_work_ahead(doc.uri)))
             return
         accepted = Document(doc.uri, doc.text[: cursor.offset] + text + doc.text[cursor.offset :], doc.version,
                             doc.language, doc.encoding)
@@ -630,20 +636,21 @@ class Session:
         self._spawn(self._prefetch(accepted, at, self._claim_work_ahead(doc.uri), warm_full))
 
     async def _prefetch(self, accepted: Document, at: Cursor, token: RequestToken, warm_full: bool) -> None:
+        made = False
         try:
             service = self.service
             if service is None or token.cancelled():
                 return
             job, short = self._fit_to_latency(service, accepted, at, service.prepare(accepted, at.line, at.character))
             await self._suggest_ahead(service, DocumentState.of(accepted), at, job, token, short=short)
+            made = True
         except Exception:
             log.exception("prefetching after %s failed", accepted.uri)
-            return
         finally:
-            if self.warming.get(accepted.uri) is token:
-                del self.warming[accepted.uri]
-        if warm_full and not token.cancelled():
-            await self._warm_when_idle(accepted.uri)
+            if not (made and warm_full):
+                self._release_work_ahead(accepted.uri, token)
+        if made and warm_full:
+            await self._warm_when_idle(accepted.uri, token)  # the document stays in ``warming`` meanwhile
 
     async def _suggest_ahead(self, service: CompletionService, state: DocumentState, cursor: Cursor,
                              job: CompletionJob, token: RequestToken, short: bool = False, live: bool = False) -> None:
