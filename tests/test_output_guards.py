@@ -51,3 +51,12 @@ def test_confidence_gate_hides_suggestions_below_the_threshold():
     assert len(ungated.generation.token_logprobs) == len(ungated.generation.token_ids)
     strict = CompletionService(engine, None, builder, max_new_tokens=6, min_confidence=confidence / 2)
     assert strict.complete(doc, 4, 16).text == ""
+
+
+def test_the_benchmark_counts_a_repeated_line_as_the_guard_sees_one():
+    from hirope_lsp.research.evaluate import repeats_line
+
+    assert repeats_line("x = f(a)", "def g():\n    x = f(a)\n    ")
+    assert repeats_line("count = count", "def g():\n    ")
+    assert not repeats_line("}", "\t\tif ok {\n\t\t\treturn\n\t\t}\n\t")  # the end of an outer block
+    assert not repeats_line("y = f(a)", "def g():\n    x = f(a)\n    ")

@@ -25,7 +25,7 @@ from ..model.loading import load_model
 from ..model.patch import attach, trained_length
 from ..model.methods import method_names, position_method
 from ..model.rope import RopeMethodConfig, plain_positions
-from ..completion.postprocess import PHRASE_LOOP, SELF_ASSIGNMENT
+from ..completion.postprocess import PHRASE_LOOP, SELF_ASSIGNMENT, TRIVIAL_LINE
 from .far_eval import TRUNCATE
 from .train import read_text
 
@@ -292,12 +292,15 @@ def completion_samples(tokenizer, files: list[Path], prompt_tokens: int, train_l
     return samples
 
 
-def _repeats_line(text: str, prompt: str) -> bool:
-    """The line the text completes is the line above it again, or assigns a name to itself."""
+def repeats_line(text: str, prompt: str) -> bool:
+    """The line the text completes is the line above it again, or assigns a name to itself; closing
+    brackets after closing brackets (the end of nested blocks) are no repeat, as for the server's guard."""
     lines = prompt.split("\n")
     full = lines[-1] + text.split("\n")[0]
+    if TRIVIAL_LINE.match(full):
+        return False
     above = next((line for line in reversed(lines[:-1]) if line.strip()), "")
-    return bool(full.strip()) and (full.strip() == above.strip() or bool(SELF_ASSIGNMENT.match(full)))
+    return full.strip() == above.strip() or bool(SELF_ASSIGNMENT.match(full))
 
 
 def confidence_gate(predictions: list[dict], thresholds=(-3.0, -2.5, -2.0, -1.5, -1.25, -1.0, -0.75, -0.5)) -> list[dict]:
@@ -340,8 +343,8 @@ def eval_completion(data: list[Path] | None = None, model: str | None = None, me
                 exact += predicted == truth
                 sim = edit_similarity(predicted, truth)
                 sims.append(sim)
-                loops += bool(PHRASE_LOOP.search(raw)) or _repeats_line(raw, s["prompt"])
-                shown_repeats += bool(PHRASE_LOOP.search(shown)) or _repeats_line(shown, s["prompt"])
+                loops += bool(PHRASE_LOOP.search(raw)) or repeats_line(raw, s["prompt"])
+                shown_repeats += bool(PHRASE_LOOP.search(shown)) or repeats_line(shown, s["prompt"])
                 predictions.append({"target": truth, "predicted": predicted, "raw": raw.strip(), "far": s["far"],
                                     "edit_similarity": sim, "confidence": completer.last.confidence})
                 if s["far"]:
