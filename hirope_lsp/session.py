@@ -96,6 +96,16 @@ class AheadWork:
 
 
 @dataclass
+class PendingPrefetch:
+    """The suggestion to make for the document once the suggestion given in ``answered_version`` is accepted."""
+
+    accepted: Document  # that version with the suggestion inserted
+    at: Cursor  # after the inserted suggestion
+    warm_full: bool  # the suggestion came from a short prompt: the full one warms after
+    answered_version: int
+
+
+@dataclass
 class WarmingCounters:
     jobs: int = 0
     preempted: int = 0
@@ -135,13 +145,15 @@ class Session:
         # suggestions made ahead: after an accept, at a warmed cursor (a short prompt's, then the full one's)
         self.prefetched = ShownSuggestions(answers_at_start=True, keep=PREFETCHED_PER_DOCUMENT)
         self.waiting = 0  # requests queued for or running on the worker
-        self.last_request = 0.0  # event-loop time the newest request was handed to the worker
+        self.last_request = 0.0  # event-loop time the newest request was handed to the worker, or ended
         self.warming: dict[str, RequestToken] = {}
         self.ahead: dict[str, AheadWork] = {}  # the suggestion being made ahead per document
         self.joined: list[AheadWork] = []  # work ahead that requests wait for (all other work ahead yields)
         self.warm_tokens: dict[str, RequestToken] = {}  # documents whose prompt warming is under way
-        # the prefetch after an accept asked for while the document's prompt warms: it follows the warming
-        self.pending_prefetch: dict[str, tuple[Document, Cursor, bool]] = {}
+        # the prefetch after an accept, per document: it starts once the user pauses (never between two
+        # keystrokes) and the document's prompt warming, if any, is over
+        self.pending_prefetch: dict[str, PendingPrefetch] = {}
+        self.prefetch_waiters: set[str] = set()  # documents with a task waiting for that pause
         self.fast_budgets: dict[str, int] = {}  # the short prompt's budget last used per document
         self.warm_counters = WarmingCounters()
         self._tasks: set[asyncio.Task] = set()
@@ -512,6 +524,7 @@ class Session:
             return None
         finally:
             self.waiting -= 1
+            self.last_request = loop.time()  # a pause counts from the end of the request
 
     # ---- work ahead ----
 
@@ -548,10 +561,8 @@ class Session:
                 self._release_work_ahead(uri, token)
             if self.warm_tokens.get(uri) is token:
                 del self.warm_tokens[uri]
-            pending = self.pending_prefetch.pop(uri, None)
-            if pending is not None and uri in self.documents:
-                # then the warming again where a request stopped it
-                self._spawn(self._prefetch(*pending[:2], self._claim_work_ahead(uri), pending[2] or resumes))
+            if uri in self.pending_prefetch:  # then the warming again where a request stopped it
+                self._launch_prefetch(uri, warm_full=resumes)
         if computed is None:
             return
         if resumes:
@@ -621,19 +632,43 @@ class Session:
         if not self.settings.warm_ahead or self.service is None:
             return
         if not text:
+            self.pending_prefetch.pop(doc.uri, None)
             if warm_full:
                 self._spawn(self._warm_when_idle(doc.uri, self._claim_work_ahead(doc.uri)))
             return
-        accepted = Document(doc.uri, doc.text[: cursor.offset] + text + doc.text[cursor.offset :], doc.version,
-                            doc.language, doc.encoding)
+        accepted = doc.with_insertion(cursor.offset, text)
         at = Cursor.at(accepted, *accepted.position_at(cursor.offset + len(text)))
         if self.prefetched.covers(accepted, at.byte):
+            self.pending_prefetch.pop(doc.uri, None)
             return
-        warming = self.warm_tokens.get(doc.uri)
-        if warming is not None and not warming.cancelled():  # the prompt's warming serves every request: it goes first
-            self.pending_prefetch[doc.uri] = (accepted, at, warm_full)
-            return
-        self._spawn(self._prefetch(accepted, at, self._claim_work_ahead(doc.uri), warm_full))
+        self.pending_prefetch[doc.uri] = PendingPrefetch(accepted, at, warm_full, doc.version)
+        if doc.uri not in self.prefetch_waiters:
+            self.prefetch_waiters.add(doc.uri)
+            self._spawn(self._prefetch_when_idle(doc.uri))
+
+    async def _prefetch_when_idle(self, uri: str) -> None:
+        """A user reads a suggestion before accepting it: the prefetch waits for that pause, so that it never
+        stands between keystrokes and the worker while the user types on."""
+        loop = asyncio.get_running_loop()
+        try:
+            while uri in self.pending_prefetch:
+                idle = loop.time() - self.last_request
+                if self.waiting == 0 and idle >= IDLE_SECONDS:
+                    break
+                await asyncio.sleep(max(0.01, IDLE_SECONDS - idle))
+        finally:
+            self.prefetch_waiters.discard(uri)
+        warming = self.warm_tokens.get(uri)
+        if uri in self.pending_prefetch and (warming is None or warming.cancelled()):
+            self._launch_prefetch(uri)  # else the warming under way serves every request: it goes first, this after
+
+    def _launch_prefetch(self, uri: str, warm_full: bool = False) -> None:
+        pending = self.pending_prefetch.pop(uri)
+        current = self.documents.get(uri)
+        if current is None or (current.version != pending.answered_version and current.text != pending.accepted.text):
+            return  # the user typed on: the state the prefetch was for will not come
+        self._spawn(self._prefetch(pending.accepted, pending.at, self._claim_work_ahead(uri),
+                                   pending.warm_full or warm_full))
 
     async def _prefetch(self, accepted: Document, at: Cursor, token: RequestToken, warm_full: bool) -> None:
         made = False
@@ -698,7 +733,7 @@ class Session:
             "computedTokens": counters.computed_tokens if counters else 0,
             "warmedTokens": counters.warmed_tokens if counters else 0,
             "warmedUsedTokens": counters.warmed_used_tokens if counters else 0,
-            "warming": sorted(self.warming),  # documents with work ahead under way
+            "warming": sorted({*self.warming, *self.pending_prefetch}),  # documents with work ahead to do
             "warmJobs": self.warm_counters.jobs,
             "warmPreempted": self.warm_counters.preempted,
             "fastAnswers": self.warm_counters.fast_answers,

@@ -249,3 +249,23 @@ def test_byte_offsets_map_to_char_offsets_before_and_after_an_edit():
         assert [doc.byte_to_char(b) for b in range(len(source) + 1)] == \
             [len(source[:b].decode("utf-8", "ignore")) for b in range(len(source) + 1)]
         doc.apply_changes([Change("ää\n", ((1, 2), (1, 2)))])
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-8"])
+def test_a_copy_with_an_insertion_is_the_document_parsed_afresh_and_leaves_the_original(encoding):
+    text = PYTHON_SOURCE + "\ndef tail(x):\n    return x  # é𝄞\n"
+    doc = Document("file:///w/shape.py", text, version=3, language_id="python", encoding=encoding)
+    before = (doc.text, doc.source, str(doc.tree.root_node), list(doc.definitions), doc.units)
+    rng = random.Random(5)
+    for _ in range(40):
+        at = rng.randrange(len(text) + 1)
+        inserted = rng.choice(["x = 1\n", "    pass\n", "(", "def g():\n    return é\n", "\"\"\"", "𝄞"])
+        copy = doc.with_insertion(at, inserted)
+        fresh = Document(doc.uri, text[:at] + inserted + text[at:], version=3, language_id="python", encoding=encoding)
+        assert copy.text == fresh.text and copy.source == fresh.source and copy.version == 3
+        np.testing.assert_array_equal(copy.line_char, fresh.line_char)
+        np.testing.assert_array_equal(copy.line_byte, fresh.line_byte)
+        assert copy.definitions == extract_definitions(copy.grammar, copy.tree)
+        if str(copy.tree.root_node) == str(fresh.tree.root_node):
+            assert copy.units == fresh.units
+        assert (doc.text, doc.source, str(doc.tree.root_node), list(doc.definitions), doc.units) == before

@@ -147,6 +147,19 @@ class Document:
         if version is not None:
             self.version = version
 
+    def with_insertion(self, char_offset: int, text: str) -> "Document":
+        """A copy with ``text`` inserted at ``char_offset`` (the document once a suggestion is accepted),
+        parsed incrementally from this one's tree instead of from scratch; this document is unchanged."""
+        self._catch_up()
+        copy = object.__new__(Document)
+        copy.__dict__.update(self.__dict__)
+        copy._definitions, copy._pending_edits, copy._units = list(self._definitions), [], None
+        if self._tree is not None:
+            copy._tree, copy._parser = self._tree.copy(), self.grammar.parser()
+        _, byte = self.offset_at(*self.position_at(char_offset))
+        copy._splice(char_offset, char_offset, byte, byte, text)
+        return copy
+
     def _splice(self, s: int, e: int, sb: int, eb: int, new: str) -> None:
         old_text = self.text
         text = old_text[:s] + new + old_text[e:]

@@ -236,13 +236,16 @@ def bench_typing(keystrokes: int = 40, budget: int = 4000, pause: float = 0.05, 
     indent = lines[line][: len(lines[line]) - len(lines[line].lstrip())]
     typed = "result = compute_total(values, weights)"
     results = {}
-    # KV reuse on, on with 4 lookup drafts per decoding step, and off: every keystroke through the model
-    for name, reuse, lookup in (("on", True, None), ("on_lookup", True, 4), ("off", False, None)):
+    # KV reuse on, on with 4 lookup drafts per decoding step, on without work ahead (what the suggestions
+    # prefetched after each answer cost the next keystroke), and off: every keystroke through the model
+    runs = (("on", True, None, True), ("on_lookup", True, 4, True), ("on_no_ahead", True, None, False),
+            ("off", False, None, True))
+    for name, reuse, lookup, ahead in runs:
         client = RawClient()
         try:
             # the whole budget on every request (reuse at a fixed prompt size; work ahead is `bench replay`'s)
             client.initialize(None, {"reuseCache": reuse, "promptBudget": budget, "maxNewTokens": max_new_tokens,
-                                     **({"lookupTokens": lookup} if lookup is not None else {}),
+                                     "warmAhead": ahead, **({"lookupTokens": lookup} if lookup is not None else {}),
                                      "crossFile": False, "watchFiles": False, "typeAlong": False,
                                      "latencyTargetMs": 10000,
                                      **({"model": model} if model else {}),
@@ -293,17 +296,19 @@ def bench_typing(keystrokes: int = 40, budget: int = 4000, pause: float = 0.05, 
     on["reuse_per_key"] = 1 - on["recomputed_per_key_mean"] / max(1, prompt_tokens)
     results["speedup_p50"] = off["p50_ms"] / on["p50_ms"]
     results["lookup_speedup_p50"] = on["p50_ms"] / results["on_lookup"]["p50_ms"]
+    results["work_ahead_cost_p50"] = on["p50_ms"] / results["on_no_ahead"]["p50_ms"]
     results["along"] = along
     print(f"typing {keystrokes} keys into a {prompt_tokens:.0f}-token prompt (budget {budget}), "
           f"{max_new_tokens} new tokens at most per completion")
     print(f"{'reuse':>12} {'p50 ms':>8} {'p95 ms':>8} {'recomputed/key':>15} {'reused/key':>11}")
-    for name in ("on", "on_lookup", "off"):
+    for name, *_ in runs:
         r = results[name]
         reused_share = 1 - r["recomputed_per_key_mean"] / max(1, prompt_tokens)
         print(f"{name:>12} {r['p50_ms']:>8.1f} {r['p95_ms']:>8.1f} {r['recomputed_per_key_mean']:>15.1f} "
               f"{reused_share:>10.1%}")
     print(f"p50 speed-up with reuse: {results['speedup_p50']:.1f}x, with lookup drafts: "
-          f"{results['lookup_speedup_p50']:.2f}x; cold first request {on['cold_ms']:.0f} ms")
+          f"{results['lookup_speedup_p50']:.2f}x; with work ahead against without: "
+          f"{results['work_ahead_cost_p50']:.2f}x; cold first request {on['cold_ms']:.0f} ms")
     if along["keys"]:
         print(f"typing along the suggestion: {along['keys']} keys, p50 {along['p50_ms']:.1f} ms, "
               f"{along['model_runs']} of them ran the model")

@@ -170,6 +170,25 @@ async def test_the_suggestion_after_an_accept_is_ready_before_it_is_asked_for(cl
     assert after["computedTokens"] == before["computedTokens"]  # answered without the model
 
 
+async def test_typing_on_leaves_the_worker_to_the_keystrokes_and_prefetches_after_the_pause(client: LanguageClient):
+    client.workspace_did_change_configuration(types.DidChangeConfigurationParams(settings={"hirope": {"typeAlong": False}}))
+    uri = (client.workspace_root / "long.py").as_uri()
+    text, line, character = mid_statement()
+    open_doc(client, uri, text)
+    await inline(client, uri, line, character)
+    before = await status(client)
+    said = []
+    for k, key in enumerate("parse_arg"):  # keys as fast as the answers come: no pause to read a suggestion
+        line, character = type_text(client, uri, 2 + k, line, character, key)
+        said.append(bool((await inline(client, uri, line, character)).items))
+    typing = await status(client)
+    assert any(said), "the model suggested nothing while typing here; pick another line"
+    assert typing["warmedTokens"] == before["warmedTokens"], "work ahead ran between the keystrokes"
+    assert typing["suggestedAhead"] == before["suggestedAhead"]
+    done = await until_idle(client)  # the pause: only the last answer's accept is prefetched
+    assert done["suggestedAhead"] == before["suggestedAhead"] + said[-1]
+
+
 async def test_asked_again_in_the_same_state_the_answer_comes_without_the_model(client: LanguageClient):
     uri = (client.workspace_root / "long.py").as_uri()
     text, line, character = mid_statement()
