@@ -462,6 +462,7 @@ class Session:
             return None
         rest, short = found
         self.supersede(doc.uri)
+        self.last_request = asyncio.get_running_loop().time()  # a keystroke too: the user has not paused
         log.info("completion %s v%d: %s, %d chars", doc.uri, doc.version, source, len(rest))
         if source == "prefetched":
             self.warm_counters.prefetched_answers += 1
@@ -559,10 +560,15 @@ class Session:
             resumes = computed is not None and preempted[0] and not token.cancelled()
             if not resumes:
                 self._release_work_ahead(uri, token)
-            if self.warm_tokens.get(uri) is token:
+            mine = self.warm_tokens.get(uri) is token  # else newer work ahead replaced this warming
+            if mine:
                 del self.warm_tokens[uri]
-            if uri in self.pending_prefetch:  # then the warming again where a request stopped it
-                self._launch_prefetch(uri, warm_full=resumes)
+            pending = self.pending_prefetch.get(uri)
+            if mine and pending is not None:  # then the warming again where a request stopped it
+                if uri in self.prefetch_waiters:
+                    pending.warm_full |= resumes  # the waiter launches it once the user pauses
+                else:
+                    self._launch_prefetch(uri, warm_full=resumes)
         if computed is None:
             return
         if resumes:
@@ -664,11 +670,18 @@ class Session:
 
     def _launch_prefetch(self, uri: str, warm_full: bool = False) -> None:
         pending = self.pending_prefetch.pop(uri)
+        warm_full = pending.warm_full or warm_full
         current = self.documents.get(uri)
-        if current is None or (current.version != pending.answered_version and current.text != pending.accepted.text):
-            return  # the user typed on: the state the prefetch was for will not come
-        self._spawn(self._prefetch(pending.accepted, pending.at, self._claim_work_ahead(uri),
-                                   pending.warm_full or warm_full))
+        if current is None or not self.settings.warm_ahead:
+            return
+        if current.version != pending.answered_version and current.text != pending.accepted.text:
+            # the user typed on: the state the prefetch was for will not come; the full prompt still warms
+            if warm_full:
+                self._spawn(self._warm_when_idle(uri, self._claim_work_ahead(uri)))
+            return
+        if self.prefetched.covers(pending.accepted, pending.at.byte):  # made meanwhile (a warming at that cursor)
+            return
+        self._spawn(self._prefetch(pending.accepted, pending.at, self._claim_work_ahead(uri), warm_full))
 
     async def _prefetch(self, accepted: Document, at: Cursor, token: RequestToken, warm_full: bool) -> None:
         made = False
