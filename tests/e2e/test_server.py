@@ -117,18 +117,18 @@ async def test_a_newline_ending_block_opener_gets_a_completion(client: LanguageC
 
 async def test_ranges_with_multibyte_text(client: LanguageClient):
     uri = (client.workspace_root / "emoji.py").as_uri()
-    line0 = 'greeting = "😀 你好"; name = greeting.'
+    line0 = 'greeting = "😀 你好"; print(greeting.'  # a call left open: the model goes on
     text = line0 + "\nname = greeting."
     open_doc(client, uri, text)
     # the cursor after 'greeting.' on line 1 (below a line of multibyte text) is column 16
     result = await inline(client, uri, 1, 16)
     assert len(result.items) == 1, "the model suggests after 'greeting.'"
     assert result.items[0].range.start == types.Position(1, 16)
-    # UTF-16: the emoji counts 2, so the end of line 0 is column 36 (35 code points, 42 bytes)
+    # UTF-16: the emoji counts 2, so the end of line 0 is one column past its code points
     line0_end = len(line0.encode("utf-16-le")) // 2
     assert line0_end == len(line0) + 1
     result = await inline(client, uri, 0, line0_end)
-    assert len(result.items) == 1, "the model suggests after 'greeting.' at the end of line 0"
+    assert len(result.items) == 1, "the model suggests after 'print(greeting.' at the end of line 0"
     assert result.items[0].range.start == types.Position(0, line0_end)
 
 
