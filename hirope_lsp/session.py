@@ -618,15 +618,20 @@ class Session:
         """Warm ``uri`` again once no request came for ``IDLE_SECONDS``: while the user types, warming
         chunks would only stand between the keystrokes' requests and the worker. ``token`` holds the
         document's place in ``warming`` meanwhile; other work ahead claiming it ends the wait."""
+        paused = await self._until_user_pauses(lambda: self.warming.get(uri) is token and not token.cancelled())
+        self._release_work_ahead(uri, token)
+        if paused:
+            self.warm(uri)
+
+    async def _until_user_pauses(self, wanted: Callable[[], bool]) -> bool:
+        """Wait until no request ran for ``IDLE_SECONDS``; False as soon as ``wanted()`` is not."""
         loop = asyncio.get_running_loop()
-        while self.warming.get(uri) is token and not token.cancelled():
+        while wanted():
             idle = loop.time() - self.last_request
             if self.waiting == 0 and idle >= IDLE_SECONDS:
-                self._release_work_ahead(uri, token)
-                self.warm(uri)
-                return
+                return True
             await asyncio.sleep(max(0.01, IDLE_SECONDS - idle))
-        self._release_work_ahead(uri, token)
+        return False
 
     def _release_work_ahead(self, uri: str, token: RequestToken) -> None:
         if self.warming.get(uri) is token:
@@ -655,13 +660,8 @@ class Session:
     async def _prefetch_when_idle(self, uri: str) -> None:
         """A user reads a suggestion before accepting it: the prefetch waits for that pause, so that it never
         stands between keystrokes and the worker while the user types on."""
-        loop = asyncio.get_running_loop()
         try:
-            while uri in self.pending_prefetch:
-                idle = loop.time() - self.last_request
-                if self.waiting == 0 and idle >= IDLE_SECONDS:
-                    break
-                await asyncio.sleep(max(0.01, IDLE_SECONDS - idle))
+            await self._until_user_pauses(lambda: uri in self.pending_prefetch)
         finally:
             self.prefetch_waiters.discard(uri)
         warming = self.warm_tokens.get(uri)
