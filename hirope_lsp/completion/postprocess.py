@@ -97,12 +97,15 @@ def _without_repeats(policy: StopPolicy, text: str) -> str:
     lines = text.split("\n")
     for k, line in enumerate(lines):
         full = policy.line_before_cursor + line if k == 0 else line
-        if TRIVIAL_LINE.match(full):
-            continue
-        above = policy.previous_line if k == 0 else lines[k - 1]
-        if full.strip() == above.strip() or SELF_ASSIGNMENT.match(full):
+        if repeats_line_above(full, policy.previous_line if k == 0 else lines[k - 1]):
             return "\n".join(lines[:k]).rstrip()
     return text
+
+
+def repeats_line_above(line: str, above: str) -> bool:
+    """``line`` is ``above`` again or assigns a name to itself; closing brackets (the end of nested
+    blocks) and blank lines are no repeat."""
+    return not TRIVIAL_LINE.match(line) and (line.strip() == above.strip() or bool(SELF_ASSIGNMENT.match(line)))
 
 
 def _clean(policy: StopPolicy, text: str) -> str:

@@ -25,7 +25,7 @@ from ..model.loading import load_model
 from ..model.patch import attach, trained_length
 from ..model.methods import method_names, position_method
 from ..model.rope import RopeMethodConfig, plain_positions
-from ..completion.postprocess import PHRASE_LOOP, SELF_ASSIGNMENT, TRIVIAL_LINE
+from ..completion.postprocess import PHRASE_LOOP, repeats_line_above
 from .far_eval import TRUNCATE
 from .train import read_text
 
@@ -296,11 +296,8 @@ def repeats_line(text: str, prompt: str) -> bool:
     """The line the text completes is the line above it again, or assigns a name to itself; closing
     brackets after closing brackets (the end of nested blocks) are no repeat, as for the server's guard."""
     lines = prompt.split("\n")
-    full = lines[-1] + text.split("\n")[0]
-    if TRIVIAL_LINE.match(full):
-        return False
     above = next((line for line in reversed(lines[:-1]) if line.strip()), "")
-    return full.strip() == above.strip() or bool(SELF_ASSIGNMENT.match(full))
+    return repeats_line_above(lines[-1] + text.split("\n")[0], above)
 
 
 def confidence_gate(predictions: list[dict], thresholds=(-3.0, -2.5, -2.0, -1.5, -1.25, -1.0, -0.75, -0.5)) -> list[dict]:
