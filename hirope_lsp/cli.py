@@ -201,6 +201,8 @@ def _add_eval(sub) -> None:
     completion.add_argument("--methods", default="hirope,truncate,rope,rerope,hirope-fixed")
     completion.add_argument("--prompt-x", type=int, default=4, help="prompt length as a multiple of the training length")
     completion.add_argument("--samples", type=int, default=40)
+    completion.add_argument("--max-files", type=int, default=None,
+                            help="draw the lines from at most this many files (by the seed): for large packages")
     from .research.far_eval import register_cli
 
     register_cli(esub)
@@ -237,7 +239,8 @@ def _run_eval(args) -> int:
             evaluate.plot(report, args.plot)
     else:
         report = evaluate.eval_completion(args.data, args.model, methods, 2 if args.quick else args.prompt_x,
-                                          4 if args.quick else args.samples, args.seed, base)
+                                          4 if args.quick else args.samples, args.seed, base,
+                                          max_files=args.max_files)
         print(f"next-line completion, prompts of {report['prompt_tokens']} tokens (trained on {report['train_length']})")
         print(f"{'method':<14}{'prompt':>8}{'EM':>8}{'ES':>8}{'ES far':>8}")
         for r in report["results"]:

@@ -60,3 +60,22 @@ def test_completion_samples_leave_out_comment_and_string_lines(tmp_path):
     (tmp_path / "m.js").write_text(body)
     samples = evaluate.completion_samples(tokenizer, [tmp_path / "m.js"], 256, 128, 50, seed=0)
     assert samples and all(s["target"].strip().startswith(("function", "return", "}")) for s in samples)
+
+
+def test_completion_samples_split_far_names_and_cap_files(tmp_path):
+    from transformers import AutoTokenizer
+
+    from hirope_lsp.model.loading import DEFAULT_MODEL_DIR
+
+    tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL_DIR)
+    filler = "".join(f"value_{i} = compute({i}) + offset\n" for i in range(120))
+    for k in range(6):
+        (tmp_path / f"f{k}.py").write_text(f"farAwayName{k} = 1\n" + filler + f"result = farAwayName{k} + 2\n")
+    files = sorted(tmp_path.glob("*.py"))
+    samples = evaluate.completion_samples(tokenizer, files, 256, 128, 20, seed=0)
+    far = [s for s in samples if s["far"]]
+    assert far and all(s["target"].startswith("result = farAwayName") for s in far)
+    assert all(s["prompt"].endswith("\n") and s["target"] not in s["prompt"] for s in samples)
+    capped = evaluate.completion_samples(tokenizer, files, 256, 128, 20, seed=0, max_files=2)
+    assert len({s["file"] for s in capped}) == 2
+    assert capped == evaluate.completion_samples(tokenizer, files, 256, 128, 20, seed=0, max_files=2)

@@ -249,13 +249,18 @@ def edit_similarity(a: str, b: str) -> float:
 COMMENT_OR_STRING_STARTS = ("#", '"', "'", "`", "//", "/*", "* ", "*/")
 
 
-def completion_samples(tokenizer, files: list[Path], prompt_tokens: int, train_len: int, count: int, seed: int):
-    """(file, prompt text, target line) where the target line uses a name last seen beyond the trained window."""
+def completion_samples(tokenizer, files: list[Path], prompt_tokens: int, train_len: int, count: int, seed: int,
+                       max_files: int | None = None):
+    """(file, prompt text, target line) where the target line uses a name last seen beyond the trained window.
+    ``max_files``: sample lines from that many files (drawn by the seed) of a large package."""
+    import bisect
     import re
 
     rng = random.Random(seed)
+    if max_files is not None and len(files) > max_files:
+        files = sorted(random.Random(seed).sample(files, max_files))
     ident = re.compile(r"[A-Za-z_][A-Za-z0-9_]{3,}")
-    samples = []
+    texts: dict[Path, str] = {}
     candidates = []
     for path in files:
         text = read_text(path)
@@ -268,9 +273,8 @@ def completion_samples(tokenizer, files: list[Path], prompt_tokens: int, train_l
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         if len(enc["input_ids"]) < prompt_tokens:
             continue
+        texts[path] = text
         starts = [s for s, _ in enc["offset_mapping"]]
-        import bisect
-
         for n in range(1, len(lines)):
             target = lines[n].strip()
             if len(target) < 8 or target.startswith(COMMENT_OR_STRING_STARTS):
@@ -278,18 +282,17 @@ def completion_samples(tokenizer, files: list[Path], prompt_tokens: int, train_l
             tok_at = bisect.bisect_left(starts, offsets[n])
             if tok_at < prompt_tokens:
                 continue
-            prompt = text[: offsets[n]]
-            recent = prompt[starts[max(0, tok_at - train_len)] :]
-            names = set(ident.findall(target))
-            far_only = [w for w in names if w not in recent and w in prompt]
-            candidates.append((bool(far_only), path, prompt, lines[n], tok_at))
+            recent_from = starts[max(0, tok_at - train_len)]
+            # the last whole occurrence before the line: in the prompt, but none within the trained window
+            last_seen = (text.rfind(w, 0, offsets[n]) for w in set(ident.findall(target)))
+            far_only = any(0 <= at < recent_from for at in last_seen)
+            candidates.append((far_only, path, offsets[n], lines[n], tok_at))
     rng.shuffle(candidates)
     # half the lines use a name seen only beyond the trained window (where the far context must help)
     far = [c for c in candidates if c[0]][: count // 2]
     near = [c for c in candidates if not c[0]][: count - len(far)]
-    for far, path, prompt, target, _ in far + near:
-        samples.append({"file": str(path), "prompt": prompt, "target": target, "far": far})
-    return samples
+    return [{"file": str(path), "prompt": texts[path][:at], "target": target, "far": is_far}
+            for is_far, path, at, target, _ in far + near]
 
 
 def repeats_line(text: str, prompt: str) -> bool:
@@ -312,7 +315,7 @@ def confidence_gate(predictions: list[dict], thresholds=(-3.0, -2.5, -2.0, -1.5,
 
 def eval_completion(data: list[Path] | None = None, model: str | None = None, methods=("hirope", "truncate", "rope", "rerope"),
                     prompt_x: int = 4, count: int = 40, seed: int = 0, base: RopeMethodConfig | None = None,
-                    max_new_tokens: int = 32) -> dict:
+                    max_new_tokens: int = 32, max_files: int | None = None) -> dict:
     """Next-line completion through the server's session (no cross-file context, no suffix: LCC's task)."""
     from .far_eval import Completer, MethodSpec
 
@@ -322,7 +325,7 @@ def eval_completion(data: list[Path] | None = None, model: str | None = None, me
     base = base or RopeMethodConfig()
     prompt_tokens = prompt_x * train_len
     samples = completion_samples(tokenizer, collect_files(data or default_eval_data()), prompt_tokens, train_len,
-                                 count, seed)
+                                 count, seed, max_files)
     results = []
     for method in methods:
         spec = MethodSpec(method, method, base.far_bias, base.far_bias_mode)
