@@ -60,12 +60,32 @@ def test_warming_in_chunks_is_reused_whole_by_the_request(engine):
     assert cold.reused_tokens == 0 and cold.text == warm.text  # warming changes nothing but the time
 
 
-def test_warming_stops_between_chunks_when_asked_and_keeps_its_part(engine):
+@pytest.mark.parametrize("stop_before_layer", [0, 1, 5], ids=["between-chunks", "after-one-layer", "before-last-layer"])
+def test_warming_stops_between_layers_when_asked_and_keeps_its_whole_chunks(engine, loaded, stop_before_layer):
+    """``cancelled()`` is asked before each chunk and before each of the model's layers: a stop inside the
+    third chunk keeps the first two, and the request after it continues as from scratch."""
     built = built_at(engine, SOURCE, *cursor_line(SOURCE))
-    prompt = Prompt("doc", built.token_ids, built.positions)
+    prompt = Prompt("doc", built.token_ids, built.positions, built.cursor_unit)
+    layers = len(engine.layers)
+    assert layers == engine.model.config.num_hidden_layers > stop_before_layer
+    per_chunk = 1 + layers  # the chunk's own check, then one per layer
     calls = []
-    computed = engine.prefill(prompt, cancelled=lambda: calls.append(1) or len(calls) > 2, chunk=64)
+    stop_at = 2 * per_chunk + 1 + stop_before_layer  # the third chunk's check, then its layers
+
+    def cancelled():
+        calls.append(1)
+        return len(calls) > stop_at
+
+    computed = engine.prefill(prompt, cancelled=cancelled, chunk=64)
+    assert len(calls) == stop_at + 1, "it stopped at the first check that said so"
     assert computed == 128 and engine.reusable_tokens(prompt) == 128
+    slot = engine.pool.slots["doc"]
+    assert [layer.get_seq_length() for layer in slot.cache.layers] == [128] * layers
+    assert slot.far_keys is not None and all(far.length <= 128 for far in slot.far_keys.keys.values())
+    warm = engine.generate(prompt, 6)
+    assert warm.reused_tokens == 128
+    fresh = Engine(EngineSettings(rope=engine.settings.rope, reuse_cache=False), loaded=loaded)
+    assert warm.token_ids == fresh.generate(prompt, 6).token_ids
 
 
 def test_warming_stops_at_the_cache_budget(loaded):

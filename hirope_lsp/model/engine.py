@@ -14,13 +14,17 @@ import torch
 from .cache import CacheCounters, KVCachePool
 from .loading import load_model
 from .lookup import PromptLookup
-from .patch import attach, trained_length
+from .patch import attach, cut_layers, decoder_layers, trained_length
 from .rope import RopeMethodConfig
 
 log = logging.getLogger(__name__)
 
 
 LOOKUP_PROMPT_TOKENS = 2048  # drafts are looked for in the prompt's end (indexing all of a long one costs)
+
+
+class _StoppedBetweenLayers(Exception):
+    """Raised by a decoder layer's pre-hook when a prefill chunk is to stop before that layer."""
 
 
 class Cancelled(Exception):
@@ -106,6 +110,7 @@ class Engine:
         self.device = next(self.model.parameters()).device
         self.handle = attach(self.model, settings.rope)
         self.train_length = trained_length(self.model.config)
+        self.layers = decoder_layers(self.model)  # where a warming chunk may stop (None: between chunks only)
         self.pool = KVCachePool(self.model.config, settings.cache_budget_mb << 20, settings.reuse_cache)
         self.lock = threading.Lock()  # one inference at a time
         self._token_texts: list[str] | None = None
@@ -213,9 +218,10 @@ class Engine:
 
     @torch.inference_mode()
     def prefill(self, prompt: Prompt, cancelled: Callable[[], bool] | None = None, chunk: int | None = None) -> int:
-        """Warm the KV state with ``prompt`` ahead of a request, ``chunk`` tokens at a time, stopping between
-        chunks when ``cancelled()`` or once the cache budget is full; what was computed is kept.  Returns
-        the number of tokens computed."""
+        """Warm the KV state with ``prompt`` ahead of a request, ``chunk`` tokens at a time, stopping when
+        ``cancelled()`` or once the cache budget is full; what was computed is kept.  ``cancelled()`` is also
+        asked before each decoder layer: a request waits for one layer of a chunk, not the whole chunk, and
+        the chunk's part is dropped.  Returns the number of tokens computed."""
         cancelled = cancelled or (lambda: False)
         chunk = chunk or self.settings.prefill_chunk
         ids, positions, _, _ = self.heal(prompt.token_ids, self.levelled(prompt.positions))
@@ -225,19 +231,35 @@ class Engine:
         with self.lock:
             slot, done = self.pool.acquire(prompt.key, ids, positions, warming=True)
             start = done
+            hooks = self._stop_before_layers(cancelled)
             try:
                 pos_all = positions.unsqueeze(0).to(self.device)
                 while done < target and not cancelled() and self.pool.total_bytes() < self.pool.budget_bytes:
                     b = min(target, done + chunk)
                     t0 = time.perf_counter()
-                    self.handle.forward(torch.tensor([ids[done:b]], device=self.device), pos_all[:, :b],
-                                        cache=slot.cache, use_cache=True, logits_to_keep=1)
+                    try:
+                        self.handle.forward(torch.tensor([ids[done:b]], device=self.device), pos_all[:, :b],
+                                            cache=slot.cache, use_cache=True, logits_to_keep=1)
+                    except _StoppedBetweenLayers:
+                        cut_layers(slot.cache, done)
+                        if slot.far_keys is not None:
+                            slot.far_keys.truncate(done)
+                        break
                     self.speed.record_prefill(b - done, time.perf_counter() - t0)
                     self.pool.record_warmed(slot, done, b)
                     done = b
             finally:
+                for hook in hooks:
+                    hook.remove()
                 self.pool.release(slot, ids[:done], positions[:done])
         return done - start
+
+    def _stop_before_layers(self, cancelled: Callable[[], bool]) -> list:
+        def check(module, args):
+            if cancelled():
+                raise _StoppedBetweenLayers()
+
+        return [layer.register_forward_pre_hook(check) for layer in self.layers or ()]
 
     @torch.inference_mode()
     def generate(self, prompt: Prompt, max_new_tokens: int,

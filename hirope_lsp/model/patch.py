@@ -300,3 +300,25 @@ def truncate_cache(cache, length: int) -> None:
     if length < current:
         cache.crop(length - current)
 
+
+def cut_layers(cache, length: int) -> None:
+    """Cut every layer of ``cache`` holding more than ``length`` tokens back to ``length``: after a forward
+    stopped between two layers, the layers before the stop hold more tokens than those after it."""
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        truncate_cache(cache, length)
+        return
+    for layer in layers:
+        held = layer.get_seq_length()
+        if held > length:
+            layer.crop(length - held)
+
+
+def decoder_layers(model) -> list | None:
+    """The model's stack of decoder layers (the module list as long as its ``num_hidden_layers``)."""
+    count = getattr(model.config, "num_hidden_layers", None)
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and count and len(module) == count:
+            return list(module)
+    return None
+
