@@ -253,12 +253,17 @@ def _run_eval(args) -> int:
 def _add_calibrate(sub) -> None:
     p = sub.add_parser("calibrate", help="choose a model's settings on held-out code and record them with the model")
     csub = p.add_subparsers(dest="calibrate", required=True)
-    from .research.far_calibrate import register_cli
+    from .research import confidence_calibrate, far_calibrate
 
-    register_cli(csub)
+    far_calibrate.register_cli(csub)
+    confidence_calibrate.register_cli(csub)
 
 
 def _run_calibrate(args) -> int:
+    if args.calibrate == "confidence":
+        from .research.confidence_calibrate import run_cli
+
+        return run_cli(args)
     from .research.far_calibrate import run_cli
 
     return run_cli(args)
@@ -316,6 +321,9 @@ def _add_complete(sub) -> None:
     p.add_argument("--workspace", type=Path, default=None, help="folder for cross-file context (default: the file's)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--multiline", default="auto", choices=["auto", "always", "never"])
+    p.add_argument("--min-confidence", type=float, default=None,
+                   help="hide a suggestion whose mean log-probability per token is below this (default: the gate "
+                        "recorded with the model; -100 shows all)")
     _add_model_options(p)
 
 
@@ -335,6 +343,11 @@ def _run_complete(args) -> int:
     settings = _settings_from(args)
     settings.max_new_tokens, settings.multiline = args.max_new_tokens, args.multiline
     settings.watch_files, settings.warm_ahead, settings.type_along = False, False, False
+    if args.min_confidence is not None:
+        if not args.min_confidence <= 0:
+            print("hirope-lsp: --min-confidence is a mean log-probability: 0 or below", file=sys.stderr)
+            return 2
+        settings.min_confidence = args.min_confidence
 
     async def complete():
         session = Session(settings)
@@ -355,6 +368,10 @@ def _run_complete(args) -> int:
         return 2
     print(found.text if found else "")
     if found is not None:
+        gate = session.service.confidence_gate
+        if not found.text and gate is not None and found.confidence is not None and found.confidence < gate:
+            print(f"hirope-lsp: nothing shown: the suggestion's confidence {found.confidence:.2f} is below the "
+                  f"gate {gate:g} (--min-confidence -100 shows all)", file=sys.stderr)
         print(f"[{session.service.engine.description}; prompt {found.prompt_tokens} tokens, {found.ms:.0f} ms]",
               file=sys.stderr)
     return 0

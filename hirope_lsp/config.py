@@ -24,6 +24,9 @@ from .model.rope import FAR_BIAS_MODES, TOKEN_INDEX_MODES, RopeMethodConfig
 MULTILINE_MODES = ("auto", "always", "never")
 
 
+GATE_OFF = -100.0  # a minConfidence that shows every suggestion (a mean log-probability per token)
+
+
 @dataclass(kw_only=True)
 class Settings:
     engine: EngineSettings = field(default_factory=EngineSettings)
@@ -33,7 +36,8 @@ class Settings:
     max_file_bytes: int = 1024 * 1024
     watch_files: bool = True
     type_along: bool = True  # typing a suggestion's start answers with its rest, without the model
-    # mean log-probability per token below which a suggestion is not shown (None: all are shown)
+    # mean log-probability per token below which a suggestion is not shown (None: the gate the model's card
+    # records, none for a model without one)
     min_confidence: float | None = None
     warm_ahead: bool = True  # prefill the active document's prompt in the background, before it is asked for
     latency_target_ms: int = 400  # a cold request's prompt is cut to what is prefilled in this time
@@ -169,8 +173,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(key="typeAlong", target="type_along", type="boolean",
             doc="Typing the start of a suggestion answers with its rest at once, without running the model."),
     Setting(key="minConfidence", target="min_confidence", type=("number", "null"), maximum=0,
-            shown_default="none", doc="Hide suggestions whose mean log-probability per token is below this "
-                                      "(e.g. -1.5); null shows all."),
+            shown_default="the model's", doc="Hide suggestions whose mean log-probability per token is below this "
+                                             "(e.g. -1.5); null: the gate chosen for the model (the embedded model "
+                                             "records one; other models show all); -100 shows all."),
     Setting(key="warmAhead", target="warm_ahead", type="boolean",
             doc="Prefill the prompt of the active document, and make its suggestion, in the background before it is asked for."),
     Setting(key="latencyTargetMs", target="latency_target_ms", type="integer", minimum=50, maximum=10000,

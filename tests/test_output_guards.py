@@ -1,4 +1,5 @@
-"""What the user is never shown: suggestions in a language the model never saw."""
+"""What the user is never shown: suggestions in a language the model never saw, or below the
+confidence gate (the setting, else the one recorded with the model)."""
 
 import json
 import shutil
@@ -6,6 +7,7 @@ import shutil
 import pytest
 
 from hirope_lsp.completion.prompt import ContextSettings, PromptBuilder
+from hirope_lsp.config import GATE_OFF
 from hirope_lsp.completion.service import CompletionService
 from hirope_lsp.hierarchy.document import Document
 from hirope_lsp.model.engine import Engine, EngineSettings
@@ -43,14 +45,56 @@ def test_confidence_gate_hides_suggestions_below_the_threshold():
     engine = Engine(EngineSettings(device="cpu"))
     builder = PromptBuilder(engine.tokenizer, engine.fim, ContextSettings(budget_tokens=256))
     doc = Document("file:///w/geometry.py", "import math\n\n\ndef area(radius):\n    return math.", language_id="python")
-    open_gate = CompletionService(engine, None, builder, max_new_tokens=6, min_confidence=-1e9).complete(doc, 4, 16)
-    ungated = CompletionService(engine, None, builder, max_new_tokens=6).complete(doc, 4, 16)
-    assert open_gate.text == ungated.text and ungated.text
+    ungated = CompletionService(engine, None, builder, max_new_tokens=6, min_confidence=GATE_OFF).complete(doc, 4, 16)
+    assert ungated.text
     confidence = ungated.generation.confidence
     assert confidence is not None and confidence < 0
     assert len(ungated.generation.token_logprobs) == len(ungated.generation.token_ids)
     strict = CompletionService(engine, None, builder, max_new_tokens=6, min_confidence=confidence / 2)
     assert strict.complete(doc, 4, 16).text == ""
+
+
+def test_the_gate_recorded_with_the_model_applies_while_the_setting_is_unset(tmp_path):
+    model_dir = tmp_path / "gated"
+    shutil.copytree(DEFAULT_MODEL_DIR, model_dir)
+    doc = Document("file:///w/geometry.py", "import math\n\n\ndef area(radius):\n    return math.", language_id="python")
+
+    def service(record, setting=None):
+        card = json.loads((DEFAULT_MODEL_DIR / "training.json").read_text())
+        card["min_confidence"] = record
+        (model_dir / "training.json").write_text(json.dumps(card))
+        engine = Engine(EngineSettings(model=str(model_dir), device="cpu", measure_speed=False))
+        builder = PromptBuilder(engine.tokenizer, engine.fim, ContextSettings(budget_tokens=256))
+        return CompletionService(engine, None, builder, max_new_tokens=6, min_confidence=setting)
+
+    shown = service(None).complete(doc, 4, 16)
+    assert shown.text, "no gate recorded: everything is shown"
+    strict = shown.generation.confidence / 2
+    gated = service({"value": strict, "chosen_on": "test"})
+    assert gated.confidence_gate == strict and gated.complete(doc, 4, 16).text == ""
+    overridden = service({"value": strict}, setting=GATE_OFF)
+    assert overridden.confidence_gate == GATE_OFF and overridden.complete(doc, 4, 16).text == shown.text
+    for bad in ({"value": 0.5}, {"value": "high"}, {"value": True}, [strict], {"chosen_on": "x"}):
+        assert service(bad).confidence_gate is None, bad
+
+
+def test_the_gate_chosen_is_the_highest_that_still_shows_the_share_of_useful_suggestions():
+    from hirope_lsp.research.confidence_calibrate import choose_gate
+
+    def shown(similarity, confidence):
+        return {"predicted": "x = 1", "edit_similarity": similarity, "confidence": confidence}
+
+    predictions = ([shown(0.9, -0.3), shown(0.7, -0.6), shown(0.6, -0.9), shown(0.55, -1.6), shown(0.8, -0.4)]
+                   + [shown(0.1, -0.5), shown(0.2, -1.0), shown(0.3, -1.2), shown(0.0, -2.0)]
+                   + [{"predicted": "", "edit_similarity": 0.0, "confidence": None}])
+    choice = choose_gate(predictions, keep_useful=0.8)
+    assert (choice["useful"], choice["wrong"]) == (5, 4)
+    # -0.875 shows 3 of 5 useful (0.6); -0.9 is not on the grid: -1.0 is the highest showing 4 of 5
+    assert choice["chosen"]["threshold"] == -1.0
+    assert choice["chosen"]["useful_kept"] == 0.8 and choice["chosen"]["wrong_hidden"] == 0.5
+    assert choose_gate(predictions, keep_useful=1.0)["chosen"]["threshold"] == -1.625
+    with pytest.raises(ValueError):
+        choose_gate([shown(0.1, -0.5)])
 
 
 def test_the_benchmark_counts_a_repeated_line_as_the_guard_sees_one():

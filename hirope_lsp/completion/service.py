@@ -11,7 +11,7 @@ import torch
 
 from ..hierarchy.document import Document
 from ..model.engine import Engine, Generation, Prompt
-from ..model.loading import knows_language, trained_languages
+from ..model.loading import knows_language, recommended_min_confidence, trained_languages
 from ..workspace.index import WorkspaceIndex
 from .prompt import BuiltPrompt, PromptBuilder
 from .postprocess import StopPolicy, finish, stop_policy
@@ -51,8 +51,15 @@ class CompletionService:
         self.builder = builder
         self.max_new_tokens = max_new_tokens
         self.multiline = multiline
-        self.min_confidence = min_confidence  # mean log-probability per token below which nothing is shown
+        # mean log-probability per token below which nothing is shown; None: the model's recorded gate
+        self.min_confidence = min_confidence
+        self.recommended_min_confidence = recommended_min_confidence(engine.model)
         self.languages = trained_languages(engine.model)
+
+    @property
+    def confidence_gate(self) -> float | None:
+        """The gate in force: the setting, else the one the model's card records (else none)."""
+        return self.min_confidence if self.min_confidence is not None else self.recommended_min_confidence
 
     @classmethod
     def from_settings(cls, engine: Engine, index: WorkspaceIndex | None, settings) -> CompletionService:
@@ -94,9 +101,10 @@ class CompletionService:
                                               cancelled)
         text = finish(job.policy, generation.text, final=True) or ""
         confidence = generation.confidence
-        if text and self.min_confidence is not None and confidence is not None and confidence < self.min_confidence:
+        gate = self.confidence_gate
+        if text and gate is not None and confidence is not None and confidence < gate:
             log.info("completion %s v%d: confidence %.2f below %.2f; nothing shown", job.uri, job.version,
-                     confidence, self.min_confidence)
+                     confidence, gate)
             text = ""
         log.info("completion %s v%d: reused %d, computed %d tokens, %.0f ms, stop %s, %d chars",
                  job.uri, job.version, generation.reused_tokens, generation.computed_tokens,

@@ -126,6 +126,27 @@ def recommended_far_bias(lm) -> tuple[float, str] | None:
     return float(value), mode
 
 
+def recommended_min_confidence(lm) -> float | None:
+    """The confidence gate chosen for this model on held-out code, where its ``training.json`` records one
+    (``min_confidence``, written by ``hirope-lsp calibrate confidence --write``): a mean log-probability
+    per token (<= 0) below which a suggestion is not shown; None for any other model or an unreadable record."""
+    card = Path(getattr(lm.config, "_name_or_path", "") or "") / "training.json"
+    if not card.is_file():
+        return None
+    try:
+        record = json.loads(card.read_text()).get("min_confidence")
+    except (OSError, ValueError, AttributeError) as err:
+        log.warning("cannot read the confidence gate recorded in %s: %s", card, err)
+        return None
+    if record is None:
+        return None
+    value = record.get("value") if isinstance(record, dict) else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not -1e6 < value <= 0:
+        log.warning("ignoring the confidence gate recorded in %s: %r", card, record)
+        return None
+    return float(value)
+
+
 def knows_language(languages: frozenset[str] | None, language: str | None) -> bool:
     return languages is None or LANGUAGE_FAMILIES.get(language, language) in languages
 

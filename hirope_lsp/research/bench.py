@@ -11,6 +11,8 @@ import subprocess
 import sys
 import time
 
+from ..config import GATE_OFF
+
 
 def _bench_model(device: str):
     import torch
@@ -247,7 +249,7 @@ def bench_typing(keystrokes: int = 40, budget: int = 4000, pause: float = 0.05, 
             client.initialize(None, {"reuseCache": reuse, "promptBudget": budget, "maxNewTokens": max_new_tokens,
                                      "warmAhead": ahead, **({"lookupTokens": lookup} if lookup is not None else {}),
                                      "crossFile": False, "watchFiles": False, "typeAlong": False,
-                                     "latencyTargetMs": 10000,
+                                     "latencyTargetMs": 10000, "minConfidence": GATE_OFF,
                                      **({"model": model} if model else {}),
                                      **_position_options(far_bias, far_bias_mode)})
             uri = "file:///bench/typing.py"

@@ -203,8 +203,13 @@ def card_record(result: dict) -> dict:
 
 
 def write_far_bias(model_dir: Path, result: dict) -> Path:
-    """Record the choice in ``model_dir/training.json`` under ``far_bias`` (the file's other keys kept; the
-    file made if the model has none).  Written whole to a temporary file first, then moved over."""
+    """Record the choice in ``model_dir/training.json`` under ``far_bias``."""
+    return write_card_entry(model_dir, CARD_KEY, card_record(result))
+
+
+def write_card_entry(model_dir: Path, key: str, record: dict) -> Path:
+    """Set ``key`` of ``model_dir/training.json`` to ``record`` (the file's other keys kept; the file made if
+    the model has none).  Written whole to a temporary file first, then moved over."""
     from .far_eval import _finite
 
     model_dir = Path(model_dir)
@@ -212,7 +217,7 @@ def write_far_bias(model_dir: Path, result: dict) -> Path:
         raise ValueError(f"{model_dir} is not a model directory: the choice is written to its {CARD}")
     card = model_dir / CARD
     data = json.loads(card.read_text()) if card.is_file() else {}
-    data[CARD_KEY] = _finite(card_record(result))
+    data[key] = _finite(record)
     tmp = card.with_name(card.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
     os.replace(tmp, card)

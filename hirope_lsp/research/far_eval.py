@@ -613,14 +613,16 @@ class Completer:
                  blocks: BlockCache | None = None, context: dict | None = None, base=None):
         import asyncio
 
-        from ..config import Settings
+        from ..config import GATE_OFF, Settings
         from ..model.patch import trained_length
         from ..session import Session
 
         self.train_length = trained_length(loaded[0].config)
         self.spec = spec
         self.budget = budget_of(spec, budget, self.train_length)
-        settings = Settings(max_new_tokens=max_new_tokens, watch_files=False, type_along=False, warm_ahead=False)
+        # the gate off: quality is measured on every suggestion (``calibrate confidence`` measures the gate)
+        settings = Settings(max_new_tokens=max_new_tokens, watch_files=False, type_along=False, warm_ahead=False,
+                            min_confidence=GATE_OFF)
         settings.engine.rope = rope_config(spec, self.train_length, max(self.budget, self.train_length), base)
         settings.engine.measure_speed = False
         settings.context.budget_tokens = self.budget

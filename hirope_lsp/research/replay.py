@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..config import GATE_OFF
+
 DEBOUNCE_S = 0.2  # Neovim's and our plugin's wait after a keystroke before asking
 KEY_S = 0.08  # between keystrokes of a word
 OPEN_REST_S = 1.0
@@ -164,8 +166,9 @@ def run_replay(files: list[Path], model: str | None, warm_ahead: bool, target_ms
         shutil.copy(path, root / path.name)
     client = RawClient()
     try:
+        # the confidence gate off: the accepts (and prefetches) that follow a shown suggestion are timed
         options = {"warmAhead": warm_ahead, "promptBudget": budget, "latencyTargetMs": latency_target_ms,
-                   **({"model": model} if model else {})}
+                   "minConfidence": GATE_OFF, **({"model": model} if model else {})}
         client.initialize(root.as_uri(), options)
         for _ in range(6000):
             state = client.call("hirope/status", {}, timeout=600)["result"]

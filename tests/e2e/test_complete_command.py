@@ -48,7 +48,7 @@ def assert_refused(run: subprocess.CompletedProcess, *words: str) -> None:
 def test_prints_the_suggestion_and_the_prompt_size(tmp_path: Path):
     path = tmp_path / "shapes.py"
     path.write_text(SHAPES, encoding="utf-8")
-    run = complete(path, 5, 11)
+    run = complete(path, 5, 11, "--min-confidence", "-100")  # the gate off: whatever the model's confidence
     assert run.returncode == 0, run.stderr
     assert run.stdout.endswith("\n") and run.stdout.strip(), f"a suggestion after 'return ': {run.stdout!r}"
     found = FOOTER.search(run.stderr)
@@ -57,6 +57,17 @@ def test_prints_the_suggestion_and_the_prompt_size(tmp_path: Path):
     tokens = int(found["tokens"])
     assert 10 < tokens < 100, f"the whole (short) file is the prompt: {tokens} tokens"
     assert int(found["ms"]) >= 0
+
+
+def test_a_suggestion_below_the_confidence_gate_is_not_printed_and_stderr_says_why(tmp_path: Path):
+    path = tmp_path / "shapes.py"
+    path.write_text(SHAPES, encoding="utf-8")
+    run = complete(path, 5, 11, "--min-confidence", "-0.000001")  # no greedy suggestion is this sure
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == "\n"
+    assert "nothing shown: the suggestion's confidence" in run.stderr and "below the gate -1e-06" in run.stderr
+    assert FOOTER.search(run.stderr), run.stderr
+    assert_refused(complete(path, 5, 11, "--min-confidence", "0.5"), "--min-confidence", "0 or below")
 
 
 def test_a_missing_file_exits_2(tmp_path: Path):

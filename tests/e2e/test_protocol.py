@@ -2,6 +2,7 @@
 
 import pytest
 from e2e.data import GEOMETRY
+from hirope_lsp.config import GATE_OFF
 from hirope_lsp.research.rawclient import RawClient
 
 pytestmark = pytest.mark.e2e
@@ -10,7 +11,8 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture
 def raw(workspace):
     client = RawClient(cwd=str(workspace))
-    client.initialize(workspace.as_uri(), {"maxNewTokens": 48, "promptBudget": 1024})
+    # the confidence gate off: the tests need the suggestion whatever the model thinks of it
+    client.initialize(workspace.as_uri(), {"maxNewTokens": 48, "promptBudget": 1024, "minConfidence": GATE_OFF})
     client.workspace = workspace
     yield client
     client.close()

@@ -8,6 +8,8 @@ from e2e.data import GEOMETRY, SERVER
 from lsprotocol import types
 from pytest_lsp import ClientServerConfig, LanguageClient, client_capabilities
 
+from hirope_lsp.config import GATE_OFF
+
 pytestmark = pytest.mark.e2e
 
 
@@ -18,7 +20,8 @@ async def client(lsp_client: LanguageClient, workspace):
         capabilities=client_capabilities("visual-studio-code"),
         root_uri=workspace.as_uri(),
         workspace_folders=[types.WorkspaceFolder(uri=workspace.as_uri(), name="ws")],
-        initialization_options={"maxNewTokens": 24, "promptBudget": 1024},
+        # the confidence gate off: these tests need the suggestion whatever the model thinks of it
+        initialization_options={"maxNewTokens": 24, "promptBudget": 1024, "minConfidence": GATE_OFF},
     )
     await lsp_client.initialize_session(params)
     yield

@@ -13,6 +13,8 @@ from e2e.data import SERVER
 from lsprotocol import types
 from pytest_lsp import ClientServerConfig, LanguageClient, client_capabilities
 
+from hirope_lsp.config import GATE_OFF
+
 from e2e.test_server import inline, open_doc, type_text
 
 pytestmark = pytest.mark.e2e
@@ -25,7 +27,7 @@ async def start(lsp_client: LanguageClient, workspace, **options):
     await lsp_client.initialize_session(types.InitializeParams(
         capabilities=client_capabilities("visual-studio-code"), root_uri=workspace.as_uri(),
         workspace_folders=[types.WorkspaceFolder(uri=workspace.as_uri(), name="ws")],
-        initialization_options={"maxNewTokens": 16, "crossFile": False, **options}))
+        initialization_options={"maxNewTokens": 16, "crossFile": False, "minConfidence": GATE_OFF, **options}))
     await wait_ready(lsp_client)
 
 
