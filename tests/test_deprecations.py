@@ -65,7 +65,8 @@ def test_the_kv_path_passes_the_cache_by_its_current_name(method):
 
 def test_the_readme_completion_prints_no_deprecation():
     run = subprocess.run([sys.executable, "-W", "always::FutureWarning", "-W", "always::DeprecationWarning",
-                          "-m", "hirope_lsp", "complete", "examples/geometry.py", "--line", "13", "--character", "34"],
+                          "-m", "hirope_lsp", "complete", "examples/geometry.py", "--line", "13", "--character", "34",
+                          "--min-confidence", "-100"],  # the README's command
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip(), "the completion printed nothing"
