@@ -157,6 +157,9 @@ class Session:
         # the prefetch after an accept, per document: it starts once the user pauses (never between two
         # keystrokes) and the document's prompt warming, if any, is over
         self.pending_prefetch: dict[str, PendingPrefetch] = {}
+        # documents whose last warming a request stopped: they warm on in small chunks (a stop mid-chunk
+        # throws the chunk away; large ones would make no progress while requests keep coming)
+        self.warming_stopped: set[str] = set()
         self.prefetch_waiters: set[str] = set()  # documents with a task waiting for that pause
         self.fast_budgets: dict[str, int] = {}  # the short prompt's budget last used per document
         self.warm_counters = WarmingCounters()
@@ -327,9 +330,10 @@ class Session:
         self.prefetched.forget(uri)
         self.index.close_document(uri)
         self.pending_prefetch.pop(uri, None)
+        self.warming_stopped.discard(uri)
         warming = self.warming.get(uri)
         if warming is not None:
-            warming.cancel()  # stops after the chunk in hand, then leaves ``warming``
+            warming.cancel()  # stops before the next layer (the chunk in hand is dropped), then leaves ``warming``
         if self.service is not None:
             for key in (uri, fast_key(uri)):
                 self.service.engine.pool.drop(key)
@@ -577,6 +581,7 @@ class Session:
             return
         if resumes:
             self.warm_counters.preempted += 1
+            self.warming_stopped.add(uri)
             self._spawn(self._warm_when_idle(uri, token))  # the document stays in ``warming`` meanwhile
         log.info("warmed %s: %d tokens", uri, computed)
 
@@ -608,19 +613,22 @@ class Session:
         short, is_short = self._fit_to_latency(service, doc, cursor, job)
         if is_short and not answered():  # a pause soon after is answered at once, by the short prompt's suggestion
             await self._suggest_ahead(service, state, cursor, short, token, short=True, live=True)
+        chunk = self._warm_chunk(engine, small=uri in self.warming_stopped)
         computed = await asyncio.get_running_loop().run_in_executor(
-            self.worker, engine.prefill, job.prompt, stop, self._warm_chunk(engine))
+            self.worker, engine.prefill, job.prompt, stop, chunk)
+        if not preempted[0]:
+            self.warming_stopped.discard(uri)
         if engine.is_warm(job.prompt) and not stop() and not answered(full_only=True):
             await self._suggest_ahead(service, state, cursor, job, token, live=True)  # replaces the short one's
         return computed
 
     @staticmethod
-    def _warm_chunk(engine: Engine) -> int:
+    def _warm_chunk(engine: Engine, small: bool = False) -> int:
         """Tokens per warming forward: a request waits for what is left of the layer in hand (prefill stops
         between layers), so a chunk may take a layer's share of ``WARM_CHUNK_SECONDS`` per layer; a large
         chunk makes better use of the cores than many small ones (a 0.5B model on two cores: 64 tokens
-        cost ~1.5x as much per token as 256)."""
-        layers = len(engine.layers) if engine.layers else 1
+        cost ~1.5x as much per token as 256).  ``small``: ``WARM_CHUNK_SECONDS`` in all, after a stop."""
+        layers = len(engine.layers) if engine.layers and not small else 1
         affordable = engine.speed.prefill_tokens_within(WARM_CHUNK_SECONDS * layers)
         return max(MIN_FAST_BUDGET, min(engine.settings.prefill_chunk, affordable))
 

@@ -133,3 +133,14 @@ def test_a_prefetched_suggestion_answers_once_the_document_reaches_its_state():
     shown = ShownSuggestions()  # what is on screen answers only once its start is typed
     shown.remember(accepted, len("x = 1\nprint(x)"), "\ny = 2")
     assert shown.rest(accepted, len("x = 1\nprint(x)")) is None
+
+
+def test_warming_chunks_take_a_layer_share_each_and_shrink_after_a_stop(engine):
+    from hirope_lsp.session import MIN_FAST_BUDGET, WARM_CHUNK_SECONDS, Session
+
+    engine.speed.prefill_s = WARM_CHUNK_SECONDS / 100  # 100 tokens per WARM_CHUNK_SECONDS
+    layers = len(engine.layers)
+    assert Session._warm_chunk(engine) == min(engine.settings.prefill_chunk, 100 * layers)
+    assert Session._warm_chunk(engine, small=True) == max(MIN_FAST_BUDGET, 100)
+    engine.speed.prefill_s = WARM_CHUNK_SECONDS / 10
+    assert Session._warm_chunk(engine, small=True) == MIN_FAST_BUDGET

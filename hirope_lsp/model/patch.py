@@ -297,16 +297,17 @@ def truncate_cache(cache, length: int) -> None:
     current = cache.get_seq_length()
     if length < 0 or length > current:
         raise ValueError(f"cannot cut a cache of {current} tokens to {length}")
-    if length < current:
-        cache.crop(length - current)
+    cut_layers(cache, length)
 
 
 def cut_layers(cache, length: int) -> None:
     """Cut every layer of ``cache`` holding more than ``length`` tokens back to ``length``: after a forward
-    stopped between two layers, the layers before the stop hold more tokens than those after it."""
+    stopped between two layers (or failed in one), the layers before hold more tokens than those after."""
     layers = getattr(cache, "layers", None)
     if layers is None:
-        truncate_cache(cache, length)
+        current = cache.get_seq_length()
+        if length < current:
+            cache.crop(length - current)
         return
     for layer in layers:
         held = layer.get_seq_length()

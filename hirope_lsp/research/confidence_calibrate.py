@@ -43,6 +43,8 @@ def choose_gate(predictions: list[dict], keep_useful: float = DEFAULT_KEEP_USEFU
     if useful == 0:
         raise ValueError("no useful suggestion among the predictions: nothing to choose a gate by")
     passing = [r for r in rows if r["useful_kept"] >= keep_useful]
+    if not passing:
+        raise ValueError(f"no threshold from {min(thresholds)} up shows {keep_useful:.0%} of the useful suggestions")
     return {"chosen": max(passing, key=lambda r: r["threshold"]), "keep_useful": keep_useful,
             "useful": useful, "wrong": wrong, "table": rows}
 
