@@ -103,18 +103,24 @@ def trained_languages(lm) -> frozenset[str] | None:
     return frozenset(languages) if languages else None
 
 
+def _card_entry(lm, key: str, what: str) -> tuple[Path, object]:
+    """(the model's ``training.json``, its ``key`` entry); the entry is None where the model has no card,
+    the card is unreadable (a warning naming ``what``) or records none."""
+    card = Path(getattr(lm.config, "_name_or_path", "") or "") / "training.json"
+    if not card.is_file():
+        return card, None
+    try:
+        return card, json.loads(card.read_text()).get(key)
+    except (OSError, ValueError, AttributeError) as err:
+        log.warning("cannot read the %s recorded in %s: %s", what, card, err)
+        return card, None
+
+
 def recommended_far_bias(lm) -> tuple[float, str] | None:
     """``(far_bias, far_bias_mode)`` chosen for this model on held-out code, where its ``training.json``
     records one (``far_bias``, written by ``hirope-lsp calibrate far-bias --write``); None for any other
     model, or where the record is unreadable or not a number >= 0 with mode constant or log."""
-    card = Path(getattr(lm.config, "_name_or_path", "") or "") / "training.json"
-    if not card.is_file():
-        return None
-    try:
-        record = json.loads(card.read_text()).get("far_bias")
-    except (OSError, ValueError, AttributeError) as err:
-        log.warning("cannot read the far bias recorded in %s: %s", card, err)
-        return None
+    card, record = _card_entry(lm, "far_bias", "far bias")
     if record is None:
         return None
     value = record.get("value") if isinstance(record, dict) else None
@@ -130,14 +136,7 @@ def recommended_min_confidence(lm) -> float | None:
     """The confidence gate chosen for this model on held-out code, where its ``training.json`` records one
     (``min_confidence``, written by ``hirope-lsp calibrate confidence --write``): a mean log-probability
     per token (<= 0) below which a suggestion is not shown; None for any other model or an unreadable record."""
-    card = Path(getattr(lm.config, "_name_or_path", "") or "") / "training.json"
-    if not card.is_file():
-        return None
-    try:
-        record = json.loads(card.read_text()).get("min_confidence")
-    except (OSError, ValueError, AttributeError) as err:
-        log.warning("cannot read the confidence gate recorded in %s: %s", card, err)
-        return None
+    card, record = _card_entry(lm, "min_confidence", "confidence gate")
     if record is None:
         return None
     value = record.get("value") if isinstance(record, dict) else None
