@@ -369,7 +369,7 @@ def _run_complete(args) -> int:
     print(found.text if found else "")
     if found is not None:
         gate = session.service.confidence_gate
-        if not found.text and gate is not None and found.confidence is not None and found.confidence < gate:
+        if found.hidden_by_gate:
             print(f"hirope-lsp: nothing shown: the suggestion's confidence {found.confidence:.2f} is below the "
                   f"gate {gate:g} (--min-confidence -100 shows all)", file=sys.stderr)
         print(f"[{session.service.engine.description}; prompt {found.prompt_tokens} tokens, {found.ms:.0f} ms]",

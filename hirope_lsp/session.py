@@ -88,6 +88,7 @@ class Suggestion:
     ms: float = 0.0  # the model's time
     confidence: float | None = None  # mean log-probability per generated token
     raw: str = ""  # what the model wrote, before the stop rules and clean-up
+    hidden_by_gate: bool = False  # text is empty because the confidence gate hid what the stop rules left
 
 
 @dataclass
@@ -425,7 +426,7 @@ class Session:
         self._prefetch_after_accept(current, cursor, result.text, warm_full=fast)
         return Suggestion(result.text, uri, job.line, job.character, prompt_tokens=len(job.prompt.token_ids),
                           ms=result.generation.seconds * 1000, confidence=result.generation.confidence,
-                          raw=result.generation.text)
+                          raw=result.generation.text, hidden_by_gate=result.hidden_by_gate)
 
     async def _join_ahead(self, doc: Document, cursor: Cursor) -> tuple[bool, Suggestion | None]:
         """Where the suggestion for exactly this state is being made ahead, wait for it instead of starting

@@ -28,7 +28,7 @@ def python_only_service(tmp_path_factory):
 def test_no_suggestion_in_a_language_the_model_was_not_trained_on(python_only_service):
     c_file = Document("file:///w/main.c", "int add(int a, int b) {\n    return ", language_id="c")
     result = python_only_service.complete(c_file, 1, 11)
-    assert result.text == "" and result.generation.stopped_by == "language"
+    assert result.text == "" and result.generation.stopped_by == "language" and not result.hidden_by_gate
     assert result.generation.computed_tokens == 0, "the model is not run"
     py_file = Document("file:///w/main.py", "def add(a, b):\n    return ", language_id="python")
     result = python_only_service.complete(py_file, 1, 11)
@@ -46,12 +46,13 @@ def test_confidence_gate_hides_suggestions_below_the_threshold():
     builder = PromptBuilder(engine.tokenizer, engine.fim, ContextSettings(budget_tokens=256))
     doc = Document("file:///w/geometry.py", "import math\n\n\ndef area(radius):\n    return math.", language_id="python")
     ungated = CompletionService(engine, None, builder, max_new_tokens=6, min_confidence=GATE_OFF).complete(doc, 4, 16)
-    assert ungated.text
+    assert ungated.text and not ungated.hidden_by_gate
     confidence = ungated.generation.confidence
     assert confidence is not None and confidence < 0
     assert len(ungated.generation.token_logprobs) == len(ungated.generation.token_ids)
     strict = CompletionService(engine, None, builder, max_new_tokens=6, min_confidence=confidence / 2)
-    assert strict.complete(doc, 4, 16).text == ""
+    hidden = strict.complete(doc, 4, 16)
+    assert hidden.text == "" and hidden.hidden_by_gate, "the CLI and the log say why nothing is shown"
 
 
 def test_the_gate_recorded_with_the_model_applies_while_the_setting_is_unset(tmp_path):

@@ -41,6 +41,7 @@ class CompletionResult:
     text: str  # to insert at the cursor ("" when there is nothing useful)
     job: CompletionJob
     generation: Generation
+    hidden_by_gate: bool = False  # the stop rules left text, but its confidence was below the gate
 
 
 class CompletionService:
@@ -102,14 +103,15 @@ class CompletionService:
         text = finish(job.policy, generation.text, final=True) or ""
         confidence = generation.confidence
         gate = self.confidence_gate
-        if text and gate is not None and confidence is not None and confidence < gate:
+        hidden = bool(text.strip()) and gate is not None and confidence is not None and confidence < gate
+        if hidden:
             log.info("completion %s v%d: confidence %.2f below %.2f; nothing shown", job.uri, job.version,
                      confidence, gate)
             text = ""
         log.info("completion %s v%d: reused %d, computed %d tokens, %.0f ms, stop %s, %d chars",
                  job.uri, job.version, generation.reused_tokens, generation.computed_tokens,
                  generation.seconds * 1000, generation.stopped_by, len(text))
-        return CompletionResult(text if text.strip() else "", job, generation)
+        return CompletionResult(text if text.strip() else "", job, generation, hidden)
 
     def complete(self, doc: Document, line: int, character: int) -> CompletionResult:
         return self.run(self.prepare(doc, line, character))
