@@ -41,6 +41,9 @@ def test_completion_evaluation_smoke():
     report = evaluate.eval_completion(None, None, ("hirope", "truncate"), prompt_x=2, count=2)
     assert [r["method"] for r in report["results"]] == ["hirope", "truncate"]
     assert all(0 <= r["edit_similarity"] <= 100 for r in report["results"])
+    from hirope_lsp.research.confidence_calibrate import gate_table
+    for r in report["results"]:  # the gate as the calibrator sees it: one definition of "useful"
+        assert r["confidence_gate"]["table"] == gate_table(r["predictions"])[0]
 
 
 def test_edit_similarity():

@@ -37,6 +37,12 @@ def gate_table(predictions: list[dict], thresholds=THRESHOLDS) -> tuple[list[dic
     return rows, len(useful), len(wrong)
 
 
+def gate_summary(predictions: list[dict], thresholds=THRESHOLDS) -> dict:
+    """What each threshold would do to these predictions (``eval completion`` reports it with the gate off)."""
+    rows, useful, wrong = gate_table(predictions, thresholds)
+    return {"useful": useful, "wrong": wrong, "table": rows}
+
+
 def choose_gate(predictions: list[dict], keep_useful: float = DEFAULT_KEEP_USEFUL, thresholds=THRESHOLDS) -> dict:
     """The highest threshold that shows at least ``keep_useful`` of the useful suggestions."""
     rows, useful, wrong = gate_table(predictions, thresholds)

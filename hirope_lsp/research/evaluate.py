@@ -26,6 +26,7 @@ from ..model.patch import attach, trained_length
 from ..model.methods import method_names, position_method
 from ..model.rope import RopeMethodConfig, plain_positions
 from ..completion.postprocess import PHRASE_LOOP, repeats_line_above
+from .confidence_calibrate import gate_summary
 from .far_eval import TRUNCATE
 from .train import read_text
 
@@ -303,16 +304,6 @@ def repeats_line(text: str, prompt: str) -> bool:
     return repeats_line_above(lines[-1] + text.split("\n")[0], above)
 
 
-def confidence_gate(predictions: list[dict], thresholds=(-3.0, -2.5, -2.0, -1.5, -1.25, -1.0, -0.75, -0.5)) -> list[dict]:
-    """For each threshold on the mean log-probability per token: the share of wrong suggestions
-    (edit similarity < 0.5) it hides and of right ones (>= 0.8) it loses."""
-    wrong = [p for p in predictions if p["confidence"] is not None and p["predicted"] and p["edit_similarity"] < 0.5]
-    right = [p for p in predictions if p["confidence"] is not None and p["predicted"] and p["edit_similarity"] >= 0.8]
-    return [{"threshold": t, "wrong_hidden": sum(p["confidence"] < t for p in wrong) / max(1, len(wrong)),
-             "right_lost": sum(p["confidence"] < t for p in right) / max(1, len(right)),
-             "wrong": len(wrong), "right": len(right)} for t in thresholds]
-
-
 def eval_completion(data: list[Path] | None = None, model: str | None = None, methods=("hirope", "truncate", "rope", "rerope"),
                     prompt_x: int = 4, count: int = 40, seed: int = 0, base: RopeMethodConfig | None = None,
                     max_new_tokens: int = 32, max_files: int | None = None) -> dict:
@@ -355,7 +346,7 @@ def eval_completion(data: list[Path] | None = None, model: str | None = None, me
                "exact_match": exact / max(1, len(samples)),
                "edit_similarity": 100 * sum(sims) / max(1, len(sims)),
                "edit_similarity_far": 100 * sum(far_sims) / max(1, len(far_sims)), "far_samples": len(far_sims),
-               "raw_repeats": loops, "shown_repeats": shown_repeats, "confidence_gate": confidence_gate(predictions),
+               "raw_repeats": loops, "shown_repeats": shown_repeats, "confidence_gate": gate_summary(predictions),
                "predictions": predictions}
         results.append(row)
         log.info("%-12s EM %.3f ES %.1f (far-only names: ES %.1f over %d)", method, row["exact_match"],
