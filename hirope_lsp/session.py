@@ -108,6 +108,23 @@ class PendingPrefetch:
     at: Cursor  # after the inserted suggestion
     warm_full: bool  # the suggestion came from a short prompt: the full one warms after
     answered_version: int
+    suggestion_chars: int  # the accepted suggestion's length, ending at ``at``
+
+    def reachable(self) -> Callable[[Document], bool]:
+        """Whether a live document can still become the accepted one: the text before the suggestion, a start of
+        the suggestion (none: the answered state, the user reading), then the text after it."""
+        target, length = self.accepted.text, self.suggestion_chars
+        start = self.at.offset - length
+        seen: dict[int | None, bool] = {}
+
+        def on_the_way(doc: Document) -> bool:
+            if doc.version not in seen:  # asked between every two layers: compare the texts once per version
+                typed = len(doc.text) - (len(target) - length)
+                seen.clear()
+                seen[doc.version] = (0 <= typed <= length and doc.text.startswith(target[: start + typed])
+                                     and doc.text.endswith(target[start + length :]))
+            return seen[doc.version]
+        return on_the_way
 
 
 @dataclass
@@ -671,7 +688,7 @@ class Session:
         if self.prefetched.covers(accepted, at.byte):
             self.pending_prefetch.pop(doc.uri, None)
             return
-        self.pending_prefetch[doc.uri] = PendingPrefetch(accepted, at, warm_full, doc.version)
+        self.pending_prefetch[doc.uri] = PendingPrefetch(accepted, at, warm_full, doc.version, len(text))
         if doc.uri not in self.prefetch_waiters:
             self.prefetch_waiters.add(doc.uri)
             self._spawn(self._prefetch_when_idle(doc.uri))
@@ -700,16 +717,18 @@ class Session:
             return
         if self.prefetched.covers(pending.accepted, pending.at.byte):  # made meanwhile (a warming at that cursor)
             return
-        self._spawn(self._prefetch(pending.accepted, pending.at, self._claim_work_ahead(uri), warm_full))
+        self._spawn(self._prefetch(pending, self._claim_work_ahead(uri), warm_full))
 
-    async def _prefetch(self, accepted: Document, at: Cursor, token: RequestToken, warm_full: bool) -> None:
+    async def _prefetch(self, pending: PendingPrefetch, token: RequestToken, warm_full: bool) -> None:
+        accepted, at = pending.accepted, pending.at
         made = False
         try:
             service = self.service
             if service is None or token.cancelled():
                 return
             job, short = self._fit_to_latency(service, accepted, at, service.prepare(accepted, at.line, at.character))
-            await self._suggest_ahead(service, DocumentState.of(accepted), at, job, token, short=short)
+            await self._suggest_ahead(service, DocumentState.of(accepted), at, job, token, short=short,
+                                      reachable=pending.reachable())  # typed away from it: stopped
             made = True
         except Exception:
             log.exception("prefetching after %s failed", accepted.uri)
@@ -720,7 +739,8 @@ class Session:
             await self._warm_when_idle(accepted.uri, token)  # the document stays in ``warming`` meanwhile
 
     async def _suggest_ahead(self, service: CompletionService, state: DocumentState, cursor: Cursor,
-                             job: CompletionJob, token: RequestToken, short: bool = False, live: bool = False) -> None:
+                             job: CompletionJob, token: RequestToken, short: bool = False, live: bool = False,
+                             reachable: Callable[[Document], bool] | None = None) -> None:
         """Make the suggestion for the document in ``state`` at ``cursor`` before it is asked for, at idle
         priority (a request for anything else stops it between two model steps; ``live``: the state is
         the document's now, and the suggestion stops once it changes); a request that finds the document
@@ -730,7 +750,8 @@ class Session:
 
         def moved_on() -> bool:
             current = self.documents.get(state.uri)
-            return current is None or (live and current.version != state.version)
+            return (current is None or (live and current.version != state.version)
+                    or (reachable is not None and not reachable(current)))
 
         stop = lambda: token.cancelled() or self._yield_to_requests(work) or moved_on()  # noqa: E731
         # a suggestion's prefill stops only between its forwards: chunks of WARM_CHUNK_SECONDS

@@ -171,3 +171,31 @@ async def test_a_short_prompts_suggestion_answering_leaves_the_full_prompt_to_wa
     await until(lambda: not slow.warming and not slow._tasks)  # the prefetch, then the warming when idle
     full = service.prepare(slow.document(URI), line, character)
     assert service.engine.is_warm(full.prompt), "the full prompt warmed after the answer"
+
+
+async def answered_and_prefetching(session: Session) -> tuple[str, int, int]:
+    """A suggestion answered at the end of ``LINE`` (the gate off), and the one after its accept being made."""
+    from hirope_lsp.config import GATE_OFF
+
+    (await session.ready_service()).min_confidence = GATE_OFF
+    line, character = end_of(LINE)
+    suggestion = await session.complete(URI, line, character)
+    assert suggestion.text, "the model suggested nothing here; pick another line"
+    await until(lambda: URI in session.ahead)  # after the pause, the suggestion that follows the accept
+    assert session.report()["suggestedAhead"] == 0
+    return suggestion.text, line, character
+
+
+async def test_typing_away_from_an_accept_stops_the_suggestion_being_made_for_it(slow: Session):
+    text, line, character = await answered_and_prefetching(slow)
+    other = "Q" if not text.startswith("Q") else "W"  # not the suggestion's start: the accept will not come
+    slow.change(URI, [Change(other, ((line, character), (line, character)))], 2)
+    await until(lambda: URI not in slow.ahead)
+    assert slow.report()["suggestedAhead"] == 0, "stopped at the next layer or step, not made for nothing"
+
+
+async def test_typing_along_a_suggestion_keeps_the_one_after_its_accept_being_made(slow: Session):
+    text, line, character = await answered_and_prefetching(slow)
+    slow.change(URI, [Change(text[0], ((line, character), (line, character)))], 2)  # the suggestion's start
+    await until(lambda: URI not in slow.ahead)
+    assert slow.report()["suggestedAhead"] == 1, "the accept can still come"
