@@ -59,6 +59,20 @@ def test_cancel_request_is_answered(raw):
     assert "result" in reply or reply["error"]["code"] == -32800
 
 
+def test_handled_notifications_are_forgotten(raw):
+    """A server typed into for hours must not keep every keystroke's handler (pygls 2.1 did)."""
+    uri = open_geometry(raw)
+    for version in range(2, 302):
+        raw.notify("textDocument/didChange", {"textDocument": {"uri": uri, "version": version}, "contentChanges": [
+            {"range": {"start": {"line": 0, "character": 0}, "end": {"line": 0, "character": 0}}, "text": "#"}]})
+    raw.notify("textDocument/didSave", {"textDocument": {"uri": uri}})
+    raw.call("textDocument/inlineCompletion", inline_params(uri, 13, 33))
+    status = raw.call("hirope/status", {})["result"]
+    assert status["handling"] <= 3, f"{status['handling']} handled messages still held after 300 keystrokes"
+    state = raw.call("hirope/documentState", {"uri": uri})["result"]
+    assert state["version"] == 301, "every keystroke applied"
+
+
 def test_superseded_requests_are_all_answered_and_only_the_current_version_completes(raw):
     uri = open_geometry(raw)
     first = raw.request("textDocument/inlineCompletion", inline_params(uri, 13, 33))
