@@ -18,18 +18,21 @@ vim.opt.rtp:prepend("$repo/editors/nvim")
 vim.o.number = true
 vim.o.autoindent = false
 vim.cmd("filetype indent off")
-require("hirope").setup({ python = "$repo/.venv/bin/python", settings = { maxNewTokens = 24, promptBudget = 1024 } })
+require("hirope").setup({ python = "$repo/.venv/bin/python", settings = { maxNewTokens = 24, promptBudget = 1024, minConfidence = -100 } })
 EOF
 
 tmux new-session -d -s "$session" -x 90 -y 20 "cd $work && $nvim --clean -u init.lua geometry.py"
-sleep 1
+sleep 3
 for _ in $(seq 120); do  # the server loads the model
   tmux send-keys -t "$session" ":HiropeStatus" Enter
   sleep 0.5
   tmux capture-pane -p -t "$session" | grep -q "ready" && break
   sleep 1
 done
-tmux send-keys -t "$session" Escape "G" "o"
+sleep 2  # the status message settles (a busy machine draws it late)
+tmux send-keys -t "$session" Escape
+sleep 0.5
+tmux send-keys -t "$session" "G" "o"
 typed=("    def circumference(self):" "" "        return 2 * math.pi * self.")
 for piece in "${typed[@]}"; do
   if [ -z "$piece" ]; then tmux send-keys -t "$session" Enter; sleep 0.3; continue; fi
