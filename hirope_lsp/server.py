@@ -40,7 +40,8 @@ class HiropeProtocol(LanguageServerProtocol):
     def _execute_handler(self, msg_id, handler, callback, args=None, kwargs=None):
         super()._execute_handler(msg_id, handler, callback, args, kwargs)
         # pygls 2.1 files a notification's handler under a fresh id and removes it only for requests: every
-        # didChange would stay in _request_futures for the server's life (~5 MiB per 1,000 keystrokes)
+        # didChange would stay in _request_futures for the server's life (a Future with its Condition, RLock
+        # and deque, ~18 allocated blocks per keystroke in the soak)
         future = self._request_futures.get(msg_id)
         if future is not None:
             future.add_done_callback(lambda done: self._forget(msg_id, done))
