@@ -1,10 +1,11 @@
 import json
 import math
 
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hirope_lsp.research import evaluate
-from hirope_lsp.research.train import TrainConfig, train
+from hirope_lsp.research.train import TrainConfig, learning_rate, train
 from tiny_models import TINY_RECIPE as TINY
 
 
@@ -23,6 +24,36 @@ def test_training_smoke_loss_falls_resumes_and_exports(tmp_path):
     assert model.config.max_position_embeddings == 32
     assert "<|fim_middle|>" in tokenizer.get_vocab()
     assert json.loads((export / "training.json").read_text())["fim_order"] == "spm"
+
+
+def test_learning_rate_ramps_again_where_the_optimizer_starts_fresh():
+    cfg = TrainConfig(lr=1e-3, warmup=50, steps=4000)
+    assert learning_rate(cfg, 0) == 1e-3 / 50 and learning_rate(cfg, 49) == 1e-3, "a new run warms up to the peak"
+    cosine = learning_rate(cfg, 3700)
+    assert 1e-4 < cosine < 2e-4
+    assert learning_rate(cfg, 3700, optimizer_fresh_at=3700) == cosine / 50
+    assert learning_rate(cfg, 3749, optimizer_fresh_at=3700) == learning_rate(cfg, 3749)
+    assert learning_rate(cfg, 4000) == learning_rate(cfg, 5000) == 1e-3 * 0.1
+
+
+def test_training_from_committed_weights_warms_up_from_their_step(tmp_path):
+    import shutil
+
+    first = tmp_path / "first"
+    train(first, TrainConfig(**TINY, steps=5))
+    committed = tmp_path / "committed.safetensors"
+    shutil.copyfile(first / "best.safetensors", committed)
+    shutil.copyfile(first / "best.json", tmp_path / "committed.json")
+    fresh = tmp_path / "fresh"
+    shutil.copytree(first / "tokenizer", fresh / "tokenizer")
+    cfg = TrainConfig(**{**TINY, "warmup": 4}, steps=12)
+    train(fresh, cfg, init_from=committed)
+    log = [json.loads(line) for line in (fresh / "loss.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(6, 13)), "continued at the committed step"
+    assert [r["lr"] for r in log[:4]] == [learning_rate(cfg, s, optimizer_fresh_at=5) for s in range(5, 9)]
+    assert log[0]["lr"] < log[1]["lr"] < log[2]["lr"] < log[3]["lr"], "ramped up, not restarted at full rate"
+    checkpoint = torch.load(fresh / "checkpoint.pt", weights_only=False)
+    assert checkpoint["optimizer_fresh_at"] == 5, "a resumed run keeps the ramp's origin"
 
 
 def test_perplexity_evaluation_smoke(tmp_path):

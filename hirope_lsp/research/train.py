@@ -189,11 +189,13 @@ def training_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def learning_rate(cfg: TrainConfig, step: int) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+def learning_rate(cfg: TrainConfig, step: int, optimizer_fresh_at: int = 0) -> float:
+    """Cosine from ``cfg.lr`` to a tenth of it, ramped up linearly over ``cfg.warmup`` steps from the
+    step the optimizer state started fresh (0 for a new run; a later step for one started from
+    committed weights, where a fresh Adam at the schedule's rate would jolt the weights)."""
+    progress = max(0.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    decayed = cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+    return decayed * min(1.0, (step - optimizer_fresh_at + 1) / cfg.warmup)
 
 
 def encode_texts(tokenizer, texts: list[str], batch: int = 512) -> list[list[int]]:
@@ -433,6 +435,7 @@ def train(run_dir: Path, cfg: TrainConfig, export: Path | None = None, init_from
     )
     rng = random.Random(cfg.seed)
     step = 0
+    optimizer_fresh_at = 0
     best = {"held_out_loss": math.inf}
     ckpt_path = run_dir / "checkpoint.pt"
     best_path = run_dir / "best.safetensors"
@@ -444,6 +447,7 @@ def train(run_dir: Path, cfg: TrainConfig, export: Path | None = None, init_from
         rng.setstate(ckpt["rng"])
         torch.set_rng_state(ckpt["torch_rng"])
         step = ckpt["step"]
+        optimizer_fresh_at = ckpt.get("optimizer_fresh_at", 0)
         best = ckpt.get("best", best)
         log.info("resumed at step %d", step)
     elif init_from is not None and init_from.is_dir():
@@ -454,6 +458,7 @@ def train(run_dir: Path, cfg: TrainConfig, export: Path | None = None, init_from
         meta_path = init_from.with_suffix(".json")
         if meta_path.exists():  # continue the schedule where the committed weights left it
             step = json.loads(meta_path.read_text()).get("step", 0)
+        optimizer_fresh_at = step
         log.info("started from %s at step %d (optimizer state starts fresh)", init_from, step)
     model.to(device)
     if optimizer_state is not None:  # loaded once the parameters are on the device: the state follows them
@@ -471,7 +476,8 @@ def train(run_dir: Path, cfg: TrainConfig, export: Path | None = None, init_from
     def save():
         tmp = ckpt_path.with_suffix(".tmp")
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng.getstate(),
-                    "torch_rng": torch.get_rng_state(), "step": step, "best": best}, tmp)
+                    "torch_rng": torch.get_rng_state(), "step": step, "best": best,
+                    "optimizer_fresh_at": optimizer_fresh_at}, tmp)
         tmp.replace(ckpt_path)
 
     measured = None  # (step, held-out loss, bits per byte) of the last measurement
@@ -495,7 +501,7 @@ def train(run_dir: Path, cfg: TrainConfig, export: Path | None = None, init_from
             log.info("time limit reached at step %d", step)
             break
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(cfg, step)
+            group["lr"] = learning_rate(cfg, step, optimizer_fresh_at)
         batch = samples.batch(rng).to(device, non_blocking=True)
         with autocast:
             out = model(batch[:, :-1], labels=batch[:, :-1].clone())
@@ -506,7 +512,7 @@ def train(run_dir: Path, cfg: TrainConfig, export: Path | None = None, init_from
         optimizer.step()
         step += 1
         tokens_seen += batch.numel()
-        record = {"step": step, "loss": round(out.loss.item(), 4), "lr": learning_rate(cfg, step - 1),
+        record = {"step": step, "loss": round(out.loss.item(), 4), "lr": learning_rate(cfg, step - 1, optimizer_fresh_at),
                   "tokens": step * cfg.batch_size * (cfg.context + 1), "s": round(time.time() - started, 3)}
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             loss, bpb = measure_and_keep()
