@@ -197,6 +197,9 @@ def _add_eval(sub) -> None:
     perplexity.add_argument("--lengths-x", default="1,4,16,32", help="multiples of the training length")
     perplexity.add_argument("--windows", type=int, default=4, help="windows per length")
     perplexity.add_argument("--plot", type=Path, default=None)
+    perplexity.add_argument("--units", default="definition", choices=("definition", "top", "line"),
+                            help="what a syntax unit is for hierarchical methods: the run of one innermost "
+                                 "definition, the whole top-level run (a class with its methods), or one line")
     completion = esub.choices["completion"]
     completion.add_argument("--methods", default="hirope,truncate,rope,rerope,hirope-fixed")
     completion.add_argument("--prompt-x", type=int, default=4, help="prompt length as a multiple of the training length")
@@ -232,7 +235,7 @@ def _run_eval(args) -> int:
     if args.eval == "perplexity":
         lengths = (1, 2) if args.quick else tuple(float(x) for x in args.lengths_x.split(","))
         report = evaluate.eval_perplexity(args.data, args.model, methods, lengths, 1 if args.quick else args.windows,
-                                          args.seed, base)
+                                          args.seed, base, units=args.units)
         evaluate.print_table(report, "ppl")
         evaluate.print_table(report, "ppl_last")
         if args.plot:

@@ -230,6 +230,26 @@ def test_units_and_offsets():
     assert doc.source[units[1].start:].lstrip().startswith(b"@decorator")
 
 
+def test_unit_grains_give_definitions_top_level_runs_or_lines():
+    from hirope_lsp.hierarchy.positions import positions_from_unit_keys, token_unit_keys
+
+    text = "import os\n\nclass A:\n    def f(self):\n        return 1\n\n    def g(self):\n        return 2\n"
+    doc = Document("file:///w/a.py", text, language_id="python")
+    # one "token" per line: its span is the line without the newline
+    spans, start = [], 0
+    for line in text.splitlines(keepends=True):
+        spans.append((start, start + len(line.rstrip("\n"))))
+        start += len(line)
+    unit_of = {grain: positions_from_unit_keys(token_unit_keys(doc, spans, grain=grain))[:, 0].tolist()
+               for grain in ("definition", "top", "line")}
+    # lines: import, blank, class A, def f, return 1, blank, def g, return 2
+    assert unit_of["definition"] == [0, 0, 1, 2, 2, 3, 3, 3], "module code, class header, f, g (blank lines join g)"
+    assert unit_of["top"] == [0, 0, 1, 1, 1, 1, 1, 1], "the class and its methods are one top-level unit"
+    assert unit_of["line"] == list(range(8))
+    with pytest.raises(ValueError, match="unit grain"):
+        token_unit_keys(doc, spans, grain="statement")
+
+
 def test_plain_text_has_no_units():
     doc = Document("file:///w/notes.txt", "hello\nworld\n")
     assert doc.tree is None and doc.units is None and doc.unit_of_bytes([0]) is None

@@ -68,7 +68,8 @@ def collect_files(data: list[Path]) -> list[Path]:
     return files
 
 
-def tokenize_files(tokenizer, files: list[Path]) -> list[TokenizedFile]:
+def tokenize_files(tokenizer, files: list[Path], units: str = "definition") -> list[TokenizedFile]:
+    """Each file's tokens and their unit keys at the grain ``units`` (see ``token_unit_keys``)."""
     out = []
     for path in files:
         text = read_text(path)
@@ -76,7 +77,8 @@ def tokenize_files(tokenizer, files: list[Path]) -> list[TokenizedFile]:
             continue
         doc = Document(path.as_uri(), text, language_id=language_for_path(path))
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        out.append(TokenizedFile(path, enc["input_ids"], token_unit_keys(doc, enc["offset_mapping"], str(path))))
+        out.append(TokenizedFile(path, enc["input_ids"], token_unit_keys(doc, enc["offset_mapping"], str(path),
+                                                                                 grain=units)))
     return out
 
 
@@ -150,12 +152,14 @@ def truncated_nll(model, ids: torch.Tensor, train_len: int) -> torch.Tensor:
 
 def eval_perplexity(data: list[Path] | None = None, model: str | None = None, methods=None,
                     lengths_x=(1, 4, 16, 32), max_windows: int = 4, seed: int = 0, base: RopeMethodConfig | None = None,
-                    device: str = "cpu") -> dict:
+                    device: str = "cpu", units: str = "definition") -> dict:
+    """Perplexity by method and length; ``units``: what a syntax unit is for the hierarchical methods
+    (the windows are the same text whatever it is, so runs at different grains compare row by row)."""
     lm, tokenizer, fim = load_model(model, device=device, dtype="float32")
     train_len = trained_length(lm.config)
     base = base or RopeMethodConfig()
     methods = methods or all_methods()
-    files = tokenize_files(tokenizer, collect_files(data or default_eval_data()))
+    files = tokenize_files(tokenizer, collect_files(data or default_eval_data()), units)
     sep = tokenizer.convert_tokens_to_ids(fim.file_separator) if fim.file_separator else tokenizer.eos_token_id
     results = []
     started = time.time()
@@ -189,7 +193,7 @@ def eval_perplexity(data: list[Path] | None = None, model: str | None = None, me
                      row["seconds"])
     return {"train_length": train_len, "model": model or "default", "data": [str(d) for d in (data or default_eval_data())],
             "settings": {"window": base.window, "split": base.split, "token_index": base.token_index,
-                         "far_bias": base.far_bias, "far_bias_mode": base.far_bias_mode},
+                         "far_bias": base.far_bias, "far_bias_mode": base.far_bias_mode, "units": units},
             "seconds": time.time() - started, "results": results}
 
 
