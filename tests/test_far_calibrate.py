@@ -109,6 +109,63 @@ def test_grid_parsing():
         fc.parse_grid("-1")
     with pytest.raises(ValueError):
         fc.parse_grid([(1.0, "sqrt")])
+    assert [s.label for s in fc.parse_grid("log:0/0.5/1, 1/1, log:0/0")] == ["constant:0", "log:0/0.5/1", "constant:1"], \
+        "one value per layer; the same for every layer is the uniform setting"
+    assert fc.parse_grid([((0.5, 1.0), "log")])[1].value == (0.5, 1.0)
+    with pytest.raises(ValueError):
+        fc.parse_grid("1/-1")
+
+
+def test_per_layer_pass_keeps_a_layer_change_only_where_it_lowers_the_perplexity():
+    """A known perplexity surface: each layer has its own best value; one pass finds it coordinate-wise."""
+    best_of_layer = (0.0, 1.5, 1.0)  # with b = 1 and factors (0, 0.5, 1.5, 2)
+    asked = []
+
+    def measure(settings):
+        asked.append([s.label for s in settings])
+        rows = []
+        for setting in settings:
+            value = setting.value if isinstance(setting.value, tuple) else (setting.value,) * 3
+            rows.append({"setting": setting.label, "mode": setting.mode,
+                         "value": list(value) if isinstance(setting.value, tuple) else setting.value,
+                         "ppl": 10 + sum((v - b) ** 2 for v, b in zip(value, best_of_layer))})
+        return rows
+
+    start = fc.Setting(1.0, "log")
+    rows = fc.refine_per_layer(measure, start, 11.25, 3)
+    assert len(asked) == 3 and all(len(a) == 4 for a in asked), "each layer: the four other values"
+    assert asked[0][0] == "log:0/1/1" and asked[1][0] == "log:0/0/1", "layer 1 tried with layer 0's keeper"
+    chosen = fc.choose([{"setting": start.label, "mode": "log", "value": 1.0, "ppl": 11.25}] + rows)
+    assert chosen["value"] == [0.0, 1.5, 1.0] and chosen["ppl"] == 10
+    assert fc.refine_per_layer(measure, fc.Setting(0.0), 11.0, 3) == [], "nothing to refine from plain HiRoPE"
+    tie = [{"setting": "log:1", "mode": "log", "value": 1.0, "ppl": 10.0},
+           {"setting": "log:0.5/1/1", "mode": "log", "value": [0.5, 1.0, 1.0], "ppl": 10.0}]
+    assert fc.choose(tie)["setting"] == "log:1", "a tie goes to the uniform setting"
+
+
+def test_per_layer_calibration_on_a_model_writes_a_card_the_engine_uses(model_dir, corpus, tmp_path):
+    from hirope_lsp.model.patch import attach
+
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    loaded = load_model(str(model), device="cpu", dtype="float32")
+    layers = loaded[0].config.num_hidden_layers
+    result = fc.calibrate_far_bias(loaded, fc.source_files(corpus), multiples=(16,), windows=WINDOWS, grid="2",
+                                   per_layer=True, layer_factors=(0.0, 2.0))
+    assert len(result["table"]) == 2 + 2 * layers, "b = 0 and 2, then two values for each layer"
+    per_layer = [r for r in result["table"] if isinstance(r["value"], list)]
+    assert per_layer and all(len(r["value"]) == layers for r in per_layer)
+    assert result["chosen"]["ppl"] == min(r["ppl"] for r in result["table"])
+    json.dumps(result, allow_nan=False)
+    fc.write_far_bias(model, {**result, "chosen": {**result["chosen"], "value": [0.0] + [2.0] * (layers - 1),
+                                                   "mode": "log"}})
+    lm, _, _ = load_model(str(model), device="cpu", dtype="float32")
+    assert recommended_far_bias(lm) == ((0.0,) + (2.0,) * (layers - 1), "log")
+    handle = attach(lm)
+    try:
+        assert handle.cfg.far_bias == (0.0,) + (2.0,) * (layers - 1)
+    finally:
+        handle.detach()
 
 
 def test_cli_prints_the_table_and_write_round_trips(model_dir, corpus, tmp_path, capsys):
@@ -144,7 +201,9 @@ def test_recommended_far_bias_ignores_bad_records(model_dir, tmp_path):
     card = model / "training.json"
     for record, expected in [({"value": 2, "mode": "log"}, (2.0, "log")), ({"value": 3.5}, (3.5, "constant")),
                              ({"value": -1, "mode": "constant"}, None), ({"value": "2"}, None),
-                             ({"value": 2, "mode": "sqrt"}, None), ({"value": True}, None), (4, None)]:
+                             ({"value": 2, "mode": "sqrt"}, None), ({"value": True}, None), (4, None),
+                             ({"value": [0, 1.5], "mode": "log"}, ((0.0, 1.5), "log")), ({"value": [1, -1]}, None),
+                             ({"value": []}, None), ({"value": [1, "2"]}, None)]:
         card.write_text(json.dumps({"far_bias": record}))
         assert recommended_far_bias(lm) == expected, record
     card.write_text("{not json")

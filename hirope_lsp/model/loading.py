@@ -116,20 +116,22 @@ def _card_entry(lm, key: str, what: str) -> tuple[Path, object]:
         return card, None
 
 
-def recommended_far_bias(lm) -> tuple[float, str] | None:
+def recommended_far_bias(lm) -> tuple[float | tuple[float, ...], str] | None:
     """``(far_bias, far_bias_mode)`` chosen for this model on held-out code, where its ``training.json``
-    records one (``far_bias``, written by ``hirope-lsp calibrate far-bias --write``); None for any other
-    model, or where the record is unreadable or not a number >= 0 with mode constant or log."""
+    records one (``far_bias``, written by ``hirope-lsp calibrate far-bias --write``; a list is one value per
+    layer, given as a tuple); None for any other model, or where the record is unreadable or not numbers
+    >= 0 with mode constant or log."""
     card, record = _card_entry(lm, "far_bias", "far bias")
     if record is None:
         return None
     value = record.get("value") if isinstance(record, dict) else None
     mode = record.get("mode", "constant") if isinstance(record, dict) else None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or value == float("inf") \
+    values = value if isinstance(value, list) and value else [value]
+    if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf") for v in values) \
             or mode not in ("constant", "log"):
         log.warning("ignoring the far bias recorded in %s: %r", card, record)
         return None
-    return float(value), mode
+    return (tuple(float(v) for v in value) if isinstance(value, list) else float(value)), mode
 
 
 def recommended_min_confidence(lm) -> float | None:

@@ -19,6 +19,11 @@ Choice: the setting with the lowest perplexity over all windows of all multiples
 NLL of every scored token: each window weighs the same, so it is the geometric mean of the windows'
 perplexities); ties go to the smaller ``b`` (constant before log).  ``b = 0`` is HiRoPE as published.
 
+Per layer (``per_layer=True``): from the chosen uniform ``b``, one pass over the layers, each layer's
+value tried at ``b`` times each of ``layer_factors`` with the others held, the lowest kept where it
+beats the setting so far; those rows join the table and the choice, and a per-layer setting wins a tie
+only against nothing (uniform first).
+
     result = calibrate_far_bias(load_model(dir), files, multiples=(16, 32), windows=6)
     write_far_bias(model_dir, result)  # training.json["far_bias"], read by loading.recommended_far_bias
 
@@ -36,7 +41,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .far_eval import MAX_FILE_BYTES, TRUNCATE, Corpus, MethodSpec, parse_biases, perplexity_rows
+from .far_eval import MAX_FILE_BYTES, TRUNCATE, Corpus, MethodSpec, bias_text, parse_biases, perplexity_rows
 
 log = logging.getLogger(__name__)
 
@@ -51,19 +56,31 @@ CARD_KEY = "far_bias"
 SKIP_DIRS = {"__pycache__", "node_modules", "site-packages", "dist", "build", "target", "vendor"}
 
 
+DEFAULT_LAYER_FACTORS = (0.0, 0.5, 1.5, 2.0)
+
+
 @dataclass(frozen=True)
 class Setting:
-    value: float
+    value: float | tuple[float, ...]  # a tuple: one value per layer
     mode: str = "constant"  # constant or log
+
+    def __post_init__(self):
+        value = tuple(float(v) for v in self.value) if isinstance(self.value, (list, tuple)) else float(self.value)
+        if isinstance(value, tuple) and len(set(value)) == 1:
+            value = value[0]  # the same value for every layer is the uniform setting
+        object.__setattr__(self, "value", value)
+        if value == 0:
+            object.__setattr__(self, "mode", "constant")
 
     @property
     def label(self) -> str:
-        return f"{self.mode}:{self.value:g}"
+        return f"{self.mode}:{bias_text(self.value)}"
 
     @property
     def order(self) -> tuple:
-        """Ties go to the smaller bias, then to the constant mode."""
-        return (self.value, self.mode != "constant")
+        """Ties go to a uniform setting, then the smaller bias, then the constant mode."""
+        per_layer = isinstance(self.value, tuple)
+        return (per_layer, sum(self.value) if per_layer else self.value, self.mode != "constant")
 
 
 def parse_grid(grid: str | list | tuple | None) -> list[Setting]:
@@ -72,14 +89,14 @@ def parse_grid(grid: str | list | tuple | None) -> list[Setting]:
     if grid is None:
         grid = DEFAULT_GRID
     if isinstance(grid, (list, tuple)) and grid and all(isinstance(g, (list, tuple)) for g in grid):
-        pairs = [(float(v), str(m)) for v, m in grid]
+        pairs = [(v, str(m)) for v, m in grid]
         for value, mode in pairs:
-            parse_biases([f"{mode}:{value!r}"])  # the same checks (mode, finite, >= 0)
+            parse_biases([f"{mode}:{bias_text(value)}"])  # the same checks (mode, finite, >= 0)
     else:
         pairs = parse_biases(grid)
     out: list[Setting] = [Setting(0.0)]
     for value, mode in pairs:
-        s = Setting(float(value), "constant" if value == 0 else mode)
+        s = Setting(value, mode)
         if s not in out:
             out.append(s)
     return out
@@ -124,8 +141,8 @@ def _number(x: float) -> int | float:
 
 
 def choose(table: list[dict], tolerance: float = 1e-9) -> dict:
-    """The row with the lowest ``ppl``; rows within ``tolerance`` (relative) of it tie, and the smallest
-    bias of those wins (constant before log)."""
+    """The row with the lowest ``ppl``; rows within ``tolerance`` (relative) of it tie, and of those a
+    uniform setting before a per-layer one, then the smallest bias, then constant before log."""
     scored = [r for r in table if math.isfinite(r["ppl"])]
     if not scored:
         raise ValueError("no setting has a finite perplexity")
@@ -134,9 +151,43 @@ def choose(table: list[dict], tolerance: float = 1e-9) -> dict:
     return min(tied, key=lambda r: Setting(r["value"], r["mode"]).order)
 
 
+def _setting_row(setting: Setting, rows: list[dict]) -> dict:
+    value = list(setting.value) if isinstance(setting.value, tuple) else setting.value
+    return {"setting": setting.label, "mode": setting.mode, "value": value,
+            **_summary([r for r in rows if r["method"] == setting.label])}
+
+
+def refine_per_layer(measure, start: Setting, start_ppl: float, layers: int,
+                     factors=DEFAULT_LAYER_FACTORS) -> list[dict]:
+    """One pass over the layers from the uniform ``start`` (perplexity ``start_ppl``): each layer's value
+    tried at ``start.value`` times each factor, the others held; kept where it lowers the perplexity so
+    far.  ``measure(settings)`` returns their table rows; every row measured is returned."""
+    if isinstance(start.value, tuple) or start.value == 0:
+        return []
+    current, best_ppl = [start.value] * layers, start_ppl
+    rows: list[dict] = []
+    for layer in range(layers):
+        candidates: list[Setting] = []
+        for factor in factors:
+            value = list(current)
+            value[layer] = round(start.value * factor, 6)
+            setting = Setting(tuple(value), start.mode)
+            if value != current and setting not in candidates:
+                candidates.append(setting)
+        measured = measure(candidates) if candidates else []
+        rows += measured
+        best = min((r for r in measured if math.isfinite(r["ppl"])), key=lambda r: r["ppl"], default=None)
+        if best is not None and best["ppl"] < best_ppl:
+            best_ppl = best["ppl"]
+            current = list(best["value"]) if isinstance(best["value"], list) else [best["value"]] * layers
+        log.info("per-layer far bias after layer %d: %s (ppl %.3f)", layer, bias_text(current), best_ppl)
+    return rows
+
+
 def calibrate_far_bias(loaded, files: list[Path], *, multiples=DEFAULT_MULTIPLES, windows: int = DEFAULT_WINDOWS,
                        grid=None, seed: int = 0, corpus_name: str | None = None, root: Path | None = None,
-                       train_length: int | None = None, tolerance: float = 1e-9) -> dict:
+                       train_length: int | None = None, tolerance: float = 1e-9, per_layer: bool = False,
+                       layer_factors=DEFAULT_LAYER_FACTORS) -> dict:
     """Perplexity of every (mode, b) of ``grid`` and of truncation on the same windows of ``files``, at
     each context multiple of the trained length; the setting chosen.  ``loaded``: ``load_model``'s
     (model, tokenizer, fim).  JSON-serialisable (NaN where a split has no token: see ``far_eval._finite``)."""
@@ -161,14 +212,22 @@ def calibrate_far_bias(loaded, files: list[Path], *, multiples=DEFAULT_MULTIPLES
     name = corpus_name or root.name
     started = time.time()
     specs = [MethodSpec(TRUNCATE, TRUNCATE)] + [MethodSpec(s.label, "hirope", s.value, s.mode) for s in settings]
-    rows = perplexity_rows(Corpus("tune", name, root, files), loaded, specs, multiples, windows, seed)
+    corpus = Corpus("tune", name, root, files)
+    rows = perplexity_rows(corpus, loaded, specs, multiples, windows, seed)
     if not rows:
         raise ValueError(f"{name}: no window of {int(min(multiples) * L)} tokens in {len(files)} files")
     measured = sorted({r["x"] for r in rows})
-    table = []
-    for s in settings:
-        mine = [r for r in rows if r["method"] == s.label]
-        table.append({"setting": s.label, "mode": s.mode, "value": s.value, **_summary(mine)})
+    table = [_setting_row(s, rows) for s in settings]
+    if per_layer:
+        uniform = choose(table, tolerance)
+
+        def measure(candidates: list[Setting]) -> list[dict]:
+            more = perplexity_rows(corpus, loaded, [MethodSpec(c.label, "hirope", c.value, c.mode) for c in candidates],
+                                   multiples, windows, seed)
+            return [_setting_row(c, more) for c in candidates]
+
+        table += refine_per_layer(measure, Setting(uniform["value"], uniform["mode"]), uniform["ppl"],
+                                  lm.config.num_hidden_layers, layer_factors)
     truncate = {"setting": "truncate", **_summary([r for r in rows if r["method"] == TRUNCATE])}
     for row in table:
         row["vs_truncate"] = row["ppl"] / truncate["ppl"] - 1
@@ -179,7 +238,8 @@ def calibrate_far_bias(loaded, files: list[Path], *, multiples=DEFAULT_MULTIPLES
             "multiples": [_number(x) for x in multiples if x in measured],
             "missing_multiples": [_number(x) for x in multiples if x not in measured],
             "windows": windows, "seed": seed, "measure": f"ppl of the last {L} tokens of each window",
-            "grid": [{"mode": s.mode, "value": s.value} for s in settings],
+            "grid": [{"mode": s.mode, "value": list(s.value) if isinstance(s.value, tuple) else s.value}
+                     for s in settings],
             "table": table, "truncate": truncate,
             "chosen": {"value": chosen["value"], "mode": chosen["mode"], "setting": chosen["setting"],
                        "ppl": chosen["ppl"], "plain_hirope_ppl": plain["ppl"], "truncate_ppl": truncate["ppl"],
@@ -253,7 +313,7 @@ def format_table(result: dict) -> str:
                                   for k, (c, w) in enumerate(zip(cells, widths))).rstrip()
     lines = [head, fmt(titles)] + [fmt(r) for r in body]
     c = result["chosen"]
-    lines.append(f"chosen: {c['mode']} b={c['value']:g} (ppl {c['ppl']:.2f}; plain HiRoPE {c['plain_hirope_ppl']:.2f}, "
+    lines.append(f"chosen: {c['mode']} b={bias_text(c['value'])} (ppl {c['ppl']:.2f}; plain HiRoPE {c['plain_hirope_ppl']:.2f}, "
                  f"truncation {c['truncate_ppl']:.2f}){'' if c['beats_truncate'] else '; no setting beats truncation'}"
                  f"; {result['seconds']:.0f} s")
     if result["missing_multiples"]:
@@ -282,6 +342,11 @@ def register_cli(subparsers) -> None:
     p.add_argument("--json", type=Path, default=None, help="write the whole result here")
     p.add_argument("--write", action="store_true",
                    help="record the choice in the model directory's training.json (key far_bias)")
+    p.add_argument("--per-layer", action="store_true",
+                   help="then refine the chosen setting layer by layer (one pass; each layer at b times each "
+                        "of --layer-factors)")
+    p.add_argument("--layer-factors", default=",".join(f"{f:g}" for f in DEFAULT_LAYER_FACTORS),
+                   help="comma-separated multiples of the uniform b tried for each layer")
 
 
 def run_cli(args) -> int:
@@ -327,7 +392,8 @@ def run_cli(args) -> int:
     try:
         result = calibrate_far_bias(loaded, files, multiples=args.multiples, windows=args.windows,
                                     grid=[(s.value, s.mode) for s in settings], seed=args.seed, corpus_name=name,
-                                    root=root)
+                                    root=root, per_layer=args.per_layer,
+                                    layer_factors=tuple(float(f) for f in args.layer_factors.split(",") if f.strip()))
     except ValueError as err:
         print(f"hirope-lsp: {err}", file=sys.stderr)
         return 2
@@ -338,5 +404,5 @@ def run_cli(args) -> int:
         print(f"wrote {args.json}")
     if args.write:
         card = write_far_bias(model_dir, result)
-        print(f"recorded far_bias {result['chosen']['mode']} b={result['chosen']['value']:g} in {card}")
+        print(f"recorded far_bias {result['chosen']['mode']} b={bias_text(result['chosen']['value'])} in {card}")
     return 0

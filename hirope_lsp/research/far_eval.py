@@ -461,13 +461,19 @@ def _encode(tokenizer, text: str):
 class MethodSpec:
     name: str
     method: str  # a position method's name, or TRUNCATE
-    far_bias: float | None = 0.0  # None: the model card's
+    far_bias: float | tuple[float, ...] | None = 0.0  # None: the model card's; a tuple: one per layer
     far_bias_mode: str = "constant"
     prompt: str = "raw"  # a prompt variant: raw, or PROMPT_VARIANTS joined by "+" ("outline+similar")
 
 
-def parse_biases(text: str | list | tuple | None) -> list[tuple[float, str]]:
-    """``"2,4,log:1"`` -> [(2.0, "constant"), (4.0, "constant"), (1.0, "log")]; empty or ``none``: []."""
+def bias_text(value) -> str:
+    """``2`` -> ``"2"``; a per-layer tuple ``(0, 0.75, 1.5)`` -> ``"0/0.75/1.5"``."""
+    return "/".join(f"{v:g}" for v in value) if isinstance(value, (list, tuple)) else f"{value:g}"
+
+
+def parse_biases(text: str | list | tuple | None) -> list[tuple[float | tuple[float, ...], str]]:
+    """``"2,4,log:1"`` -> [(2.0, "constant"), (4.0, "constant"), (1.0, "log")]; empty or ``none``: [].
+    ``log:0/0.75/1.5`` is one value per layer (a tuple)."""
     if text is None:
         return []
     items = text if isinstance(text, (list, tuple)) else str(text).split(",")
@@ -483,10 +489,10 @@ def parse_biases(text: str | list | tuple | None) -> list[tuple[float, str]]:
         mode = mode or "constant"
         if mode not in ("constant", "log"):
             raise ValueError(f"far bias {item!r}: the mode is constant or log (log:1.5)")
-        number = float(value)
-        if not math.isfinite(number) or number < 0:
-            raise ValueError(f"far bias {item!r} must be a finite number >= 0")
-        out.append((number, mode))
+        numbers = [float(v) for v in value.split("/")]
+        if any(not math.isfinite(n) or n < 0 for n in numbers):
+            raise ValueError(f"far bias {item!r} must be a finite number >= 0 (or one per layer, 0/1/2)")
+        out.append((numbers[0] if len(numbers) == 1 else tuple(numbers), mode))
     return out
 
 
@@ -504,7 +510,7 @@ def prompt_context(variant: str) -> dict:
     return out
 
 
-def method_specs(biases: list[tuple[float, str]], methods=("hirope",), prompts=("raw",)) -> list[MethodSpec]:
+def method_specs(biases: list[tuple], methods=("hirope",), prompts=("raw",)) -> list[MethodSpec]:
     """Each method plain and with each far bias, and truncation; each of those with each prompt variant
     (``+outline`` in the name)."""
     from ..model.methods import position_method
@@ -514,7 +520,7 @@ def method_specs(biases: list[tuple[float, str]], methods=("hirope",), prompts=(
         base.append(MethodSpec(method, method))
         if position_method(method).windowed:
             for value, mode in biases:
-                label = f"{method}+{value:g}" if mode == "constant" else f"{method}+log:{value:g}"
+                label = f"{method}+{bias_text(value)}" if mode == "constant" else f"{method}+log:{bias_text(value)}"
                 base.append(MethodSpec(label, method, value, mode))
     base.insert(1, MethodSpec(TRUNCATE, TRUNCATE))
     return [spec if variant == "raw" else MethodSpec(f"{spec.name}+{variant}", spec.method, spec.far_bias,
