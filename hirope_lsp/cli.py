@@ -375,8 +375,10 @@ def _run_complete(args) -> int:
         if found.hidden_by_gate:
             print(f"hirope-lsp: nothing shown: the suggestion's confidence {found.confidence:.2f} is below the "
                   f"gate {gate:g} (--min-confidence -100 shows all)", file=sys.stderr)
-        print(f"[{session.service.engine.description}; prompt {found.prompt_tokens} tokens, {found.ms:.0f} ms]",
-              file=sys.stderr)
+        gate_text = "no gate" if gate is None else f"gate {gate:g}"
+        confidence = "" if found.confidence is None else f", confidence {found.confidence:.2f} ({gate_text})"
+        print(f"[{session.service.engine.description}; prompt {found.prompt_tokens} tokens, {found.ms:.0f} ms"
+              f"{confidence}]", file=sys.stderr)
     return 0
 
 

@@ -12,8 +12,10 @@ import pytest
 
 pytestmark = pytest.mark.e2e
 
-# the last line on stderr: "[default on cpu (float32); prompt 30 tokens, 32 ms]"
-FOOTER = re.compile(r"^\[(?P<engine>[^\]]+); prompt (?P<tokens>\d+) tokens, (?P<ms>\d+) ms\]$", re.M)
+# the last line on stderr: "[default on cpu (float32); prompt 30 tokens, 32 ms, confidence -0.55 (gate -0.625)]"
+# (the confidence where the model wrote something)
+FOOTER = re.compile(r"^\[(?P<engine>[^\]]+); prompt (?P<tokens>\d+) tokens, (?P<ms>\d+) ms"
+                    r"(, confidence (?P<confidence>-?[\d.]+) \((no gate|gate (?P<gate>-?[\d.e+-]+))\))?\]$", re.M)
 
 SHAPES = "def area(width, height):\n    return width * height\n\n\ndef perimeter(width, height):\n    return "
 MAIN = "from helpers import clamp\n\n\ndef scale(value):\n    return clamp("  # the cursor after 'clamp(': 4:17
@@ -57,6 +59,8 @@ def test_prints_the_suggestion_and_the_prompt_size(tmp_path: Path):
     tokens = int(found["tokens"])
     assert 10 < tokens < 100, f"the whole (short) file is the prompt: {tokens} tokens"
     assert int(found["ms"]) >= 0
+    assert found["confidence"] is not None and float(found["confidence"]) <= 0, "the suggestion's mean log-probability"
+    assert float(found["gate"]) == -100, "the gate asked for"
 
 
 def test_a_suggestion_below_the_confidence_gate_is_not_printed_and_stderr_says_why(tmp_path: Path):
