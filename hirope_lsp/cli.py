@@ -197,7 +197,9 @@ def _add_eval(sub) -> None:
     perplexity.add_argument("--lengths-x", default="1,4,16,32", help="multiples of the training length")
     perplexity.add_argument("--windows", type=int, default=4, help="windows per length")
     perplexity.add_argument("--plot", type=Path, default=None)
-    perplexity.add_argument("--units", default="definition", choices=("definition", "top", "line"),
+    from .hierarchy.units import UNIT_GRAINS
+
+    perplexity.add_argument("--units", default=UNIT_GRAINS[0], choices=UNIT_GRAINS,
                             help="what a syntax unit is for hierarchical methods: the run of one innermost "
                                  "definition, the whole top-level run (a class with its methods), or one line")
     completion = esub.choices["completion"]

@@ -8,11 +8,11 @@ prompt come in; the token index is the place in the sequence.
 
 from __future__ import annotations
 
-import bisect
-
+import numpy as np
 import torch
 
 from ..hierarchy.document import Document, char_to_byte_offsets
+from ..hierarchy.units import UNIT_GRAINS
 
 
 def positions_from_unit_keys(keys: list) -> torch.Tensor:
@@ -25,9 +25,6 @@ def positions_from_unit_keys(keys: list) -> torch.Tensor:
             previous = key
         units.append(unit)
     return torch.stack([torch.tensor(units, dtype=torch.long), torch.arange(len(keys))], dim=-1)
-
-
-UNIT_GRAINS = ("definition", "top", "line")
 
 
 def token_unit_keys(doc: Document, char_spans: list[tuple[int, int]], tag=None, fixed_unit: int = 128,
@@ -44,8 +41,8 @@ def token_unit_keys(doc: Document, char_spans: list[tuple[int, int]], tag=None, 
         return [(tag, "fixed", i // fixed_unit) for i in range(len(char_spans))]
     ends = [max(s, e - 1) for s, e in char_spans]
     if grain == "line":
-        line_starts = [0] + [i + 1 for i, ch in enumerate(doc.text) if ch == "\n"]
-        return [(tag, "line", bisect.bisect_right(line_starts, end) - 1) for end in ends]
+        lines = np.searchsorted(doc.line_char, ends, side="right") - 1  # the document's own line table
+        return [(tag, "line", int(line)) for line in lines]
     units = doc.unit_of_bytes(char_to_byte_offsets(doc.text, ends))
     if grain == "top":
         return [(tag, "top", doc.units[u].top) for u in units]

@@ -22,6 +22,9 @@ from tree_sitter import Node, QueryCursor, Tree
 
 from .languages import Grammar
 
+# what a unit is for the positions (``positions.token_unit_keys``): the run of one innermost definition,
+# the whole top-level run it lies in, or one line
+UNIT_GRAINS = ("definition", "top", "line")
 UNIT_KINDS = frozenset({"class", "function", "method", "interface", "module", "type", "macro"})
 WRAPPERS = frozenset({"decorated_definition", "export_statement", "template_declaration"})
 

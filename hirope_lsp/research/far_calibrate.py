@@ -21,8 +21,8 @@ perplexities); ties go to the smaller ``b`` (constant before log).  ``b = 0`` is
 
 Per layer (``per_layer=True``): from the chosen uniform ``b``, one pass over the layers, each layer's
 value tried at ``b`` times each of ``layer_factors`` with the others held, the lowest kept where it
-beats the setting so far; those rows join the table and the choice, and a per-layer setting wins a tie
-only against nothing (uniform first).
+beats the setting so far; those rows join the table and the choice, and a tie goes to the uniform
+setting.
 
     result = calibrate_far_bias(load_model(dir), files, multiples=(16, 32), windows=6)
     write_far_bias(model_dir, result)  # training.json["far_bias"], read by loading.recommended_far_bias
@@ -75,6 +75,11 @@ class Setting:
     @property
     def label(self) -> str:
         return f"{self.mode}:{bias_text(self.value)}"
+
+    @property
+    def recorded(self) -> float | list[float]:
+        """The value as the table and the card hold it (JSON: a list per layer)."""
+        return list(self.value) if isinstance(self.value, tuple) else self.value
 
     @property
     def order(self) -> tuple:
@@ -152,8 +157,7 @@ def choose(table: list[dict], tolerance: float = 1e-9) -> dict:
 
 
 def _setting_row(setting: Setting, rows: list[dict]) -> dict:
-    value = list(setting.value) if isinstance(setting.value, tuple) else setting.value
-    return {"setting": setting.label, "mode": setting.mode, "value": value,
+    return {"setting": setting.label, "mode": setting.mode, "value": setting.recorded,
             **_summary([r for r in rows if r["method"] == setting.label])}
 
 
@@ -238,8 +242,7 @@ def calibrate_far_bias(loaded, files: list[Path], *, multiples=DEFAULT_MULTIPLES
             "multiples": [_number(x) for x in multiples if x in measured],
             "missing_multiples": [_number(x) for x in multiples if x not in measured],
             "windows": windows, "seed": seed, "measure": f"ppl of the last {L} tokens of each window",
-            "grid": [{"mode": s.mode, "value": list(s.value) if isinstance(s.value, tuple) else s.value}
-                     for s in settings],
+            "grid": [{"mode": s.mode, "value": s.recorded} for s in settings],
             "table": table, "truncate": truncate,
             "chosen": {"value": chosen["value"], "mode": chosen["mode"], "setting": chosen["setting"],
                        "ppl": chosen["ppl"], "plain_hirope_ppl": plain["ppl"], "truncate_ppl": truncate["ppl"],
