@@ -94,6 +94,21 @@ def _far_bias(text: str) -> float | list[float]:
 FAR_BIAS_MODES = ("constant", "log")  # as in model/rope.py, which the parser does not import (torch)
 
 
+def _copy_settings(text: str) -> tuple:
+    from .model.copying import CopySettings
+
+    out = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        weight, _, order = item.partition("/")
+        try:
+            copy = CopySettings(weight=float(weight), min_order=int(order or 2))
+            copy.validate()
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(f"copy model {item!r}: {error}") from None
+        out.append(copy)
+    return tuple(out)
+
+
 def _add_far_bias(p) -> None:
     p.add_argument("--far-bias", type=_far_bias, default=None,
                    help="prior against far keys, subtracted from the score of every key beyond the window "
@@ -202,10 +217,14 @@ def _add_eval(sub) -> None:
     perplexity.add_argument("--units", default=UNIT_GRAINS[0], choices=UNIT_GRAINS,
                             help="what a syntax unit is for hierarchical methods: the run of one innermost "
                                  "definition, the whole top-level run (a class with its methods), or one line")
+    perplexity.add_argument("--copy", default="", type=_copy_settings,
+                            help="copy models to mix in, each a row per method: WEIGHT/MIN_ORDER, comma-separated "
+                                 "(0.3/2: up to 30 %% of the mixture from what followed the last 2+ tokens before)")
     completion = esub.choices["completion"]
     completion.add_argument("--methods", default="hirope,truncate,rope,rerope,hirope-fixed")
     completion.add_argument("--prompt-x", type=int, default=4, help="prompt length as a multiple of the training length")
     completion.add_argument("--samples", type=int, default=40)
+    completion.add_argument("--copy", default="", type=_copy_settings, help="as for perplexity: a row per copy model")
     completion.add_argument("--max-files", type=int, default=None,
                             help="draw the lines from at most this many files (by the seed): for large packages")
     from .research.far_eval import register_cli
@@ -237,7 +256,7 @@ def _run_eval(args) -> int:
     if args.eval == "perplexity":
         lengths = (1, 2) if args.quick else tuple(float(x) for x in args.lengths_x.split(","))
         report = evaluate.eval_perplexity(args.data, args.model, methods, lengths, 1 if args.quick else args.windows,
-                                          args.seed, base, units=args.units)
+                                          args.seed, base, units=args.units, copies=args.copy)
         evaluate.print_table(report, "ppl")
         evaluate.print_table(report, "ppl_last")
         if args.plot:
@@ -245,7 +264,7 @@ def _run_eval(args) -> int:
     else:
         report = evaluate.eval_completion(args.data, args.model, methods, 2 if args.quick else args.prompt_x,
                                           4 if args.quick else args.samples, args.seed, base,
-                                          max_files=args.max_files)
+                                          max_files=args.max_files, copies=args.copy)
         print(f"next-line completion, prompts of {report['prompt_tokens']} tokens (trained on {report['train_length']})")
         print(f"{'method':<14}{'prompt':>8}{'EM':>8}{'ES':>8}{'ES far':>8}")
         for r in report["results"]:

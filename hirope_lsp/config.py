@@ -161,6 +161,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(key="lookupTokens", target="engine.lookup_tokens", type="integer", minimum=0, maximum=16,
             doc="Draft tokens copied from the text already seen (prompt lookup) and checked in one step while "
                 "decoding; the suggestion is the same, in fewer steps. 0: one token per step."),
+    Setting(key="copyWeight", target="engine.copy_weight", type=("number", "null"), minimum=0, maximum=0.95,
+            shown_default="the model's", editor_null=True,
+            doc="Most of each next-token distribution taken from a copy model of the prompt (what followed the "
+                "last few tokens where they occurred before, anywhere in the file or workspace context): names "
+                "seen far away get copied; 0: off; null: the value the model's card records, else 0."),
+    Setting(key="copyMinOrder", target="engine.copy_min_order", type=("integer", "null"), minimum=1, maximum=4,
+            shown_default="the model's", editor_null=True,
+            doc="Shortest run of tokens whose earlier occurrences the copy model trusts; null: the model's card, else 2."),
     Setting(key="cacheBudgetMb", target="engine.cache_budget_mb", type="integer", minimum=0,
             doc="Memory in MiB for KV state kept between requests (across documents, the least recently "
                 "used goes first)."),

@@ -306,6 +306,7 @@ class Session:
         if new.engine.rope != old.engine.rope:
             self.worker.submit(engine.reconfigure_rope, new.engine.rope)
         engine.settings.lookup_tokens = new.engine.lookup_tokens
+        engine.settings.copy_weight, engine.settings.copy_min_order = new.engine.copy_weight, new.engine.copy_min_order
         engine.pool.enabled = new.engine.reuse_cache
         engine.pool.budget_bytes = new.engine.cache_budget_mb << 20
         service.builder.settings = new.context

@@ -134,7 +134,9 @@ def _sample(s):
     if "string" in s.types:
         return "/models/coder"
     integer = "integer" in s.types
-    if default is None:
+    if default is None and not integer and s.minimum is not None and s.maximum is not None:
+        value = (s.minimum + s.maximum) / 2  # a fraction's range may be narrower than 1
+    elif default is None:
         value = s.minimum + 1 if s.minimum is not None else s.maximum - 1 if s.maximum is not None else 64
     else:
         value = default + 1 if s.maximum is None or default + 1 <= s.maximum else default - 1

@@ -12,7 +12,8 @@ from typing import Callable
 import torch
 
 from .cache import CacheCounters, KVCachePool
-from .loading import load_model
+from .copying import CopyModel, CopySettings, mix_scores
+from .loading import load_model, recommended_copy
 from .lookup import PromptLookup
 from .patch import attach, cut_layers, decoder_layers, trained_length
 from .rope import RopeMethodConfig
@@ -46,6 +47,10 @@ class EngineSettings:
     # draft tokens from prompt lookup checked per decoding forward; 0 (one token each): on two CPU cores a
     # step of 5 rows costs ~1.6 single ones and 24 tokens took 14 steps, no faster (README, Benchmarks)
     lookup_tokens: int = 0
+    # the copy model mixed into each step's distribution (model/copying.py): its most weight (0: off; None:
+    # the model card's, else off) and the shortest context it trusts
+    copy_weight: float | None = None
+    copy_min_order: int | None = None
 
 
 @dataclass
@@ -121,6 +126,7 @@ class Engine:
             tid = self.tokenizer.get_vocab().get(name)
             if tid is not None:
                 self.eos_ids.add(tid)
+        self.recommended_copy = recommended_copy(self.model)
         self.speed = Speed()
         if settings.measure_speed:
             self.measure_speed()
@@ -180,6 +186,21 @@ class Engine:
             if marker in ids:
                 return len(ids) - 1 - ids[::-1].index(marker)
         return len(ids) - 1
+
+    def copy_settings(self) -> CopySettings:
+        """The copy model's settings: what the user set, else what the model's card records, else off."""
+        card = self.recommended_copy or CopySettings()
+        s = self.settings
+        copy = CopySettings(weight=card.weight if s.copy_weight is None else s.copy_weight,
+                            min_order=card.min_order if s.copy_min_order is None else s.copy_min_order)
+        copy.validate()
+        return copy
+
+    def copy_model(self, ids: list[int], copy: CopySettings) -> CopyModel:
+        """The copy model over a prompt, the prefix last (what it is continued from): a fill-in-the-middle
+        prompt's suffix and markers move before it."""
+        end = self.prefix_end(ids) if ids and ids[-1] in self.tokenizer.all_special_ids else len(ids)
+        return CopyModel(ids[end:] + ids[:end], copy)
 
     @property
     def description(self) -> str:
@@ -310,6 +331,8 @@ class Engine:
                 drafts = self.settings.lookup_tokens and not (self.handle.method.factor_from_input or self.handle.dynamic)
                 lookup = PromptLookup(ids[-LOOKUP_PROMPT_TOKENS:], self.settings.lookup_tokens) if drafts else None
                 rows, draft = logits[0, -1:], []  # rows[i] scores the token after draft[:i]
+                copy = self.copy_settings()
+                copier = self.copy_model(ids, copy) if copy.enabled else None
                 decode_start = time.perf_counter()
                 while stopped_by is None and max_new_tokens > 0:
                     if cancelled():
@@ -323,12 +346,17 @@ class Engine:
                         if suppress_eos:
                             scores = scores.clone()
                             scores[list(self.eos_ids)] = float("-inf")
+                        scores = torch.log_softmax(scores.float(), dim=-1)
+                        if copier is not None:
+                            scores = mix_scores(scores, copier.predict(), copy)
                         next_id = int(scores.argmax())
                         if next_id in self.eos_ids:
                             stopped_by = "eos"
                             break
                         out.append(next_id)
-                        logprobs.append(float(torch.log_softmax(scores.float(), dim=-1)[next_id]))
+                        if copier is not None:
+                            copier.extend([next_id])
+                        logprobs.append(float(scores[next_id]))
                         text = self.tokenizer.decode(out, skip_special_tokens=True)[len(healed):]
                         if should_stop is not None and should_stop(text):
                             stopped_by = "rule"

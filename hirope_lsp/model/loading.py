@@ -134,6 +134,27 @@ def recommended_far_bias(lm) -> tuple[float | tuple[float, ...], str] | None:
     return (tuple(float(v) for v in value) if isinstance(value, list) else float(value)), mode
 
 
+def recommended_copy(lm):
+    """The copy model's settings chosen for this model on held-out code, where its ``training.json``
+    records them (``copy``: ``{"weight": w, "min_order": n}``, written by ``hirope-lsp calibrate copy
+    --write``); None for any other model or an unreadable record."""
+    from .copying import CopySettings
+
+    card, record = _card_entry(lm, "copy", "copy model")
+    if record is None:
+        return None
+    try:
+        weight, order = record["weight"], record.get("min_order", CopySettings.min_order)
+        if isinstance(weight, bool) or isinstance(order, bool) or not isinstance(order, int):
+            raise TypeError(record)
+        settings = CopySettings(weight=float(weight), min_order=order)
+        settings.validate()
+    except (KeyError, TypeError, ValueError, AttributeError):
+        log.warning("ignoring the copy model recorded in %s: %r", card, record)
+        return None
+    return settings
+
+
 def recommended_min_confidence(lm) -> float | None:
     """The confidence gate chosen for this model on held-out code, where its ``training.json`` records one
     (``min_confidence``, written by ``hirope-lsp calibrate confidence --write``): a mean log-probability

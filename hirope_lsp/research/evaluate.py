@@ -21,6 +21,7 @@ import torch
 from ..hierarchy.document import Document
 from ..hierarchy.languages import language_for_path
 from ..hierarchy.positions import positions_from_unit_keys, token_unit_keys
+from ..model.copying import CopyModel, CopySettings, mix_probability
 from ..model.loading import load_model
 from ..model.patch import attach, trained_length
 from ..model.methods import method_names, position_method
@@ -150,11 +151,28 @@ def truncated_nll(model, ids: torch.Tensor, train_len: int) -> torch.Tensor:
     return nll
 
 
+def copy_label(method: str, copy: CopySettings) -> str:
+    return f"{method}+copy:{copy.weight:g}/{copy.min_order}"
+
+
+def copied_nll(ids: list[int], nll: torch.Tensor, copy: CopySettings, span: int | None) -> torch.Tensor:
+    """``nll`` (of tokens 1..T-1) with the copy model mixed in, the copy model reading the ``span`` tokens
+    before each target (None: all of them), as much as the method itself reads."""
+    model = CopyModel(ids, copy)
+    p_model = torch.exp(-nll.double())
+    out = torch.empty_like(nll)
+    for t in range(1, len(ids)):
+        prediction = model.predict(end=t, start=0 if span is None else max(0, t - span))
+        out[t - 1] = -math.log(max(mix_probability(p_model[t - 1], prediction, ids[t], copy), 1e-30))
+    return out
+
+
 def eval_perplexity(data: list[Path] | None = None, model: str | None = None, methods=None,
                     lengths_x=(1, 4, 16, 32), max_windows: int = 4, seed: int = 0, base: RopeMethodConfig | None = None,
-                    device: str = "cpu", units: str = "definition") -> dict:
+                    device: str = "cpu", units: str = "definition", copies: tuple[CopySettings, ...] = ()) -> dict:
     """Perplexity by method and length; ``units``: what a syntax unit is for the hierarchical methods
-    (the windows are the same text whatever it is, so runs at different grains compare row by row)."""
+    (the windows are the same text whatever it is, so runs at different grains compare row by row);
+    each of ``copies`` adds a row per method with that copy model mixed in."""
     lm, tokenizer, fim = load_model(model, device=device, dtype="float32")
     train_len = trained_length(lm.config)
     base = base or RopeMethodConfig()
@@ -170,8 +188,9 @@ def eval_perplexity(data: list[Path] | None = None, model: str | None = None, me
             log.warning("no window of %d tokens in the data", length)
             continue
         for method in methods:
-            total = torch.zeros(0)
-            last = torch.zeros(0)
+            variants = [(method, None)] + [(copy_label(method, c), c) for c in copies]
+            total = {label: torch.zeros(0) for label, _ in variants}
+            last = {label: torch.zeros(0) for label, _ in variants}
             t0 = time.time()
             for kind, name, ids, keys in windows:
                 ids_t = torch.tensor([ids], device=lm.device)
@@ -183,14 +202,18 @@ def eval_perplexity(data: list[Path] | None = None, model: str | None = None, me
                         nll = token_nll(handle, ids_t, positions_for(method, keys, length))
                     finally:
                         handle.detach()
-                total = torch.cat([total, nll.cpu()])
-                last = torch.cat([last, nll[-min(len(nll), train_len):].cpu()])
-            row = {"method": method, "length": length, "x": x, "windows": len(windows),
-                   "ppl": math.exp(total.mean().item()), "ppl_last": math.exp(last.mean().item()),
-                   "seconds": time.time() - t0}
-            results.append(row)
-            log.info("%-12s %6d tokens: ppl %.2f, last %.2f (%.0f s)", method, length, row["ppl"], row["ppl_last"],
-                     row["seconds"])
+                nll = nll.cpu()
+                for label, copy in variants:
+                    mixed = nll if copy is None else copied_nll(ids, nll, copy, train_len if method == TRUNCATE else None)
+                    total[label] = torch.cat([total[label], mixed])
+                    last[label] = torch.cat([last[label], mixed[-min(len(mixed), train_len):]])
+            for label, _ in variants:
+                row = {"method": label, "length": length, "x": x, "windows": len(windows),
+                       "ppl": math.exp(total[label].mean().item()), "ppl_last": math.exp(last[label].mean().item()),
+                       "seconds": time.time() - t0}
+                results.append(row)
+                log.info("%-12s %6d tokens: ppl %.2f, last %.2f (%.0f s)", label, length, row["ppl"], row["ppl_last"],
+                         row["seconds"])
     return {"train_length": train_len, "model": model or "default", "data": [str(d) for d in (data or default_eval_data())],
             "settings": {"window": base.window, "split": base.split, "token_index": base.token_index,
                          "far_bias": base.far_bias, "far_bias_mode": base.far_bias_mode, "units": units},
@@ -310,8 +333,10 @@ def repeats_line(text: str, prompt: str) -> bool:
 
 def eval_completion(data: list[Path] | None = None, model: str | None = None, methods=("hirope", "truncate", "rope", "rerope"),
                     prompt_x: int = 4, count: int = 40, seed: int = 0, base: RopeMethodConfig | None = None,
-                    max_new_tokens: int = 32, max_files: int | None = None) -> dict:
-    """Next-line completion through the server's session (no cross-file context, no suffix: LCC's task)."""
+                    max_new_tokens: int = 32, max_files: int | None = None,
+                    copies: tuple[CopySettings, ...] = ()) -> dict:
+    """Next-line completion through the server's session (no cross-file context, no suffix: LCC's task);
+    each method also with each of ``copies`` mixed in."""
     from .far_eval import Completer, MethodSpec
 
     loaded = load_model(model, device="cpu", dtype="float32")
@@ -322,8 +347,10 @@ def eval_completion(data: list[Path] | None = None, model: str | None = None, me
     samples = completion_samples(tokenizer, collect_files(data or default_eval_data()), prompt_tokens, train_len,
                                  count, seed, max_files)
     results = []
-    for method in methods:
-        spec = MethodSpec(method, method, base.far_bias, base.far_bias_mode)
+    specs = [MethodSpec(label, method, base.far_bias, base.far_bias_mode, copy=copy or CopySettings())
+             for method in methods for label, copy in [(method, None)] + [(copy_label(method, c), c) for c in copies]]
+    for spec in specs:
+        method = spec.name
         completer = Completer(loaded, spec, prompt_tokens, None, max_new_tokens, base=base,
                               context={"cross_file": False, "suffix_share": 0.0})
         exact, sims, far_sims, loops, shown_repeats, predictions = 0, [], [], 0, 0, []

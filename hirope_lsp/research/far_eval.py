@@ -80,6 +80,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from ..model.copying import CopySettings
+
 log = logging.getLogger(__name__)
 
 SPLITS = ("near", "far_file", "other_file")
@@ -464,6 +466,7 @@ class MethodSpec:
     far_bias: float | tuple[float, ...] | None = 0.0  # None: the model card's; a tuple: one per layer
     far_bias_mode: str = "constant"
     prompt: str = "raw"  # a prompt variant: raw, or PROMPT_VARIANTS joined by "+" ("outline+similar")
+    copy: CopySettings | None = field(default_factory=CopySettings)  # the copy model (off); None: the card's
 
 
 def bias_text(value) -> str:
@@ -631,6 +634,8 @@ class Completer:
                             min_confidence=GATE_OFF)
         settings.engine.rope = rope_config(spec, self.train_length, max(self.budget, self.train_length), base)
         settings.engine.measure_speed = False
+        if spec.copy is not None:
+            settings.engine.copy_weight, settings.engine.copy_min_order = spec.copy.weight, spec.copy.min_order
         settings.context.budget_tokens = self.budget
         for name, value in {**prompt_context(spec.prompt), **(context or {})}.items():
             setattr(settings.context, name, value)

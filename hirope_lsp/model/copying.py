@@ -1,0 +1,108 @@
+"""A copy model over the text already seen (a cache n-gram model, Hellendoorn & Devanbu 2017): where the
+last few tokens occurred before in the prompt, the tokens that followed them there, counted.  Mixed into
+the network's next-token distribution it lets a name seen anywhere in the prompt, thousands of tokens
+back, be copied even where the attention of a small model does not pick it up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+MAX_ORDER = 4
+
+
+@dataclass
+class CopySettings:
+    weight: float = 0.0  # most of the mixture the copy model may take; 0: off
+    min_order: int = 2  # shortest context (in tokens) whose occurrences are trusted
+    max_order: int = MAX_ORDER
+
+    @property
+    def enabled(self) -> bool:
+        return self.weight > 0
+
+    def validate(self) -> None:
+        if not 0 <= self.weight < 1:
+            raise ValueError(f"copy weight {self.weight} must be in [0, 1)")
+        if not 1 <= self.min_order <= self.max_order:
+            raise ValueError(f"copy orders {self.min_order}..{self.max_order}: need 1 <= min <= max")
+
+
+@dataclass(frozen=True)
+class CopyPrediction:
+    token_ids: np.ndarray  # the distinct tokens that followed the context
+    probs: np.ndarray  # their share of the occurrences
+    order: int  # context length matched
+    count: int  # occurrences of the context
+
+    def mixture_weight(self, settings: CopySettings) -> float:
+        """The copy model's share: grows with the evidence, c / (c + 1) of the most allowed."""
+        return settings.weight * self.count / (self.count + 1)
+
+
+class CopyModel:
+    """Tokens seen so far, searched for the longest recent context (vectorized: no index to build, so a
+    prompt that changes at every keystroke costs nothing until a suggestion is decoded)."""
+
+    def __init__(self, tokens, settings: CopySettings):
+        self.settings = settings
+        self._tokens = np.asarray(tokens, dtype=np.int64)
+        self._length = len(self._tokens)
+
+    def extend(self, tokens) -> None:
+        tokens = np.asarray(tokens, dtype=np.int64)
+        if self._length + len(tokens) > len(self._tokens):
+            grown = np.empty(max(2 * len(self._tokens), self._length + len(tokens)), dtype=np.int64)
+            grown[: self._length] = self._tokens[: self._length]
+            self._tokens = grown
+        self._tokens[self._length : self._length + len(tokens)] = tokens
+        self._length += len(tokens)
+
+    def predict(self, end: int | None = None, start: int = 0) -> CopyPrediction | None:
+        """What follows the ``max_order``..``min_order`` tokens before ``end`` (default: all seen), from
+        their occurrences within ``tokens[start:end]``: the longest order that occurred wins."""
+        end = self._length if end is None else end
+        seq = self._tokens[start:end]
+        s = self.settings
+        for order in range(min(s.max_order, len(seq) - 1), s.min_order - 1, -1):
+            context = seq[len(seq) - order :]
+            # occurrences ending at i (i < len - 1, so a token follows them there)
+            match = seq[order - 1 : len(seq) - 1] == context[-1]
+            for back in range(1, order):
+                match &= seq[order - 1 - back : len(seq) - 1 - back] == context[-1 - back]
+            hits = np.flatnonzero(match)
+            if len(hits):
+                following = seq[hits + order]
+                ids, counts = np.unique(following, return_counts=True)
+                return CopyPrediction(ids, counts / counts.sum(), order, len(hits))
+        return None
+
+
+def mix_probability(model_prob, prediction: CopyPrediction | None, target: int, settings: CopySettings) -> float:
+    """p(target) under the mixture, from the network's p(target)."""
+    if prediction is None:
+        return float(model_prob)
+    lam = prediction.mixture_weight(settings)
+    at = np.flatnonzero(prediction.token_ids == target)
+    copied = float(prediction.probs[at[0]]) if len(at) else 0.0
+    return (1 - lam) * float(model_prob) + lam * copied
+
+
+def mix_scores(logprobs: torch.Tensor, prediction: CopyPrediction | None, settings: CopySettings) -> torch.Tensor:
+    """Log-probabilities of the mixture from the network's (``-inf`` where a token is not allowed: the copy
+    model's share goes only to allowed tokens, renormalized; none allowed: the network's alone)."""
+    if prediction is None:
+        return logprobs
+    ids = torch.from_numpy(prediction.token_ids).to(logprobs.device)
+    copied = torch.from_numpy(prediction.probs).to(logprobs)
+    allowed = torch.isfinite(logprobs[ids])
+    if not bool(allowed.any()):
+        return logprobs
+    copied = torch.where(allowed, copied, torch.zeros_like(copied))
+    copied = copied / copied.sum()
+    lam = prediction.mixture_weight(settings)
+    mixed = logprobs.exp() * (1 - lam)
+    mixed[ids] += lam * copied
+    return mixed.log()

@@ -1,0 +1,125 @@
+"""The copy model (what followed the last tokens where they occurred before) and its mixture into decoding."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from hirope_lsp.model.copying import CopyModel, CopySettings, mix_probability, mix_scores
+from hirope_lsp.model.engine import Engine, EngineSettings, Prompt
+from hirope_lsp.model.loading import load_model, recommended_copy
+from hirope_lsp.model.rope import RopeMethodConfig, plain_positions
+
+ON = CopySettings(weight=0.5, min_order=2)
+
+
+def test_the_longest_context_that_occurred_wins():
+    model = CopyModel([7, 1, 2, 3, 9, 4, 2, 3, 8, 5, 1, 2, 3], ON)
+    first = model.predict()
+    assert (first.order, first.count) == (3, 1)  # (1, 2, 3) once before, followed by 9
+    assert first.token_ids.tolist() == [9] and first.probs.tolist() == [1.0]
+    shorter = model.predict(end=8)  # ... 4, 2, 3: only (2, 3) occurred, followed by 9
+    assert (shorter.order, shorter.count, shorter.token_ids.tolist()) == (2, 1, [9])
+    both = CopyModel([2, 3, 9, 2, 3, 8, 2, 3], ON).predict()
+    assert both.token_ids.tolist() == [8, 9] and both.probs.tolist() == [0.5, 0.5] and both.count == 2
+
+
+def test_what_the_copy_model_may_read_is_bounded():
+    seq = [1, 2, 3, 9] + [0] * 20 + [1, 2, 3]
+    model = CopyModel(seq, ON)
+    assert model.predict().token_ids.tolist() == [9]
+    assert model.predict(start=10) is None  # the occurrence lies before the span it may read
+    assert CopyModel([5, 6], ON).predict() is None
+    assert CopyModel([4, 1, 9, 1], CopySettings(weight=0.5, min_order=2)).predict() is None  # one token: not trusted
+    assert CopyModel([4, 1, 9, 1], CopySettings(weight=0.5, min_order=1)).predict().token_ids.tolist() == [9]
+
+
+def test_extending_is_reading_the_whole_sequence():
+    whole = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2, 3, 8, 4, 6, 2, 6, 4, 3, 3, 8, 3, 2, 7, 9, 5]
+    grown = CopyModel(whole[:3], CopySettings(weight=0.5, min_order=1))
+    for token in whole[3:]:
+        grown.extend([token])
+    fresh = CopyModel(whole, CopySettings(weight=0.5, min_order=1))
+    for end in range(2, len(whole) + 1):
+        a, b = grown.predict(end=end), fresh.predict(end=end)
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert (a.order, a.count, a.token_ids.tolist(), a.probs.tolist()) == \
+                   (b.order, b.count, b.token_ids.tolist(), b.probs.tolist())
+
+
+def test_the_mixture_is_a_distribution_that_keeps_disallowed_tokens_out():
+    scores = torch.randn(10, generator=torch.Generator().manual_seed(0))
+    scores[3] = float("-inf")  # e.g. token healing allows only some tokens
+    logprobs = torch.log_softmax(scores, dim=-1)
+    prediction = CopyModel([1, 2, 3, 1, 2, 5, 1, 2], ON).predict()  # 3 and 5 followed (1, 2)
+    mixed = mix_scores(logprobs, prediction, ON)
+    assert math.isclose(float(mixed.exp().sum()), 1.0, rel_tol=1e-5)
+    assert mixed[3] == float("-inf")
+    lam = ON.weight * 2 / 3
+    # 3 is not allowed: 5 takes all of the copy model's share
+    assert math.isclose(float(mixed[5].exp()), (1 - lam) * float(logprobs[5].exp()) + lam, rel_tol=1e-5)
+    assert torch.equal(mix_scores(logprobs, None, ON), logprobs)
+    # where every copied token is allowed, the same probability as the perplexity evaluation computes
+    free = torch.log_softmax(torch.randn(10, generator=torch.Generator().manual_seed(1)), dim=-1)
+    for token in (3, 5, 0):
+        assert math.isclose(mix_probability(float(free[token].exp()), prediction, token, ON),
+                            float(mix_scores(free, prediction, ON)[token].exp()), rel_tol=1e-5)
+    nothing_allowed = torch.full((10,), float("-inf"))
+    nothing_allowed[0] = 0.0
+    assert torch.equal(mix_scores(nothing_allowed, prediction, ON), nothing_allowed)
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return load_model(None, device="cpu", dtype="float32")
+
+
+def _prompt(engine, ids):
+    return Prompt("file:///w/copy.py", ids, plain_positions(len(ids))[0])
+
+
+def test_decoding_copies_a_run_seen_far_back_when_the_copy_model_weighs_enough(loaded):
+    tokenizer = loaded[1]
+    vocab = len(tokenizer)
+    rng = np.random.default_rng(0)
+    run = rng.integers(300, vocab - 300, 12).tolist()  # tokens no text makes: the network cannot guess them
+    ids = run + rng.integers(300, vocab - 300, 200).tolist() + run[:4]
+    rope = RopeMethodConfig(window=64)
+    off = Engine(EngineSettings(rope=rope, measure_speed=False, copy_weight=0.0), loaded=loaded)
+    plain = off.generate(_prompt(off, ids), max_new_tokens=6, heal=False, suppress_eos=True)
+    assert plain.token_ids != run[4:10]
+    on = Engine(EngineSettings(rope=rope, measure_speed=False, copy_weight=0.9, copy_min_order=2), loaded=loaded)
+    copied = on.generate(_prompt(on, ids), max_new_tokens=6, heal=False, suppress_eos=True)
+    assert copied.token_ids == run[4:10]
+    assert all(lp <= 0 for lp in copied.token_logprobs) and copied.confidence > plain.confidence
+
+
+def test_the_default_model_card_sets_the_copy_model_and_settings_override_it(loaded):
+    engine = Engine(EngineSettings(measure_speed=False), loaded=loaded)
+    card = recommended_copy(loaded[0])
+    assert engine.copy_settings() == (card or CopySettings())
+    engine.settings.copy_weight, engine.settings.copy_min_order = 0.2, 3
+    assert engine.copy_settings() == CopySettings(weight=0.2, min_order=3)
+    engine.settings.copy_weight = 1.5
+    with pytest.raises(ValueError):
+        engine.copy_settings()
+
+
+def test_a_bad_card_record_is_ignored(tmp_path, loaded):
+    import json
+
+    card = tmp_path / "training.json"
+
+    class Config:
+        _name_or_path = str(tmp_path)
+
+    class Model:
+        config = Config()
+
+    for record in ({"weight": 2}, {"weight": "x"}, {"min_order": 2}, [0.3], {"weight": 0.3, "min_order": True}):
+        card.write_text(json.dumps({"copy": record}))
+        assert recommended_copy(Model()) is None, record
+    card.write_text(json.dumps({"copy": {"weight": 0.3, "min_order": 3}}))
+    assert recommended_copy(Model()) == CopySettings(weight=0.3, min_order=3)
