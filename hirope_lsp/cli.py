@@ -101,7 +101,7 @@ def _copy_settings(text: str) -> tuple:
     for item in filter(None, (part.strip() for part in text.split(","))):
         weight, _, order = item.partition("/")
         try:
-            copy = CopySettings(weight=float(weight), min_order=int(order or 2))
+            copy = CopySettings(weight=float(weight), min_order=int(order or CopySettings.min_order))
             copy.validate()
         except ValueError as error:
             raise argparse.ArgumentTypeError(f"copy model {item!r}: {error}") from None
@@ -277,15 +277,20 @@ def _run_eval(args) -> int:
 def _add_calibrate(sub) -> None:
     p = sub.add_parser("calibrate", help="choose a model's settings on held-out code and record them with the model")
     csub = p.add_subparsers(dest="calibrate", required=True)
-    from .research import confidence_calibrate, far_calibrate
+    from .research import confidence_calibrate, copy_calibrate, far_calibrate
 
     far_calibrate.register_cli(csub)
     confidence_calibrate.register_cli(csub)
+    copy_calibrate.register_cli(csub)
 
 
 def _run_calibrate(args) -> int:
     if args.calibrate == "confidence":
         from .research.confidence_calibrate import run_cli
+
+        return run_cli(args)
+    if args.calibrate == "copy":
+        from .research.copy_calibrate import run_cli
 
         return run_cli(args)
     from .research.far_calibrate import run_cli

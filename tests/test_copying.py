@@ -57,7 +57,7 @@ def test_the_mixture_is_a_distribution_that_keeps_disallowed_tokens_out():
     mixed = mix_scores(logprobs, prediction, ON)
     assert math.isclose(float(mixed.exp().sum()), 1.0, rel_tol=1e-5)
     assert mixed[3] == float("-inf")
-    lam = ON.weight * 2 / 3
+    lam = ON.weight * 2 / 3 * 2 / 4  # two occurrences of a context of 2 tokens (of at most 4)
     # 3 is not allowed: 5 takes all of the copy model's share
     assert math.isclose(float(mixed[5].exp()), (1 - lam) * float(logprobs[5].exp()) + lam, rel_tol=1e-5)
     assert torch.equal(mix_scores(logprobs, None, ON), logprobs)
@@ -123,3 +123,42 @@ def test_a_bad_card_record_is_ignored(tmp_path, loaded):
         assert recommended_copy(Model()) is None, record
     card.write_text(json.dumps({"copy": {"weight": 0.3, "min_order": 3}}))
     assert recommended_copy(Model()) == CopySettings(weight=0.3, min_order=3)
+
+
+def test_a_weight_is_chosen_only_when_it_gains_enough():
+    from hirope_lsp.research.copy_calibrate import choose_copy
+
+    rows = [{"method": "hirope+copy:0/1", "edit_similarity": 24.0}, {"method": "hirope+copy:0.3/1", "edit_similarity": 24.3},
+            {"method": "hirope+copy:0.5/1", "edit_similarity": 25.1}]
+    assert choose_copy({"results": rows}, 0.5)["chosen"] is rows[2]
+    assert choose_copy({"results": rows}, 2.0)["chosen"] is rows[0], "a gain below --min-gain keeps it off"
+    assert choose_copy({"results": rows[:1]}, 0.5)["chosen"] is rows[0]
+
+
+def test_calibrate_copy_writes_the_card_the_server_reads(tmp_path, capsys):
+    import json
+    import shutil
+
+    from hirope_lsp import cli
+    from hirope_lsp.model.loading import DEFAULT_MODEL_DIR
+
+    model = tmp_path / "model"
+    shutil.copytree(DEFAULT_MODEL_DIR, model)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    body = "".join(f"def helper_{k}(value, scale={k}):\n    total = value * scale + {k}\n    return total\n\n\n"
+                   for k in range(60))
+    (corpus / "helpers.py").write_text("import os\n\n\n" + body + "def main():\n    return helper_3(1)\n")
+    argv = ["calibrate", "copy", "--model", str(model), "--corpus", str(corpus), "--samples", "4", "--prompt-x", "1",
+            "--grid", "0.5/1", "--min-gain", "-100", "--json", str(tmp_path / "copy.json")]
+    assert cli.main(argv + ["--write"]) == 0
+    out = capsys.readouterr().out
+    assert "hirope+copy:0/1" in out and "hirope+copy:0.5/1" in out and "<- chosen" in out
+    record = json.loads((model / "training.json").read_text())["copy"]
+    assert (record["weight"], record["min_order"], record["chosen_on"]) == (0.5, 1, "corpus")
+    assert set(record["grid"]) == {"hirope+copy:0/1", "hirope+copy:0.5/1"}
+    lm, _, _ = load_model(str(model), device="cpu", dtype="float32")
+    assert recommended_copy(lm) == CopySettings(weight=0.5, min_order=1)
+    assert cli.main(["calibrate", "copy", "--corpus", str(corpus), "--grid", "2/1"]) == 2
+    assert cli.main(["calibrate", "copy", "--corpus", str(tmp_path / "none")]) == 2
+    assert "hirope-lsp:" in capsys.readouterr().err

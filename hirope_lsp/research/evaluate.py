@@ -334,9 +334,10 @@ def repeats_line(text: str, prompt: str) -> bool:
 def eval_completion(data: list[Path] | None = None, model: str | None = None, methods=("hirope", "truncate", "rope", "rerope"),
                     prompt_x: int = 4, count: int = 40, seed: int = 0, base: RopeMethodConfig | None = None,
                     max_new_tokens: int = 32, max_files: int | None = None,
-                    copies: tuple[CopySettings, ...] = ()) -> dict:
+                    copies: tuple[CopySettings, ...] = (), plain: bool = True) -> dict:
     """Next-line completion through the server's session (no cross-file context, no suffix: LCC's task);
-    each method also with each of ``copies`` mixed in."""
+    each method also with each of ``copies`` mixed in (``0/1``: the copy model off); ``plain=False``: only
+    those."""
     from .far_eval import Completer, MethodSpec
 
     loaded = load_model(model, device="cpu", dtype="float32")
@@ -347,8 +348,10 @@ def eval_completion(data: list[Path] | None = None, model: str | None = None, me
     samples = completion_samples(tokenizer, collect_files(data or default_eval_data()), prompt_tokens, train_len,
                                  count, seed, max_files)
     results = []
-    specs = [MethodSpec(label, method, base.far_bias, base.far_bias_mode, copy=copy or CopySettings())
-             for method in methods for label, copy in [(method, None)] + [(copy_label(method, c), c) for c in copies]]
+    # each method as the server runs it (the card's far bias and copy model), then with each copy model
+    specs = [MethodSpec(label, method, base.far_bias, base.far_bias_mode, copy=copy)
+             for method in methods
+             for label, copy in [(method, None)] * plain + [(copy_label(method, c), c) for c in copies]]
     for spec in specs:
         method = spec.name
         completer = Completer(loaded, spec, prompt_tokens, None, max_new_tokens, base=base,
