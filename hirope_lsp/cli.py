@@ -309,6 +309,8 @@ def _add_model_options(p) -> None:
     p.add_argument("--method", default="hirope", choices=method_names(), help="position method")
     p.add_argument("--budget", type=int, default=None, help="prompt budget in tokens")
     _add_far_bias(p)
+    p.add_argument("--copy", type=_copy_settings, default=None, metavar="WEIGHT/MIN_ORDER",
+                   help="the copy model mixed into decoding (0.8/1; 0 turns it off; default: the model card's)")
 
 
 def _settings_from(args):
@@ -325,6 +327,10 @@ def _settings_from(args):
         setattr(settings.engine.rope, name, value)
     if args.budget:
         settings.context.budget_tokens = args.budget
+    if args.copy:
+        if len(args.copy) != 1:
+            raise SystemExit("hirope-lsp: --copy takes one copy model here (WEIGHT/MIN_ORDER)")
+        settings.engine.copy_weight, settings.engine.copy_min_order = args.copy[0].weight, args.copy[0].min_order
     settings.engine.rope.validate()
     return settings
 

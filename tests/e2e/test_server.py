@@ -120,7 +120,10 @@ async def test_a_newline_ending_block_opener_gets_a_completion(client: LanguageC
 
 async def test_ranges_with_multibyte_text(client: LanguageClient):
     uri = (client.workspace_root / "emoji.py").as_uri()
-    line0 = 'greeting = "😀 你好"; print(greeting.'  # a call left open: the model goes on
+    # a call left open: the model goes on; after 'greeting.' below, the copy model has 'upper(' to copy
+    # (after a bare 'greeting.' at the end of a line it would copy the line break: no suggestion)
+    line0 = 'greeting = "😀 你好"; print(greeting.upper('
+
     text = line0 + "\nname = greeting."
     open_doc(client, uri, text)
     # the cursor after 'greeting.' on line 1 (below a line of multibyte text) is column 16
@@ -131,7 +134,7 @@ async def test_ranges_with_multibyte_text(client: LanguageClient):
     line0_end = len(line0.encode("utf-16-le")) // 2
     assert line0_end == len(line0) + 1
     result = await inline(client, uri, 0, line0_end)
-    assert len(result.items) == 1, "the model suggests after 'print(greeting.' at the end of line 0"
+    assert len(result.items) == 1, "the model suggests after 'print(greeting.upper(' at the end of line 0"
     assert result.items[0].range.start == types.Position(0, line0_end)
 
 
