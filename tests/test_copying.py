@@ -162,3 +162,33 @@ def test_calibrate_copy_writes_the_card_the_server_reads(tmp_path, capsys):
     assert cli.main(["calibrate", "copy", "--corpus", str(corpus), "--grid", "2/1"]) == 2
     assert cli.main(["calibrate", "copy", "--corpus", str(tmp_path / "none")]) == 2
     assert "hirope-lsp:" in capsys.readouterr().err
+
+
+def _reference_copy_probability(seen: list[int], target: int, copy: CopySettings, p_model: float) -> float:
+    """The mixture's p(target) counted by hand: the longest context of the last tokens that occurred
+    before in ``seen`` (with a token after it), what followed each occurrence."""
+    for order in range(min(copy.max_order, len(seen) - 1), copy.min_order - 1, -1):
+        context = seen[len(seen) - order:]
+        following = [seen[i + order] for i in range(len(seen) - order) if seen[i:i + order] == context]
+        if following:
+            lam = copy.weight * len(following) / (len(following) + 1) * order / copy.max_order
+            return (1 - lam) * p_model + lam * following.count(target) / len(following)
+    return p_model
+
+
+def test_perplexity_with_the_copy_model_matches_counting_by_hand():
+    from hirope_lsp.research.evaluate import copied_nll
+
+    rng = np.random.default_rng(3)
+    ids = rng.integers(0, 6, 80).tolist()  # a small alphabet: contexts recur at every order
+    nll = torch.tensor(rng.uniform(0.5, 3.0, len(ids) - 1))
+    copy = CopySettings(weight=0.6, min_order=1)
+    for span in (None, 20):
+        mixed = copied_nll(ids, nll, copy, span)
+        for t in range(1, len(ids)):
+            seen = ids[max(0, t - span) if span else 0:t]
+            expected = -math.log(_reference_copy_probability(seen, ids[t], copy, math.exp(-float(nll[t - 1]))))
+            assert math.isclose(float(mixed[t - 1]), expected, rel_tol=1e-6), (span, t)
+    repeated = rng.integers(0, 50, 20).tolist() * 3
+    flat = torch.full((len(repeated) - 1,), 2.0, dtype=torch.float64)
+    assert float(copied_nll(repeated, flat, copy, None)[25:].max()) < 2.0, "text seen before is copied"
