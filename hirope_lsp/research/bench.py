@@ -239,10 +239,11 @@ def bench_typing(keystrokes: int = 40, budget: int = 4000, pause: float = 0.05, 
     typed = "result = compute_total(values, weights)"
     results = {}
     # KV reuse on, on with 4 lookup drafts per decoding step, on without work ahead (what the suggestions
-    # prefetched after each answer cost the next keystroke), and off: every keystroke through the model
-    runs = (("on", True, None, True), ("on_lookup", True, 4, True), ("on_no_ahead", True, None, False),
-            ("off", False, None, True))
-    for name, reuse, lookup, ahead in runs:
+    # prefetched after each answer cost the next keystroke), on without the copy model, and off: every
+    # keystroke through the model
+    runs = (("on", True, None, True, {}), ("on_lookup", True, 4, True, {}), ("on_no_ahead", True, None, False, {}),
+            ("on_no_copy", True, None, True, {"copyWeight": 0}), ("off", False, None, True, {}))
+    for name, reuse, lookup, ahead, extra in runs:
         client = RawClient()
         try:
             # the whole budget on every request (reuse at a fixed prompt size; work ahead is `bench replay`'s)
@@ -251,7 +252,7 @@ def bench_typing(keystrokes: int = 40, budget: int = 4000, pause: float = 0.05, 
                                      "crossFile": False, "watchFiles": False, "typeAlong": False,
                                      "latencyTargetMs": 10000, "minConfidence": GATE_OFF,
                                      **({"model": model} if model else {}),
-                                     **_position_options(far_bias, far_bias_mode)})
+                                     **_position_options(far_bias, far_bias_mode), **extra})
             uri = "file:///bench/typing.py"
             body = "\n".join(lines[:line] + [indent] + lines[line:])
             client.notify("textDocument/didOpen", {"textDocument": {"uri": uri, "languageId": "python", "version": 1,
@@ -298,6 +299,7 @@ def bench_typing(keystrokes: int = 40, budget: int = 4000, pause: float = 0.05, 
     on["reuse_per_key"] = 1 - on["recomputed_per_key_mean"] / max(1, prompt_tokens)
     results["speedup_p50"] = off["p50_ms"] / on["p50_ms"]
     results["lookup_speedup_p50"] = on["p50_ms"] / results["on_lookup"]["p50_ms"]
+    results["copy_cost_p50"] = on["p50_ms"] / results["on_no_copy"]["p50_ms"]
     results["work_ahead_cost_p50"] = on["p50_ms"] / results["on_no_ahead"]["p50_ms"]
     results["along"] = along
     print(f"typing {keystrokes} keys into a {prompt_tokens:.0f}-token prompt (budget {budget}), "
@@ -310,7 +312,8 @@ def bench_typing(keystrokes: int = 40, budget: int = 4000, pause: float = 0.05, 
               f"{reused_share:>10.1%}")
     print(f"p50 speed-up with reuse: {results['speedup_p50']:.1f}x, with lookup drafts: "
           f"{results['lookup_speedup_p50']:.2f}x; with work ahead against without: "
-          f"{results['work_ahead_cost_p50']:.2f}x; cold first request {on['cold_ms']:.0f} ms")
+          f"{results['work_ahead_cost_p50']:.2f}x; with the copy model against without: "
+          f"{results['copy_cost_p50']:.2f}x; cold first request {on['cold_ms']:.0f} ms")
     if along["keys"]:
         print(f"typing along the suggestion: {along['keys']} keys, p50 {along['p50_ms']:.1f} ms, "
               f"{along['model_runs']} of them ran the model")
