@@ -5,6 +5,7 @@ back, be copied even where the attention of a small model does not pick it up.""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -105,6 +106,7 @@ def mix_scores(logprobs: torch.Tensor, prediction: CopyPrediction | None, settin
     copied = torch.where(allowed, copied, torch.zeros_like(copied))
     copied = copied / copied.sum()
     lam = prediction.mixture_weight(settings)
-    mixed = logprobs.exp() * (1 - lam)
-    mixed[ids] += lam * copied
-    return mixed.log()
+    # log((1 - lam) p + lam c): only the copied tokens need the sum; the rest is a shift in log space
+    mixed = logprobs + math.log1p(-lam)
+    mixed[ids] = torch.log((1 - lam) * logprobs[ids].exp() + lam * copied)
+    return mixed
