@@ -91,16 +91,11 @@ def register_cli(subparsers) -> None:
 
 
 def run_cli(args) -> int:
-    from ..model.loading import DEFAULT_MODEL_DIR
     from .evaluate import eval_completion
-    from .far_calibrate import write_card_entry
+    from .far_calibrate import calibration_target, write_card_entry
 
-    model_dir = Path(args.model).expanduser() if args.model else DEFAULT_MODEL_DIR
-    if args.write and not model_dir.is_dir():
-        print(f"hirope-lsp: --write needs a local model directory, {args.model!r} is not one", file=sys.stderr)
-        return 2
-    if not args.corpus.exists():
-        print(f"hirope-lsp: no such corpus {args.corpus}", file=sys.stderr)
+    model_dir = calibration_target(args, [args.corpus])
+    if model_dir is None:
         return 2
     if not 0 < args.keep_useful <= 1:
         print("hirope-lsp: --keep-useful is a share in (0, 1]", file=sys.stderr)

@@ -32,9 +32,8 @@ def choose_copy(report: dict, min_gain: float) -> dict:
 
 def card_record(choice: dict, copies: dict, corpus: str, report: dict, seed: int, min_gain: float) -> dict:
     chosen, off = choice["chosen"], choice["off"]
-    settings = copies.get(chosen["method"])
-    return {"weight": settings.weight if settings else 0.0,
-            "min_order": settings.min_order if settings else 1,
+    settings = copies[chosen["method"]]  # every row of the report is one of the copy models tried
+    return {"weight": settings.weight, "min_order": settings.min_order,
             "chosen_on": corpus, "rule": f"highest next-line edit similarity, at least {min_gain:g} above off",
             "edit_similarity": chosen["edit_similarity"], "edit_similarity_off": off["edit_similarity"],
             "grid": {r["method"]: round(r["edit_similarity"], 2) for r in choice["rows"]},
@@ -58,22 +57,19 @@ def register_cli(subparsers) -> None:
 
 
 def run_cli(args) -> int:
+    from argparse import ArgumentTypeError
+
     from ..cli import _copy_settings
     from ..model.copying import CopySettings
-    from ..model.loading import DEFAULT_MODEL_DIR
     from .evaluate import copy_label, eval_completion
-    from .far_calibrate import write_card_entry
+    from .far_calibrate import calibration_target, write_card_entry
 
-    model_dir = Path(args.model).expanduser() if args.model else DEFAULT_MODEL_DIR
-    if args.write and not model_dir.is_dir():
-        print(f"hirope-lsp: --write needs a local model directory, {args.model!r} is not one", file=sys.stderr)
-        return 2
-    if not args.corpus.exists():
-        print(f"hirope-lsp: no such corpus {args.corpus}", file=sys.stderr)
+    model_dir = calibration_target(args, [args.corpus])
+    if model_dir is None:
         return 2
     try:
         grid = _copy_settings(args.grid)
-    except Exception as err:  # argparse.ArgumentTypeError: a message for the user
+    except ArgumentTypeError as err:
         print(f"hirope-lsp: {err}", file=sys.stderr)
         return 2
     off = CopySettings()

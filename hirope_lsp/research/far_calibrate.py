@@ -270,6 +270,25 @@ def write_far_bias(model_dir: Path, result: dict) -> Path:
     return write_card_entry(model_dir, CARD_KEY, card_record(result))
 
 
+def calibration_target(args, corpora) -> Path | None:
+    """The model directory a calibration command records in (``--model``, else the embedded model's), or
+    None, with the reason on stderr, where ``--write`` has no local directory to write or a corpus is
+    missing."""
+    import sys
+
+    from ..model.loading import DEFAULT_MODEL_DIR
+
+    model_dir = Path(args.model).expanduser() if args.model else DEFAULT_MODEL_DIR
+    if args.write and not model_dir.is_dir():
+        print(f"hirope-lsp: --write needs a local model directory, {args.model!r} is not one", file=sys.stderr)
+        return None
+    missing = [str(c) for c in corpora if not c.exists()]
+    if missing:
+        print(f"hirope-lsp: no such corpus {', '.join(missing)}", file=sys.stderr)
+        return None
+    return model_dir
+
+
 def write_card_entry(model_dir: Path, key: str, record: dict) -> Path:
     """Set ``key`` of ``model_dir/training.json`` to ``record`` (the file's other keys kept; the file made if
     the model has none).  Written whole to a temporary file first, then moved over."""
@@ -357,7 +376,7 @@ def run_cli(args) -> int:
 
     import torch
 
-    from ..model.loading import DEFAULT_MODEL_DIR, ModelLoadError, load_model
+    from ..model.loading import ModelLoadError, load_model
     from .far_eval import _finite
 
     try:
@@ -365,15 +384,10 @@ def run_cli(args) -> int:
     except ValueError as err:
         print(f"hirope-lsp: {err}", file=sys.stderr)
         return 2
-    model_dir = Path(args.model).expanduser() if args.model else DEFAULT_MODEL_DIR
-    if args.write and not model_dir.is_dir():
-        print(f"hirope-lsp: --write needs a local model directory, {args.model!r} is not one", file=sys.stderr)
+    model_dir = calibration_target(args, args.corpus or [])
+    if model_dir is None:
         return 2
     if args.corpus:
-        missing = [str(c) for c in args.corpus if not c.exists()]
-        if missing:
-            print(f"hirope-lsp: no such corpus {', '.join(missing)}", file=sys.stderr)
-            return 2
         roots = [c.resolve() for c in args.corpus]
     else:
         from .far_eval import load_corpora
