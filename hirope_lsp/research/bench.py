@@ -241,14 +241,14 @@ def bench_typing(keystrokes: int = 40, budget: int = 4000, pause: float = 0.05, 
     # KV reuse on, on with 4 lookup drafts per decoding step, on without work ahead (what the suggestions
     # prefetched after each answer cost the next keystroke), on without the copy model, and off: every
     # keystroke through the model
-    runs = (("on", True, None, True, {}), ("on_lookup", True, 4, True, {}), ("on_no_ahead", True, None, False, {}),
-            ("on_no_copy", True, None, True, {"copyWeight": 0}), ("off", False, None, True, {}))
-    for name, reuse, lookup, ahead, extra in runs:
+    runs = (("on", True, True, {}), ("on_lookup", True, True, {"lookupTokens": 4}), ("on_no_ahead", True, False, {}),
+            ("on_no_copy", True, True, {"copyWeight": 0}), ("off", False, True, {}))
+    for name, reuse, ahead, extra in runs:
         client = RawClient()
         try:
             # the whole budget on every request (reuse at a fixed prompt size; work ahead is `bench replay`'s)
             client.initialize(None, {"reuseCache": reuse, "promptBudget": budget, "maxNewTokens": max_new_tokens,
-                                     "warmAhead": ahead, **({"lookupTokens": lookup} if lookup is not None else {}),
+                                     "warmAhead": ahead,
                                      "crossFile": False, "watchFiles": False, "typeAlong": False,
                                      "latencyTargetMs": 10000, "minConfidence": GATE_OFF,
                                      **({"model": model} if model else {}),
