@@ -95,18 +95,12 @@ FAR_BIAS_MODES = ("constant", "log")  # as in model/rope.py, which the parser do
 
 
 def _copy_settings(text: str) -> tuple:
-    from .model.copying import CopySettings
+    from .model.copying import parse_copies
 
-    out = []
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        weight, _, order = item.partition("/")
-        try:
-            copy = CopySettings(weight=float(weight), min_order=int(order or CopySettings.min_order))
-            copy.validate()
-        except ValueError as error:
-            raise argparse.ArgumentTypeError(f"copy model {item!r}: {error}") from None
-        out.append(copy)
-    return tuple(out)
+    try:
+        return parse_copies(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _add_far_bias(p) -> None:

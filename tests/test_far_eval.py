@@ -11,7 +11,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from hirope_lsp.model.loading import DEFAULT_MODEL_DIR
+from hirope_lsp.model.copying import CopySettings
+from hirope_lsp.model.loading import DEFAULT_MODEL_DIR, load_model, recommended_copy
 from hirope_lsp.research import far_eval as fe
 
 SOURCES = Path(fe.__file__).parent / "sources.json"
@@ -194,6 +195,54 @@ def test_bias_lists_and_methods():
         fe.parse_biases("sqrt:2")
     with pytest.raises(ValueError):
         fe.parse_biases("-1")
+    copies = (CopySettings(0.8, 1), CopySettings(0.5, 2))
+    specs = fe.method_specs([(2.0, "constant")], ("hirope",), ("raw", "outline"), copies)
+    assert [m.name for m in specs] == [
+        "hirope", "hirope+copy:0.8/1", "hirope+copy:0.5/2", "truncate", "truncate+copy:0.8/1", "truncate+copy:0.5/2",
+        "hirope+2", "hirope+2+copy:0.8/1", "hirope+2+copy:0.5/2", "hirope+outline", "hirope+outline+copy:0.8/1",
+        "hirope+outline+copy:0.5/2", "truncate+outline", "truncate+outline+copy:0.8/1", "truncate+outline+copy:0.5/2",
+        "hirope+2+outline", "hirope+2+outline+copy:0.8/1", "hirope+2+outline+copy:0.5/2"]
+    assert specs[7] == fe.MethodSpec("hirope+2+copy:0.8/1", "hirope", 2.0, "constant", "raw", copies[0])
+    assert specs[0].copy == CopySettings(), "without --copy a row runs the copy model off"
+
+
+def _repeating_corpus(root: Path, seed: int = 0) -> fe.Corpus:
+    """One file whose block of random assignments (about 700 tokens) repeats: in a window of twice the
+    trained length, the last trained-length tokens can be copied only from farther back than that."""
+    rng = random.Random(seed)
+    word = lambda: "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(6))  # noqa: E731
+    block = "".join(f"{word()}_{word()} = {word()}({word()}, {rng.randrange(1000)})\n" for _ in range(28))
+    (root / "pkg").mkdir()
+    path = root / "pkg" / "repeats.py"
+    path.write_text(block * 8)
+    return fe.Corpus("report", "pkg", root, [path])
+
+
+def test_perplexity_rows_mix_in_the_copy_model_as_the_method_reads(tmp_path):
+    loaded = load_model(None, device="cpu", dtype="float32")
+    corpus = _repeating_corpus(tmp_path)
+    copy = CopySettings(0.8, 1)
+    specs = fe.method_specs([], ("hirope",), ("raw",), (copy,))
+    specs.append(fe.MethodSpec("hirope (card)", "hirope", copy=None))
+    rows = {r["method"]: r for r in fe.perplexity_rows(corpus, loaded, specs, (2,), 1, 0)}
+    assert set(rows) == {"hirope", "hirope+copy:0.8/1", "truncate", "truncate+copy:0.8/1", "hirope (card)"}
+    assert all(r["far_copy_tokens"] > 100 for r in rows.values())
+    assert rows["hirope+copy:0.8/1"]["ppl_far_copy"] < 0.5 * rows["hirope"]["ppl_far_copy"], "far text is copied"
+    # truncation's copy model reads only what truncation reads: the far copies are out of its reach
+    assert rows["truncate+copy:0.8/1"]["ppl_far_copy"] > rows["hirope+copy:0.8/1"]["ppl_far_copy"]
+    card = recommended_copy(loaded[0]) or CopySettings()
+    expected = rows["hirope+copy:0.8/1"] if card == copy else rows["hirope"] if not card.enabled else None
+    if expected is not None:  # a copy of None is the card's copy model
+        assert math.isclose(rows["hirope (card)"]["ppl"], expected["ppl"], rel_tol=1e-9)
+
+
+def test_copy_option_reaches_the_settings():
+    parser = argparse.ArgumentParser()
+    fe.register_cli(parser.add_subparsers(dest="eval"))
+    args = parser.parse_args(["far", "--quick", "--copy", "0.8/1,0.3"])
+    assert fe.settings_from_args(args).copies == (CopySettings(0.8, 1), CopySettings(0.3, 1))
+    with pytest.raises(ValueError, match="copy model '1.5/1'"):
+        fe.settings_from_args(parser.parse_args(["far", "--copy", "1.5/1"]))
 
 
 # ---- end to end ----

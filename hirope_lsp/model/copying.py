@@ -31,6 +31,21 @@ class CopySettings:
             raise ValueError(f"copy orders {self.min_order}..{self.max_order}: need 1 <= min <= max")
 
 
+def parse_copies(text: str) -> tuple[CopySettings, ...]:
+    """``"0.5/1,0.8/2"`` -> two copy models (WEIGHT/MIN_ORDER; the order may be left out); ValueError on a
+    bad one."""
+    out = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        weight, _, order = item.partition("/")
+        try:
+            copy = CopySettings(weight=float(weight), min_order=int(order or CopySettings.min_order))
+            copy.validate()
+        except ValueError as error:
+            raise ValueError(f"copy model {item!r}: {error}") from None
+        out.append(copy)
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class CopyPrediction:
     token_ids: np.ndarray  # the distinct tokens that followed the context

@@ -76,11 +76,11 @@ import textwrap
 import time
 import zlib
 from array import array
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from ..model.copying import CopySettings
+from ..model.copying import CopySettings, parse_copies
 
 log = logging.getLogger(__name__)
 
@@ -513,10 +513,11 @@ def prompt_context(variant: str) -> dict:
     return out
 
 
-def method_specs(biases: list[tuple], methods=("hirope",), prompts=("raw",)) -> list[MethodSpec]:
+def method_specs(biases: list[tuple], methods=("hirope",), prompts=("raw",), copies=()) -> list[MethodSpec]:
     """Each method plain and with each far bias, and truncation; each of those with each prompt variant
-    (``+outline`` in the name)."""
+    (``+outline`` in the name), and each of those also with each copy model mixed in (``+copy:0.8/1``)."""
     from ..model.methods import position_method
+    from .evaluate import copy_label
 
     base = []
     for method in methods:
@@ -526,9 +527,11 @@ def method_specs(biases: list[tuple], methods=("hirope",), prompts=("raw",)) -> 
                 label = f"{method}+{bias_text(value)}" if mode == "constant" else f"{method}+log:{bias_text(value)}"
                 base.append(MethodSpec(label, method, value, mode))
     base.insert(1, MethodSpec(TRUNCATE, TRUNCATE))
-    return [spec if variant == "raw" else MethodSpec(f"{spec.name}+{variant}", spec.method, spec.far_bias,
-                                                      spec.far_bias_mode, variant)
-            for variant in prompts for spec in base]
+    prompted = [spec if variant == "raw" else MethodSpec(f"{spec.name}+{variant}", spec.method, spec.far_bias,
+                                                          spec.far_bias_mode, variant)
+                for variant in prompts for spec in base]
+    return [variant for spec in prompted
+            for variant in [spec, *(replace(spec, name=copy_label(spec.name, c), copy=c) for c in copies)]]
 
 
 def rope_config(spec: MethodSpec, train_length: int, length: int, base=None):
@@ -781,11 +784,14 @@ def perplexity_rows(corpus: Corpus, loaded, specs: list[MethodSpec], lengths_x, 
                     far_distance: int | None = None) -> list[dict]:
     import torch
 
-    from .evaluate import make_windows, positions_for, token_nll, tokenize_files, truncated_nll
+    from .evaluate import copied_nll, make_windows, positions_for, token_nll, tokenize_files, truncated_nll
+    from ..model.copying import CopySettings
+    from ..model.loading import recommended_copy
     from ..model.patch import attach, trained_length
 
     lm, tokenizer, fim = loaded
     L = trained_length(lm.config)
+    card_copy = recommended_copy(lm) or CopySettings()
     far_distance = far_distance or L
     longest = int(max(lengths_x) * L)
     rng = random.Random(seed)
@@ -812,16 +818,21 @@ def perplexity_rows(corpus: Corpus, loaded, specs: list[MethodSpec], lengths_x, 
         for spec in specs:
             t0 = time.time()
             all_nll, far_nll, rest_nll, per_window = [], [], [], []
+            copy = card_copy if spec.copy is None else spec.copy
             for _, _, ids, keys in wins:
                 ids_t = torch.tensor([ids], device=lm.device)
                 if spec.method == TRUNCATE:
                     nll = truncated_nll(lm, ids_t[:, -2 * L :], L)
+                    if copy.enabled:  # the copy model reads what truncation reads
+                        nll = copied_nll(ids[-2 * L :], nll.cpu(), copy, L)
                 else:
                     handle = attach(lm, rope_config(spec, L, length))
                     try:
                         nll = token_nll(handle, ids_t, positions_for(spec.method, keys, length))
                     finally:
                         handle.detach()
+                    if copy.enabled:
+                        nll = copied_nll(ids, nll.cpu(), copy, None)
                 last = nll[-min(len(nll), L):].cpu().tolist()
                 mask = far_copy_mask(ids, len(ids) - len(last), far_distance)
                 all_nll += last
@@ -988,6 +999,7 @@ class FarEvalSettings:
     biases: tuple = DEFAULT_BIASES  # "2", "log:1", ...
     methods: tuple[str, ...] = ("hirope",)  # position methods compared (with truncation always)
     prompts: tuple[str, ...] = ("raw",)  # prompt variants: raw, outline, similar, outline+similar
+    copies: tuple[CopySettings, ...] = ()  # copy models: each method also with each mixed in
     cases: int = 300  # per (task, split)
     tasks: tuple[str, ...] = TASKS
     lengths_x: tuple[float, ...] = DEFAULT_LENGTHS_X
@@ -1020,7 +1032,7 @@ def run(settings: FarEvalSettings) -> dict:
     loaded = load_model(settings.model, device=settings.device, dtype="float32")
     lm, tokenizer, _ = loaded
     L = trained_length(lm.config)
-    specs = method_specs(parse_biases(list(settings.biases)), settings.methods, settings.prompts)
+    specs = method_specs(parse_biases(list(settings.biases)), settings.methods, settings.prompts, settings.copies)
     corpora = load_corpora(settings.corpus)
     report = {"kind": "far-eval", "model": settings.model or "default", "train_length": L, "seed": settings.seed,
               "settings": {**asdict(settings), "truncate_budget": L - TRUNCATE_MARGIN,
@@ -1192,6 +1204,8 @@ def register_cli(subparsers) -> argparse.ArgumentParser:
                                                        "fixed blocks instead of syntax units)")
     p.add_argument("--prompts", default="raw", help="prompt variants compared: raw, outline (the far part as an "
                                                      "outline), similar (similar code), joined by + (outline+similar)")
+    p.add_argument("--copy", default="", help="copy models, each a row per method with it mixed in: WEIGHT/MIN_ORDER, "
+                                              "comma-separated (every row without it runs the copy model off)")
     p.add_argument("--cases", type=int, default=None, help="cases per (task, split) (default 300; quick 8)")
     p.add_argument("--tasks", default=",".join(TASKS), help="next-line, fim or both")
     p.add_argument("--lengths-x", default=",".join(map(str, DEFAULT_LENGTHS_X)),
@@ -1238,7 +1252,8 @@ def settings_from_args(args) -> FarEvalSettings:
     for variant in prompts or ("",):
         prompt_context(variant)  # raises ValueError on an unknown one
     common = dict(biases=biases, tasks=tasks, groups=args.groups, seed=args.seed, model=args.model,
-                  device=args.device, keep_predictions=args.predictions, methods=methods, prompts=prompts)
+                  device=args.device, keep_predictions=args.predictions, methods=methods, prompts=prompts,
+                  copies=parse_copies(args.copy))
     if args.quick:
         budgets = _ints(args.budgets)
         quick = dict(common, **given)
