@@ -26,7 +26,7 @@ def _add_train(sub) -> None:
                    help="start from fp16 weights (best.safetensors) or a model directory of the same shape")
     for name, kind in (("context", int), ("vocab-size", int), ("batch-size", int), ("lr", float), ("warmup", int),
                        ("checkpoint-every", int), ("layers", int), ("hidden-size", int), ("heads", int),
-                       ("intermediate-size", int)):
+                       ("intermediate-size", int), ("cycle-start", int)):
         p.add_argument(f"--{name}", type=kind, default=None, help="recipe override (see TrainConfig)")
 
 
@@ -70,7 +70,7 @@ def _run_train(args) -> int:
     if args.device is not None:
         cfg.device = args.device
     for name in ("context", "vocab_size", "batch_size", "lr", "warmup", "checkpoint_every", "layers", "hidden_size",
-                 "heads", "intermediate_size"):
+                 "heads", "intermediate_size", "cycle_start"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     summary = train(args.run_dir, cfg, export=args.export, init_from=args.init_from)

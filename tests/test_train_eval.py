@@ -34,6 +34,11 @@ def test_learning_rate_ramps_again_where_the_optimizer_starts_fresh():
     assert learning_rate(cfg, 3700, optimizer_fresh_at=3700) == cosine / 50
     assert learning_rate(cfg, 3749, optimizer_fresh_at=3700) == learning_rate(cfg, 3749)
     assert learning_rate(cfg, 4000) == learning_rate(cfg, 5000) == 1e-3 * 0.1
+    restart = TrainConfig(lr=4e-4, warmup=50, steps=5000, cycle_start=4000)  # a second cycle after the first
+    assert math.isclose(learning_rate(restart, 4000, optimizer_fresh_at=4000), 4e-4 / 50)
+    assert math.isclose(learning_rate(restart, 4050, optimizer_fresh_at=4000), 4e-4), "the peak of the new cycle"
+    assert math.isclose(learning_rate(restart, 4525, optimizer_fresh_at=4000), 4e-4 * 0.55)
+    assert math.isclose(learning_rate(restart, 5000, optimizer_fresh_at=4000), 4e-4 * 0.1)
 
 
 def test_training_from_committed_weights_warms_up_from_their_step(tmp_path):

@@ -52,6 +52,7 @@ class TrainConfig:
     steps: int = 3000
     lr: float = 1.5e-3
     warmup: int = 150
+    cycle_start: int = 0  # the step the cosine starts from (a warm restart of a finished schedule; 0: one cycle)
     weight_decay: float = 0.1
     fim_rate: float = 0.5
     spm_rate: float = 0.8  # of the FIM samples, the share in suffix-prefix-middle order (what the server sends)
@@ -190,10 +191,12 @@ def training_device(name: str) -> torch.device:
 
 
 def learning_rate(cfg: TrainConfig, step: int, optimizer_fresh_at: int = 0) -> float:
-    """Cosine from ``cfg.lr`` to a tenth of it, ramped up linearly over ``cfg.warmup`` steps from the
-    step the optimizer state started fresh (0 for a new run; a later step for one started from
-    committed weights, where a fresh Adam at the schedule's rate would jolt the weights)."""
-    progress = max(0.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    """Cosine from ``cfg.lr`` at ``cfg.cycle_start`` to a tenth of it at ``cfg.steps``, ramped up linearly
+    over ``cfg.warmup`` steps from the step the optimizer state started fresh (0 for a new run; a later
+    step for one started from committed weights, where a fresh Adam at the schedule's rate would jolt the
+    weights)."""
+    start = cfg.cycle_start + cfg.warmup
+    progress = max(0.0, (step - start) / max(1, cfg.steps - start))
     decayed = cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
     return decayed * min(1.0, (step - optimizer_fresh_at + 1) / cfg.warmup)
 
