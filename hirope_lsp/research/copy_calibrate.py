@@ -57,10 +57,7 @@ def register_cli(subparsers) -> None:
 
 
 def run_cli(args) -> int:
-    from argparse import ArgumentTypeError
-
-    from ..cli import _copy_settings
-    from ..model.copying import CopySettings
+    from ..model.copying import CopySettings, parse_copies
     from .evaluate import copy_label, eval_completion
     from .far_calibrate import calibration_target, write_card_entry
 
@@ -68,8 +65,8 @@ def run_cli(args) -> int:
     if model_dir is None:
         return 2
     try:
-        grid = _copy_settings(args.grid)
-    except ArgumentTypeError as err:
+        grid = parse_copies(args.grid)
+    except ValueError as err:
         print(f"hirope-lsp: {err}", file=sys.stderr)
         return 2
     off = CopySettings()
