@@ -203,7 +203,8 @@ def test_recommended_far_bias_ignores_bad_records(model_dir, tmp_path):
                              ({"value": -1, "mode": "constant"}, None), ({"value": "2"}, None),
                              ({"value": 2, "mode": "sqrt"}, None), ({"value": True}, None), (4, None),
                              ({"value": [0, 1.5], "mode": "log"}, ((0.0, 1.5), "log")), ({"value": [1, -1]}, None),
-                             ({"value": []}, None), ({"value": [1, "2"]}, None)]:
+                             ({"value": []}, None), ({"value": [1, "2"]}, None),
+                             ({"value": [0, 1.5, 3]}, None)]:  # one value per layer or none at all
         card.write_text(json.dumps({"far_bias": record}))
         assert recommended_far_bias(lm) == expected, record
     card.write_text("{not json")

@@ -119,8 +119,8 @@ def _card_entry(lm, key: str, what: str) -> tuple[Path, object]:
 def recommended_far_bias(lm) -> tuple[float | tuple[float, ...], str] | None:
     """``(far_bias, far_bias_mode)`` chosen for this model on held-out code, where its ``training.json``
     records one (``far_bias``, written by ``hirope-lsp calibrate far-bias --write``; a list is one value per
-    layer, given as a tuple); None for any other model, or where the record is unreadable or not numbers
-    >= 0 with mode constant or log."""
+    layer, given as a tuple); None for any other model, or where the record is unreadable, not numbers
+    >= 0 with mode constant or log, or a list whose length is not the model's number of layers."""
     card, record = _card_entry(lm, "far_bias", "far bias")
     if record is None:
         return None
@@ -130,6 +130,11 @@ def recommended_far_bias(lm) -> tuple[float | tuple[float, ...], str] | None:
     if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf") for v in values) \
             or mode not in ("constant", "log"):
         log.warning("ignoring the far bias recorded in %s: %r", card, record)
+        return None
+    layers = getattr(lm.config, "num_hidden_layers", None)
+    if isinstance(value, list) and layers is not None and len(value) != layers:
+        log.warning("ignoring the far bias recorded in %s: %d values for a model of %d layers", card, len(value),
+                    layers)
         return None
     return (tuple(float(v) for v in value) if isinstance(value, list) else float(value)), mode
 
