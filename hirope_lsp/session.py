@@ -102,12 +102,11 @@ class AheadWork:
 
 @dataclass
 class PendingPrefetch:
-    """The suggestion to make for the document once the suggestion given in ``answered_version`` is accepted."""
+    """The suggestion to make for the document once the suggestion just given is accepted."""
 
     accepted: Document  # that version with the suggestion inserted
     at: Cursor  # after the inserted suggestion
     warm_full: bool  # the suggestion came from a short prompt: the full one warms after
-    answered_version: int
     suggestion_chars: int  # the accepted suggestion's length, ending at ``at``
 
     def reachable(self) -> Callable[[Document], bool]:
@@ -689,7 +688,7 @@ class Session:
         if self.prefetched.covers(accepted, at.byte):
             self.pending_prefetch.pop(doc.uri, None)
             return
-        self.pending_prefetch[doc.uri] = PendingPrefetch(accepted, at, warm_full, doc.version, len(text))
+        self.pending_prefetch[doc.uri] = PendingPrefetch(accepted, at, warm_full, len(text))
         if doc.uri not in self.prefetch_waiters:
             self.prefetch_waiters.add(doc.uri)
             self._spawn(self._prefetch_when_idle(doc.uri))
@@ -711,8 +710,8 @@ class Session:
         current = self.documents.get(uri)
         if current is None or not self.settings.warm_ahead:
             return
-        if current.version != pending.answered_version and current.text != pending.accepted.text:
-            # the user typed on: the state the prefetch was for will not come; the full prompt still warms
+        if not pending.reachable()(current):
+            # the user typed away: the state the prefetch was for will not come; the full prompt still warms
             if warm_full:
                 self._spawn(self._warm_when_idle(uri, self._claim_work_ahead(uri)))
             return

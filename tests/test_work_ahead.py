@@ -144,3 +144,18 @@ def test_warming_chunks_take_a_layer_share_each_and_shrink_after_a_stop(engine):
     assert Session._warm_chunk(engine, small=True) == max(MIN_FAST_BUDGET, 100)
     engine.speed.prefill_s = WARM_CHUNK_SECONDS / 10
     assert Session._warm_chunk(engine, small=True) == MIN_FAST_BUDGET
+
+
+def test_a_pending_prefetch_stays_reachable_while_the_user_types_along_the_suggestion():
+    from hirope_lsp.session import Cursor, PendingPrefetch
+
+    before, suggestion, after = "def area(r):\n    return ", "radius ** 2", "\n\nprint(area(2))\n"
+    accepted = Document("file:///w/a.py", before + suggestion + after, version=9)
+    pending = PendingPrefetch(accepted, Cursor.at(accepted, 1, len("    return ") + len(suggestion)), False,
+                              len(suggestion))
+    reachable = pending.reachable()
+    for version, typed in enumerate(["", "r", "radius *", suggestion]):  # answered, typing along, accepted
+        assert reachable(Document(accepted.uri, before + typed + after, version=version)), typed
+    for version, text in enumerate([before + "x" + after, before + suggestion + "x" + after, before + suggestion,
+                                    before[:-1] + after], start=10):
+        assert not reachable(Document(accepted.uri, text, version=version)), text
