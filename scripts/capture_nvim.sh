@@ -18,7 +18,7 @@ vim.opt.rtp:prepend("$repo/editors/nvim")
 vim.o.number = true
 vim.o.autoindent = false
 vim.cmd("filetype indent off")
-require("hirope").setup({ python = "$repo/.venv/bin/python", settings = { maxNewTokens = 24, promptBudget = 1024, minConfidence = -100 } })
+require("hirope").setup({ python = "$repo/.venv/bin/python", settings = { maxNewTokens = 24, promptBudget = 1024 } })
 EOF
 
 tmux new-session -d -s "$session" -x 90 -y 20 "cd $work && $nvim --clean -u init.lua geometry.py"
