@@ -170,6 +170,13 @@ def test_suggestions_never_repeat_a_phrase_the_line_above_or_themselves():
     assert finish(member, "line_offset = self.line_offset") == "", "a name assigned to itself"
     assert finish(member, "line_offset = 0") == "", "the line above, again"
     assert finish(member, "line_offset += 1") == "line_offset += 1"
+    call = stop_policy("def f(ids, mask):\n    return model(\n        input_ids=input_ids,\n        ", "\n")
+    assert finish(call, "attention_mask=attention_mask,") == "attention_mask=attention_mask,", "a keyword argument"
+    assert finish(call, "input_ids=input_ids,") == "", "the line above, again"
+    first = stop_policy("    out = self.layer(\n        ", "\n")
+    assert finish(first, "hidden_states=hidden_states") == "hidden_states=hidden_states"
+    statement = stop_policy("def f(self):\n    x = 1\n    ", "\n")
+    assert finish(statement, "y = y") == "", "outside an argument list it is a name assigned to itself"
     block = stop_policy("def f():", "\n")
     assert finish(block, "\n    x = 1\n    y = 2\n    x = 1\n    z = 3\n") == "\n    x = 1\n    y = 2"
     assert finish(block, "\n    a()\n    )\n    )\n") == "\n    a()\n    )\n    )", "closing lines are not repeats"

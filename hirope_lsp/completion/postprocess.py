@@ -104,8 +104,14 @@ def _without_repeats(policy: StopPolicy, text: str) -> str:
 
 def repeats_line_above(line: str, above: str) -> bool:
     """``line`` is ``above`` again or assigns a name to itself; closing brackets (the end of nested
-    blocks) and blank lines are no repeat."""
-    return not TRIVIAL_LINE.match(line) and (line.strip() == above.strip() or bool(SELF_ASSIGNMENT.match(line)))
+    blocks) and blank lines are no repeat, nor ``name=name,`` in an argument list (a keyword argument
+    passed on: ``above`` opens the call or ends with a comma)."""
+    if TRIVIAL_LINE.match(line):
+        return False
+    if line.strip() == above.strip():
+        return True
+    in_arguments = above.rstrip().endswith(("(", ","))
+    return bool(SELF_ASSIGNMENT.match(line)) and not in_arguments
 
 
 def _clean(policy: StopPolicy, text: str) -> str:
