@@ -821,18 +821,18 @@ def perplexity_rows(corpus: Corpus, loaded, specs: list[MethodSpec], lengths_x, 
             copy = card_copy if spec.copy is None else spec.copy
             for _, _, ids, keys in wins:
                 ids_t = torch.tensor([ids], device=lm.device)
+                # the copy model reads what the method reads: truncation its last window, the others all
+                read, span = (ids[-2 * L :], L) if spec.method == TRUNCATE else (ids, None)
                 if spec.method == TRUNCATE:
                     nll = truncated_nll(lm, ids_t[:, -2 * L :], L)
-                    if copy.enabled:  # the copy model reads what truncation reads
-                        nll = copied_nll(ids[-2 * L :], nll.cpu(), copy, L)
                 else:
                     handle = attach(lm, rope_config(spec, L, length))
                     try:
                         nll = token_nll(handle, ids_t, positions_for(spec.method, keys, length))
                     finally:
                         handle.detach()
-                    if copy.enabled:
-                        nll = copied_nll(ids, nll.cpu(), copy, None)
+                if copy.enabled:
+                    nll = copied_nll(read, nll.cpu(), copy, span)
                 last = nll[-min(len(nll), L):].cpu().tolist()
                 mask = far_copy_mask(ids, len(ids) - len(last), far_distance)
                 all_nll += last
