@@ -204,6 +204,11 @@ def test_bias_lists_and_methods():
         "hirope+2+outline", "hirope+2+outline+copy:0.8/1", "hirope+2+outline+copy:0.5/2"]
     assert specs[7] == fe.MethodSpec("hirope+2+copy:0.8/1", "hirope", 2.0, "constant", "raw", copies[0])
     assert specs[0].copy == CopySettings(), "without --copy a row runs the copy model off"
+    kept = fe.select_rows(specs, ("hirope+2+copy:0.8/1", "truncate"))
+    assert [m.name for m in kept] == ["truncate", "hirope+2+copy:0.8/1"], "the usual order, whatever --rows says"
+    assert fe.select_rows(specs, ()) == specs
+    with pytest.raises(ValueError, match="unknown rows.*hirope\\+3"):
+        fe.select_rows(specs, ("hirope+3",))
 
 
 def _repeating_corpus(root: Path, seed: int = 0) -> fe.Corpus:

@@ -534,6 +534,17 @@ def method_specs(biases: list[tuple], methods=("hirope",), prompts=("raw",), cop
             for variant in [spec, *(replace(spec, name=copy_label(spec.name, c), copy=c) for c in copies)]]
 
 
+def select_rows(specs: list[MethodSpec], rows) -> list[MethodSpec]:
+    """The specs named in ``rows`` (all when empty), in their usual order; an unknown name is an error."""
+    if not rows:
+        return specs
+    names = [spec.name for spec in specs]
+    unknown = [r for r in rows if r not in names]
+    if unknown:
+        raise ValueError(f"unknown rows {unknown}; these settings give {', '.join(names)}")
+    return [spec for spec in specs if spec.name in rows]
+
+
 def rope_config(spec: MethodSpec, train_length: int, length: int, base=None):
     """``spec``'s method and prior on ``base``'s other settings (default: the shipped ones)."""
     from dataclasses import replace
@@ -1000,6 +1011,7 @@ class FarEvalSettings:
     methods: tuple[str, ...] = ("hirope",)  # position methods compared (with truncation always)
     prompts: tuple[str, ...] = ("raw",)  # prompt variants: raw, outline, similar, outline+similar
     copies: tuple[CopySettings, ...] = ()  # copy models: each method also with each mixed in
+    rows: tuple[str, ...] = ()  # only these rows (method names as reported); empty: all
     cases: int = 300  # per (task, split)
     tasks: tuple[str, ...] = TASKS
     lengths_x: tuple[float, ...] = DEFAULT_LENGTHS_X
@@ -1032,7 +1044,8 @@ def run(settings: FarEvalSettings) -> dict:
     loaded = load_model(settings.model, device=settings.device, dtype="float32")
     lm, tokenizer, _ = loaded
     L = trained_length(lm.config)
-    specs = method_specs(parse_biases(list(settings.biases)), settings.methods, settings.prompts, settings.copies)
+    specs = select_rows(method_specs(parse_biases(list(settings.biases)), settings.methods, settings.prompts,
+                                     settings.copies), settings.rows)
     corpora = load_corpora(settings.corpus)
     report = {"kind": "far-eval", "model": settings.model or "default", "train_length": L, "seed": settings.seed,
               "settings": {**asdict(settings), "truncate_budget": L - TRUNCATE_MARGIN,
@@ -1206,6 +1219,8 @@ def register_cli(subparsers) -> argparse.ArgumentParser:
                                                      "outline), similar (similar code), joined by + (outline+similar)")
     p.add_argument("--copy", default="", help="copy models, each a row per method with it mixed in: WEIGHT/MIN_ORDER, "
                                               "comma-separated (every row without it runs the copy model off)")
+    p.add_argument("--rows", default="", help="only these rows, by the names the report gives them (e.g. "
+                                              "truncate,hirope+log:0.75+copy:0.8/1), comma-separated; default all")
     p.add_argument("--cases", type=int, default=None, help="cases per (task, split) (default 300; quick 8)")
     p.add_argument("--tasks", default=",".join(TASKS), help="next-line, fim or both")
     p.add_argument("--lengths-x", default=",".join(map(str, DEFAULT_LENGTHS_X)),
@@ -1253,7 +1268,9 @@ def settings_from_args(args) -> FarEvalSettings:
         prompt_context(variant)  # raises ValueError on an unknown one
     common = dict(biases=biases, tasks=tasks, groups=args.groups, seed=args.seed, model=args.model,
                   device=args.device, keep_predictions=args.predictions, methods=methods, prompts=prompts,
-                  copies=parse_copies(args.copy))
+                  copies=parse_copies(args.copy), rows=tuple(r.strip() for r in args.rows.split(",") if r.strip()))
+    # an unknown row raises here, before the model loads
+    select_rows(method_specs(parse_biases(list(biases)), methods, prompts, common["copies"]), common["rows"])
     if args.quick:
         budgets = _ints(args.budgets)
         quick = dict(common, **given)
