@@ -204,6 +204,9 @@ def test_bias_lists_and_methods():
         "hirope+2+outline", "hirope+2+outline+copy:0.8/1", "hirope+2+outline+copy:0.5/2"]
     assert specs[7] == fe.MethodSpec("hirope+2+copy:0.8/1", "hirope", 2.0, "constant", "raw", copies[0])
     assert specs[0].copy == CopySettings(), "without --copy a row runs the copy model off"
+    off = fe.method_specs([], ("hirope",), ("raw",), (CopySettings(0.0, 1), CopySettings(0.8, 1)))
+    assert [m.name for m in off] == ["hirope", "hirope+copy:0.8/1", "truncate", "truncate+copy:0.8/1"], \
+        "--copy 0/1 is the plain rows again"
     kept = fe.select_rows(specs, ("hirope+2+copy:0.8/1", "truncate"))
     assert [m.name for m in kept] == ["truncate", "hirope+2+copy:0.8/1"], "the usual order, whatever --rows says"
     assert fe.select_rows(specs, ()) == specs

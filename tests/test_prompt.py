@@ -177,6 +177,9 @@ def test_suggestions_never_repeat_a_phrase_the_line_above_or_themselves():
     assert finish(first, "hidden_states=hidden_states") == "hidden_states=hidden_states"
     statement = stop_policy("def f(self):\n    x = 1\n    ", "\n")
     assert finish(statement, "y = y") == "", "outside an argument list it is a name assigned to itself"
+    loop = stop_policy("func f(xs []int) {\n\tfor _, v := range xs {\n\t\t", "\n")
+    assert finish(loop, "v := v") == "v := v", "Go: a new v per iteration, not a no-op"
+    assert finish(loop, "v = v") == ""
     block = stop_policy("def f():", "\n")
     assert finish(block, "\n    x = 1\n    y = 2\n    x = 1\n    z = 3\n") == "\n    x = 1\n    y = 2"
     assert finish(block, "\n    a()\n    )\n    )\n") == "\n    a()\n    )\n    )", "closing lines are not repeats"

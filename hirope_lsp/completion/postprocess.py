@@ -14,7 +14,8 @@ MAX_LINES = 12
 # a phrase of at least 3 visible characters three times in a row: "(a + b)(a + b)(a + b)"
 PHRASE_LOOP = re.compile(r"((?:\s*\S){3}.*?)\1{2,}")
 LOOP_TAIL_CHARS = 120
-SELF_ASSIGNMENT = re.compile(r"^\s*([\w.\[\]'\"]+)\s*(?::=|=)\s*\1\s*[;,]?\s*$")
+# ``=`` only: Go's ``v := v`` declares a new ``v`` (a loop variable captured per iteration), not a no-op
+SELF_ASSIGNMENT = re.compile(r"^\s*([\w.\[\]'\"]+)\s*=\s*\1\s*[;,]?\s*$")
 TRIVIAL_LINE = re.compile(r"^[\s)\]};,:]*$")
 
 

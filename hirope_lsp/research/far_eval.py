@@ -515,7 +515,8 @@ def prompt_context(variant: str) -> dict:
 
 def method_specs(biases: list[tuple], methods=("hirope",), prompts=("raw",), copies=()) -> list[MethodSpec]:
     """Each method plain and with each far bias, and truncation; each of those with each prompt variant
-    (``+outline`` in the name), and each of those also with each copy model mixed in (``+copy:0.8/1``)."""
+    (``+outline`` in the name), and each of those also with each copy model mixed in (``+copy:0.8/1``; one
+    that is off, ``0/1``, is left out: every row without one already runs it off)."""
     from ..model.methods import position_method
     from .evaluate import copy_label
 
@@ -530,8 +531,9 @@ def method_specs(biases: list[tuple], methods=("hirope",), prompts=("raw",), cop
     prompted = [spec if variant == "raw" else MethodSpec(f"{spec.name}+{variant}", spec.method, spec.far_bias,
                                                           spec.far_bias_mode, variant)
                 for variant in prompts for spec in base]
+    mixed = [c for c in copies if c.enabled]
     return [variant for spec in prompted
-            for variant in [spec, *(replace(spec, name=copy_label(spec.name, c), copy=c) for c in copies)]]
+            for variant in [spec, *(replace(spec, name=copy_label(spec.name, c), copy=c) for c in mixed)]]
 
 
 def select_rows(specs: list[MethodSpec], rows) -> list[MethodSpec]:
