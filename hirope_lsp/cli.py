@@ -131,6 +131,8 @@ def _add_bench(sub) -> None:
     t.add_argument("--keystrokes", type=int, default=40)
     t.add_argument("--budget", type=int, default=4000)
     t.add_argument("--max-new-tokens", type=int, default=8)
+    t.add_argument("--rounds", type=int, default=2,
+                   help="blocks of keys per row, the rows in turn and in reverse every other round")
     t.add_argument("--json", type=Path, default=None)
     t.add_argument("--model", default=None, help="a model directory or hub id (default: the embedded model)")
     _add_far_bias(t)
@@ -171,7 +173,7 @@ def _run_bench(args) -> int:
         from .research.bench import bench_typing
 
         result = bench_typing(args.keystrokes, args.budget, max_new_tokens=args.max_new_tokens, model=args.model,
-                              **_far_bias_options(args))
+                              rounds=args.rounds, **_far_bias_options(args))
     elif args.bench == "replay":
         from .research.replay import bench_replay
 

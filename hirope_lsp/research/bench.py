@@ -226,74 +226,96 @@ def _position_options(far_bias=None, far_bias_mode=None) -> dict:
     return {"hirope": given} if given else {}
 
 
-def bench_typing(keystrokes: int = 40, budget: int = 4000, pause: float = 0.05, max_new_tokens: int = 8,
-                 far_bias=None, far_bias_mode=None, model: str | None = None) -> dict:
-    """Type into a long file through the real server over stdio, a completion request after each key."""
-    import statistics
+TYPING_RUNS = (("on", True, True, {}), ("on_lookup", True, True, {"lookupTokens": 4}),
+               ("on_no_ahead", True, False, {}), ("on_no_copy", True, True, {"copyWeight": 0}), ("off", False, True, {}))
 
+
+def _typing_block(name: str, reuse: bool, ahead: bool, extra: dict, keys: str, along_keys: int, settings: dict,
+                  text: str, line: int, pause: float) -> dict:
+    """One server: open the file, a cold request, then a request after each of ``keys`` (and, when
+    ``along_keys``, type along the suggestion shown)."""
     from .rawclient import RawClient
 
-    text, line = _typing_file(budget)
     lines = text.split("\n")
     indent = lines[line][: len(lines[line]) - len(lines[line].lstrip())]
+    client = RawClient()
+    try:
+        client.initialize(None, {**settings, "reuseCache": reuse, "warmAhead": ahead, **extra})
+        uri = "file:///bench/typing.py"
+        body = "\n".join(lines[:line] + [indent] + lines[line:])
+        client.notify("textDocument/didOpen", {"textDocument": {"uri": uri, "languageId": "python", "version": 1,
+                                                                "text": body}})
+        col = len(indent)
+        params = lambda c: {"textDocument": {"uri": uri}, "position": {"line": line, "character": c},  # noqa: E731
+                            "context": {"triggerKind": 2}}
+        cold_start = time.perf_counter()
+        client.call("textDocument/inlineCompletion", params(col), timeout=600)  # first prompt: cold
+        cold_ms = (time.perf_counter() - cold_start) * 1000
+        before = client.call("hirope/status", {})["result"]
+        latencies, computed = [], []
+        for k, ch in enumerate(keys):
+            start = time.perf_counter()
+            _insert(client, uri, k + 2, line, col, ch)
+            col += 1
+            reply = client.call("textDocument/inlineCompletion", params(col), timeout=600)
+            latencies.append(time.perf_counter() - start)
+            assert "result" in reply, (name, reply)
+            status = client.call("hirope/status", {})["result"]
+            computed.append(status["computedTokens"] - before["computedTokens"])
+            before = status
+            time.sleep(pause)
+        along = None
+        if along_keys:
+            client.notify("workspace/didChangeConfiguration", {"settings": {"hirope": {"typeAlong": True}}})
+            along = _type_along(client, uri, line, col, len(keys) + 2, along_keys, params)
+    finally:
+        client.close()
+    return {"latencies": latencies, "computed": computed, "cold_ms": cold_ms, "reused": status["reusedTokens"],
+            "total": status["reusedTokens"] + status["computedTokens"], "along": along}
+
+
+def bench_typing(keystrokes: int = 40, budget: int = 4000, pause: float = 0.05, max_new_tokens: int = 8,
+                 far_bias=None, far_bias_mode=None, model: str | None = None, rounds: int = 2) -> dict:
+    """Type into a long file through the real server over stdio, a completion request after each key.
+
+    Each row (KV reuse on; on with 4 lookup drafts per decoding step; on without work ahead, i.e. what the
+    suggestions prefetched after each answer cost the next keystroke; on without the copy model; off:
+    every keystroke through the model) types ``keystrokes`` keys in ``rounds`` blocks, a fresh server
+    each, the rows in turn and in reverse order every other round (A B C, C B A, ...): a machine that
+    drifts while the benchmark runs weighs on every row alike, not on the row that happened to run last."""
+    import statistics
+
+    text, line = _typing_file(budget)
     typed = "result = compute_total(values, weights)"
+    keys = [typed[k % len(typed)] for k in range(keystrokes)]
+    rounds = max(1, min(rounds, keystrokes))
+    # the whole budget on every request (reuse at a fixed prompt size; work ahead is `bench replay`'s)
+    settings = {"promptBudget": budget, "maxNewTokens": max_new_tokens, "crossFile": False, "watchFiles": False,
+                "typeAlong": False, "latencyTargetMs": 10000, "minConfidence": GATE_OFF,
+                **({"model": model} if model else {}), **_position_options(far_bias, far_bias_mode)}
+    blocks: dict[str, list[dict]] = {name: [] for name, *_ in TYPING_RUNS}
+    for r in range(rounds):
+        share = "".join(keys[r * keystrokes // rounds : (r + 1) * keystrokes // rounds])
+        order = TYPING_RUNS if r % 2 == 0 else TYPING_RUNS[::-1]
+        for name, reuse, ahead, extra in order:
+            along_keys = keystrokes // 2 if name == "on" and r == rounds - 1 else 0
+            blocks[name].append(_typing_block(name, reuse, ahead, extra, share, along_keys, settings, text, line,
+                                              pause))
     results = {}
-    # KV reuse on, on with 4 lookup drafts per decoding step, on without work ahead (what the suggestions
-    # prefetched after each answer cost the next keystroke), on without the copy model, and off: every
-    # keystroke through the model
-    runs = (("on", True, True, {}), ("on_lookup", True, True, {"lookupTokens": 4}), ("on_no_ahead", True, False, {}),
-            ("on_no_copy", True, True, {"copyWeight": 0}), ("off", False, True, {}))
-    for name, reuse, ahead, extra in runs:
-        client = RawClient()
-        try:
-            # the whole budget on every request (reuse at a fixed prompt size; work ahead is `bench replay`'s)
-            client.initialize(None, {"reuseCache": reuse, "promptBudget": budget, "maxNewTokens": max_new_tokens,
-                                     "warmAhead": ahead,
-                                     "crossFile": False, "watchFiles": False, "typeAlong": False,
-                                     "latencyTargetMs": 10000, "minConfidence": GATE_OFF,
-                                     **({"model": model} if model else {}),
-                                     **_position_options(far_bias, far_bias_mode), **extra})
-            uri = "file:///bench/typing.py"
-            body = "\n".join(lines[:line] + [indent] + lines[line:])
-            client.notify("textDocument/didOpen", {"textDocument": {"uri": uri, "languageId": "python", "version": 1,
-                                                                    "text": body}})
-            col = len(indent)
-            params = lambda c: {"textDocument": {"uri": uri}, "position": {"line": line, "character": c},  # noqa: E731
-                                "context": {"triggerKind": 2}}
-            cold_start = time.perf_counter()
-            client.call("textDocument/inlineCompletion", params(col), timeout=600)  # first prompt: cold
-            cold_ms = (time.perf_counter() - cold_start) * 1000
-            before = client.call("hirope/status", {})["result"]
-            latencies, computed = [], []
-            for k in range(keystrokes):
-                ch = typed[k % len(typed)]
-                start = time.perf_counter()
-                _insert(client, uri, k + 2, line, col, ch)
-                col += 1
-                reply = client.call("textDocument/inlineCompletion", params(col), timeout=600)
-                latencies.append(time.perf_counter() - start)
-                assert "result" in reply, reply
-                status = client.call("hirope/status", {})["result"]
-                computed.append(status["computedTokens"] - before["computedTokens"])
-                before = status
-                time.sleep(pause)
-            reused = status["reusedTokens"]
-            total = status["reusedTokens"] + status["computedTokens"]
-            if name == "on":
-                client.notify("workspace/didChangeConfiguration", {"settings": {"hirope": {"typeAlong": True}}})
-                along = _type_along(client, uri, line, col, keystrokes + 2, keystrokes // 2, params)
-        finally:
-            client.close()
-        prompt_tokens = statistics.median(computed) if not reuse else None
+    for name, reuse, *_ in TYPING_RUNS:
+        latencies = [x for b in blocks[name] for x in b["latencies"]]
+        computed = [x for b in blocks[name] for x in b["computed"]]
         results[name] = {
             "p50_ms": statistics.median(latencies) * 1000,
             "p95_ms": _p95(latencies) * 1000,
             "recomputed_per_key_median": statistics.median(computed),
             "recomputed_per_key_mean": statistics.mean(computed),
-            "reuse_ratio": reused / max(1, total),
-            "prompt_tokens": prompt_tokens,
-            "cold_ms": cold_ms,
+            "reuse_ratio": sum(b["reused"] for b in blocks[name]) / max(1, sum(b["total"] for b in blocks[name])),
+            "prompt_tokens": statistics.median(computed) if not reuse else None,
+            "cold_ms": statistics.median(b["cold_ms"] for b in blocks[name]),
+            "p50_ms_per_round": [statistics.median(b["latencies"]) * 1000 for b in blocks[name]],
         }
+    along = blocks["on"][-1]["along"]
     on, off = results["on"], results["off"]
     prompt_tokens = off["prompt_tokens"]
     on["reuse_per_key"] = 1 - on["recomputed_per_key_mean"] / max(1, prompt_tokens)
@@ -301,15 +323,17 @@ def bench_typing(keystrokes: int = 40, budget: int = 4000, pause: float = 0.05, 
     results["lookup_speedup_p50"] = on["p50_ms"] / results["on_lookup"]["p50_ms"]
     results["copy_cost_p50"] = on["p50_ms"] / results["on_no_copy"]["p50_ms"]
     results["work_ahead_cost_p50"] = on["p50_ms"] / results["on_no_ahead"]["p50_ms"]
+    results["rounds"] = rounds
     results["along"] = along
-    print(f"typing {keystrokes} keys into a {prompt_tokens:.0f}-token prompt (budget {budget}), "
+    print(f"typing {keystrokes} keys into a {prompt_tokens:.0f}-token prompt (budget {budget}) in {rounds} rounds, "
           f"{max_new_tokens} new tokens at most per completion")
-    print(f"{'reuse':>12} {'p50 ms':>8} {'p95 ms':>8} {'recomputed/key':>15} {'reused/key':>11}")
-    for name, *_ in runs:
+    print(f"{'reuse':>12} {'p50 ms':>8} {'p95 ms':>8} {'recomputed/key':>15} {'reused/key':>11}  p50 per round")
+    for name, *_ in TYPING_RUNS:
         r = results[name]
         reused_share = 1 - r["recomputed_per_key_mean"] / max(1, prompt_tokens)
+        per_round = " / ".join(f"{x:.0f}" for x in r["p50_ms_per_round"])
         print(f"{name:>12} {r['p50_ms']:>8.1f} {r['p95_ms']:>8.1f} {r['recomputed_per_key_mean']:>15.1f} "
-              f"{reused_share:>10.1%}")
+              f"{reused_share:>10.1%}  {per_round}")
     print(f"p50 speed-up with reuse: {results['speedup_p50']:.1f}x, with lookup drafts: "
           f"{results['lookup_speedup_p50']:.2f}x; with work ahead against without: "
           f"{results['work_ahead_cost_p50']:.2f}x; with the copy model against without: "
