@@ -196,9 +196,11 @@ class Session:
         return self._spawn(self._index_workspace())
 
     async def _index_workspace(self) -> None:
+        # watch before scanning: a file written while the scan runs is seen by one or the other (watching
+        # after it lost files saved between the two)
+        self._restart_watcher()
         files = await asyncio.get_running_loop().run_in_executor(None, self.index.scan)
         log.info("indexed %d files", files)
-        self._restart_watcher()
 
     def _restart_watcher(self) -> None:
         if self.watcher is not None:
@@ -376,7 +378,7 @@ class Session:
         self.add_folders(added)
         if self._ready is not None:
             if added:
-                self._spawn(self._index_workspace())  # scans, then watches the new folders too
+                self._spawn(self._index_workspace())  # watches the new folders too, then scans
             elif removed:
                 self._restart_watcher()
 
