@@ -27,7 +27,8 @@ def _add_train(sub) -> None:
     for name, kind in (("context", int), ("vocab-size", int), ("batch-size", int), ("lr", float), ("warmup", int),
                        ("checkpoint-every", int), ("layers", int), ("hidden-size", int), ("heads", int),
                        ("intermediate-size", int), ("cycle-start", int)):
-        p.add_argument(f"--{name}", type=kind, default=None, help="recipe override (see TrainConfig)")
+        p.add_argument(f"--{name}", type=kind, default=None, help="recipe override (see TrainConfig); resuming a run directory applies --lr, --warmup, "
+                                                                "--cycle-start, --checkpoint-every and refuses a shape or corpus that differs")
 
 
 def _add_corpus(sub) -> None:
@@ -62,18 +63,15 @@ def _run_train(args) -> int:
         cfg = TrainConfig(vocab_size=400, hidden_size=32, layers=1, heads=2, intermediate_size=64, context=32,
                           batch_size=4, steps=20, warmup=2, checkpoint_every=10, held_out_percent=10,
                           max_files=60)
-    if args.steps is not None:
-        cfg.steps = args.steps
     cfg.max_minutes = args.max_minutes
-    if args.corpus is not None:
-        cfg.corpus = str(args.corpus)
-    if args.device is not None:
-        cfg.device = args.device
-    for name in ("context", "vocab_size", "batch_size", "lr", "warmup", "checkpoint_every", "layers", "hidden_size",
-                 "heads", "intermediate_size", "cycle_start"):
+    given = []  # what a resumed run applies (schedule) or refuses where it differs (shape, data)
+    for name in ("steps", "corpus", "device", "context", "vocab_size", "batch_size", "lr", "warmup",
+                 "checkpoint_every", "layers", "hidden_size", "heads", "intermediate_size", "cycle_start"):
         if getattr(args, name) is not None:
-            setattr(cfg, name, getattr(args, name))
-    summary = train(args.run_dir, cfg, export=args.export, init_from=args.init_from)
+            value = getattr(args, name)
+            setattr(cfg, name, str(value) if name == "corpus" else value)
+            given.append(name)
+    summary = train(args.run_dir, cfg, export=args.export, init_from=args.init_from, given=given)
     print(json.dumps(summary, indent=2))
     if args.curve:
         from .research.train import plot_loss_curve

@@ -1,5 +1,6 @@
 import json
 import math
+from dataclasses import asdict
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -39,6 +40,28 @@ def test_learning_rate_ramps_again_where_the_optimizer_starts_fresh():
     assert math.isclose(learning_rate(restart, 4050, optimizer_fresh_at=4000), 4e-4), "the peak of the new cycle"
     assert math.isclose(learning_rate(restart, 4525, optimizer_fresh_at=4000), 4e-4 * 0.55)
     assert math.isclose(learning_rate(restart, 5000, optimizer_fresh_at=4000), 4e-4 * 0.1)
+
+
+def test_resuming_applies_a_new_schedule_and_refuses_a_new_shape(tmp_path):
+    import pytest
+
+    run = tmp_path / "run"
+    train(run, TrainConfig(**TINY, steps=6))
+    plain = train(run, TrainConfig(**TINY, steps=8))  # no flags given: the saved schedule goes on
+    assert plain["step"] == 8
+    saved = json.loads((run / "train_config.json").read_text())
+    assert saved["lr"] == TINY.get("lr", TrainConfig().lr) and saved["cycle_start"] == 0
+    cycle = TrainConfig(**{**TINY, "lr": 5e-4, "warmup": 2}, steps=12, cycle_start=8)
+    train(run, TrainConfig(**{**asdict(cycle), "layers": 9, "lr": 1e-2}), given=("steps", "lr", "warmup", "cycle_start"))
+    saved = json.loads((run / "train_config.json").read_text())
+    assert (saved["lr"], saved["warmup"], saved["cycle_start"]) == (1e-2, 2, 8), "the command's schedule is applied"
+    assert saved["layers"] == TINY.get("layers", TrainConfig().layers), "a shape not named in given is the run's"
+    log = {r["step"]: r["lr"] for r in map(json.loads, (run / "loss.jsonl").read_text().splitlines())}
+    assert math.isclose(log[9], 1e-2 / 2) and math.isclose(log[10], 1e-2), "the new cycle ramps up on kept Adam state"
+    with pytest.raises(ValueError, match="layers"):
+        train(run, TrainConfig(**{**TINY, "layers": TINY.get("layers", 1) + 1}, steps=14), given=("layers",))
+    same_shape = train(run, TrainConfig(**TINY, steps=13), given=("layers", "steps"))
+    assert same_shape["step"] == 13, "naming the shape the run already has is fine"
 
 
 def test_training_from_committed_weights_warms_up_from_their_step(tmp_path):

@@ -23,6 +23,7 @@ import math
 import random
 import sysconfig
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -194,11 +195,12 @@ def learning_rate(cfg: TrainConfig, step: int, optimizer_fresh_at: int = 0) -> f
     """Cosine from ``cfg.lr`` at ``cfg.cycle_start`` to a tenth of it at ``cfg.steps``, ramped up linearly
     over ``cfg.warmup`` steps from the step the optimizer state started fresh (0 for a new run; a later
     step for one started from committed weights, where a fresh Adam at the schedule's rate would jolt the
-    weights)."""
+    weights), or from ``cfg.cycle_start`` where a new cycle begins on kept optimizer state."""
     start = cfg.cycle_start + cfg.warmup
     progress = max(0.0, (step - start) / max(1, cfg.steps - start))
     decayed = cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-    return decayed * min(1.0, (step - optimizer_fresh_at + 1) / cfg.warmup)
+    ramp_from = max(optimizer_fresh_at, cfg.cycle_start if step >= cfg.cycle_start else 0)
+    return decayed * min(1.0, (step - ramp_from + 1) / cfg.warmup)
 
 
 def encode_texts(tokenizer, texts: list[str], batch: int = 512) -> list[list[int]]:
@@ -411,19 +413,49 @@ def transplant(model, tokenizer, source_dir: Path) -> None:
     model.tie_weights()
 
 
-def train(run_dir: Path, cfg: TrainConfig, export: Path | None = None, init_from: Path | None = None) -> dict:
+# what a resumed run may change when the command gives it (the rest of the recipe is the run's: its model
+# shape and its data; changing those means a new run directory started with --init-from)
+SCHEDULE_FIELDS = ("lr", "warmup", "cycle_start", "checkpoint_every")
+
+
+def resumed_config(saved: dict, cfg: TrainConfig, given: Iterable[str] = ()) -> TrainConfig:
+    """The recipe a resumed run goes on with: the saved one, with the command's length, time limit and
+    device, and the schedule fields the command named in ``given``; a named field of the shape or the data
+    that differs from the saved recipe is refused (ValueError), never silently dropped."""
+    merged = {**asdict(TrainConfig()), **saved, "steps": cfg.steps, "max_minutes": cfg.max_minutes,
+              "device": cfg.device}
+    for name in given:
+        wanted, kept = getattr(cfg, name), merged[name]
+        if name in SCHEDULE_FIELDS:
+            merged[name] = wanted
+        elif name in ("steps", "max_minutes", "device"):
+            continue
+        elif not _same_setting(name, wanted, kept):
+            raise ValueError(f"this run directory was trained with {name} = {kept!r}, the command gives {wanted!r}: "
+                             f"a resumed run keeps its model shape and data; to change {name}, start a new run "
+                             f"directory with --init-from <its best.safetensors>")
+    return TrainConfig(**merged)
+
+
+def _same_setting(name: str, a, b) -> bool:
+    if name == "corpus" and a is not None and b is not None:
+        return Path(a).resolve() == Path(b).resolve()
+    return a == b
+
+
+def train(run_dir: Path, cfg: TrainConfig, export: Path | None = None, init_from: Path | None = None,
+          given: Iterable[str] = ()) -> dict:
     """Train (or resume) in ``run_dir``; returns the final summary. ``init_from``: fp16 weights
     (``best.safetensors`` of an earlier run, with its tokenizer in ``run_dir/tokenizer``) to start
-    from, or a model directory of the same shape with another vocabulary (see ``transplant``)."""
+    from, or a model directory of the same shape with another vocabulary (see ``transplant``).
+    ``given``: the fields of ``cfg`` the command set, which a resumed run applies or refuses
+    (``resumed_config``); the others come from the run's saved recipe."""
     from transformers import LlamaForCausalLM
 
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir / "train_config.json"
     if config_path.exists():
-        saved = json.loads(config_path.read_text())
-        # the recipe is the run's; how long and where it runs is the command's
-        cfg = TrainConfig(**{**asdict(TrainConfig()), **saved, "steps": cfg.steps, "max_minutes": cfg.max_minutes,
-                             "device": cfg.device})
+        cfg = resumed_config(json.loads(config_path.read_text()), cfg, given)
     config_path.write_text(json.dumps(asdict(cfg), indent=2))
     torch.manual_seed(cfg.seed)
     tokenizer, stream, segments, held = prepare(run_dir, cfg)
