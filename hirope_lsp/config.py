@@ -165,10 +165,12 @@ SETTINGS: tuple[Setting, ...] = (
             shown_default="the model's", editor_null=True,
             doc="Most of each next-token distribution taken from a copy model of the prompt (what followed the "
                 "last few tokens where they occurred before, anywhere in the file or workspace context): names "
-                "seen far away get copied; 0: off; null: the value the model's card records, else 0."),
+                "seen far away get copied; 0: off; null: the value the model's card records for the "
+                "document's language (else the card's own), else 0."),
     Setting(key="copyMinOrder", target="engine.copy_min_order", type=("integer", "null"), minimum=1, maximum=4,
             shown_default="the model's", editor_null=True,
-            doc="Shortest run of tokens whose earlier occurrences the copy model trusts; null: the model's card, else 1."),
+            doc="Shortest run of tokens whose earlier occurrences the copy model trusts; null: the model's card "
+                "(for the document's language, as for copyWeight), else 1."),
     Setting(key="cacheBudgetMb", target="engine.cache_budget_mb", type="integer", minimum=0,
             doc="Memory in MiB for KV state kept between requests (across documents, the least recently "
                 "used goes first)."),

@@ -822,5 +822,6 @@ def _with_suffix_cut(engine: Engine, job: CompletionJob, cached: int, affordable
         return None
     positions = job.prompt.positions
     middle = positions[cut_at - 1 : cut_at] + 1  # a unit of its own, the next token
-    cut = Prompt(job.prompt.key, ids[:cut_at] + ids[-1:], torch.cat([positions[:cut_at], middle]), job.prompt.unit)
+    cut = Prompt(job.prompt.key, ids[:cut_at] + ids[-1:], torch.cat([positions[:cut_at], middle]), job.prompt.unit,
+                 job.prompt.language)
     return dataclasses.replace(job, prompt=cut)

@@ -192,3 +192,106 @@ def test_perplexity_with_the_copy_model_matches_counting_by_hand():
     repeated = rng.integers(0, 50, 20).tolist() * 3
     flat = torch.full((len(repeated) - 1,), 2.0, dtype=torch.float64)
     assert float(copied_nll(repeated, flat, copy, None)[25:].max()) < 2.0, "text seen before is copied"
+
+
+def _card_model(tmp_path, copy_record):
+    import json
+
+    card = tmp_path / "training.json"
+    card.write_text(json.dumps({"copy": copy_record}))
+
+    class Config:
+        _name_or_path = str(tmp_path)
+
+    class Model:
+        config = Config()
+
+    return Model()
+
+
+def test_the_card_records_a_copy_model_per_language(tmp_path, caplog):
+    lm = _card_model(tmp_path, {"weight": 0.8, "min_order": 1, "languages": {
+        "javascript": {"weight": 0, "min_order": 1}, "go": {"weight": 0.5, "min_order": 2}, "rust": {"weight": 7}}})
+    assert recommended_copy(lm) == recommended_copy(lm, "python") == CopySettings(weight=0.8, min_order=1)
+    assert recommended_copy(lm, "javascript") == CopySettings(weight=0.0, min_order=1)
+    assert recommended_copy(lm, "go") == CopySettings(weight=0.5, min_order=2)
+    assert recommended_copy(lm, "rust") == CopySettings(weight=0.8, min_order=1), "a bad entry: the card's own"
+    assert "rust copy model" in caplog.text
+    only = _card_model(tmp_path, {"languages": {"go": {"weight": 0.5, "min_order": 2}}})
+    caplog.clear()
+    assert recommended_copy(only, "go") == CopySettings(weight=0.5, min_order=2)
+    assert recommended_copy(only, "python") is None and recommended_copy(only) is None
+    assert "ignoring" not in caplog.text, "a card with only per-language entries is not a bad record"
+
+
+def test_decoding_uses_the_copy_model_of_the_prompts_language(tmp_path, loaded):
+    import json
+    import shutil
+
+    from hirope_lsp.model.loading import DEFAULT_MODEL_DIR
+
+    model = tmp_path / "model"
+    shutil.copytree(DEFAULT_MODEL_DIR, model)
+    card = json.loads((model / "training.json").read_text())
+    card["copy"] = {"weight": 0.0, "min_order": 1, "languages": {"javascript": {"weight": 0.9, "min_order": 2}}}
+    (model / "training.json").write_text(json.dumps(card))
+    mine = load_model(str(model), device="cpu", dtype="float32")
+    vocab = len(mine[1])
+    rng = np.random.default_rng(0)
+    run = rng.integers(300, vocab - 300, 12).tolist()
+    ids = run + rng.integers(300, vocab - 300, 200).tolist() + run[:4]
+    engine = Engine(EngineSettings(rope=RopeMethodConfig(window=64), measure_speed=False), loaded=mine)
+    positions = plain_positions(len(ids))[0]
+    as_js = engine.generate(Prompt("file:///w/a.js", ids, positions, language="javascript"), max_new_tokens=6,
+                            heal=False, suppress_eos=True)
+    as_py = engine.generate(Prompt("file:///w/a.py", ids, positions, language="python"), max_new_tokens=6,
+                            heal=False, suppress_eos=True)
+    assert as_js.token_ids == run[4:10], "javascript's entry turns the copy model on"
+    assert as_py.token_ids != run[4:10], "python has no entry: the card's own weight, off"
+    engine.settings.copy_weight = 0.0
+    assert engine.copy_settings("javascript") == CopySettings(weight=0.0, min_order=2), "the user's setting wins"
+
+
+def test_a_completion_prompt_carries_its_documents_language(loaded):
+    from hirope_lsp.completion.prompt import ContextSettings, PromptBuilder
+    from hirope_lsp.completion.service import CompletionService, shorter
+    from hirope_lsp.hierarchy.document import Document
+
+    engine = Engine(EngineSettings(measure_speed=False), loaded=loaded)
+    service = CompletionService(engine, None, PromptBuilder(loaded[1], loaded[2], ContextSettings(budget_tokens=256)),
+                                max_new_tokens=2)
+    for uri, language_id, language in (("file:///w/a.js", "javascript", "javascript"), ("file:///w/b.go", None, "go"),
+                                       ("file:///w/c.py", "python", "python")):
+        doc = Document(uri, "const x = 1;\n" * 40, language_id=language_id)
+        job = service.prepare(doc, 20, 0)
+        assert job.prompt.language == language and shorter(job.prompt).language == language
+
+
+def test_calibrate_copy_for_one_language_keeps_the_cards_own_choice(tmp_path, capsys):
+    import json
+    import shutil
+
+    from hirope_lsp import cli
+    from hirope_lsp.model.loading import DEFAULT_MODEL_DIR
+
+    model = tmp_path / "model"
+    shutil.copytree(DEFAULT_MODEL_DIR, model)
+    before = json.loads((model / "training.json").read_text()).get("copy")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    body = "".join(f"function helper{k}(value) {{\n  const total = value * {k} + {k};\n  return total;\n}}\n\n"
+                   for k in range(60))
+    (corpus / "helpers.js").write_text(body + "module.exports = { helper3 };\n")
+    argv = ["calibrate", "copy", "--model", str(model), "--corpus", str(corpus), "--samples", "4", "--prompt-x", "1",
+            "--grid", "0.5/2", "--min-gain", "-100", "--language", "javascript", "--write"]
+    assert cli.main(argv) == 0
+    record = json.loads((model / "training.json").read_text())["copy"]
+    assert {k: record.get(k) for k in ("weight", "min_order")} == \
+           {k: (before or {}).get(k) for k in ("weight", "min_order")}, "the other languages' choice is kept"
+    entry = record["languages"]["javascript"]
+    assert (entry["weight"], entry["min_order"], entry["chosen_on"]) == (0.5, 2, "corpus")
+    lm, _, _ = load_model(str(model), device="cpu", dtype="float32")
+    assert recommended_copy(lm, "javascript") == CopySettings(weight=0.5, min_order=2)
+    capsys.readouterr()
+    assert cli.main(argv[:-3] + ["--language", "cobol"]) == 2
+    assert "unknown language 'cobol'" in capsys.readouterr().err

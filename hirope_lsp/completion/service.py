@@ -78,7 +78,7 @@ class CompletionService:
         near = STOP_RULES_CONTEXT_CHARS
         policy = stop_policy(doc.text[max(0, cursor - near) : cursor], doc.text[cursor : cursor + near], self.multiline)
         policy.statement_head = statement_line(doc, line, cursor)
-        prompt = Prompt(key or doc.uri, built.token_ids, built.positions, built.cursor_unit)
+        prompt = Prompt(key or doc.uri, built.token_ids, built.positions, built.cursor_unit, doc.language)
         return CompletionJob(doc.uri, doc.version, line, character, prompt, policy, built,
                              knows_language(self.languages, doc.language))
 
@@ -124,4 +124,4 @@ def shorter(prompt: Prompt) -> Prompt:
     base = positions[0].clone()
     positions -= base
     unit = prompt.unit - base[:-1] if prompt.unit is not None else None
-    return Prompt(prompt.key + "#short", prompt.token_ids[-keep:], positions, unit)
+    return Prompt(prompt.key + "#short", prompt.token_ids[-keep:], positions, unit, prompt.language)

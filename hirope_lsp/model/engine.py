@@ -60,6 +60,7 @@ class Prompt:
     positions: torch.Tensor  # [T, levels] int64; the last level is the token index
     # the unit generated tokens belong to (the cursor's, all levels but the token's); None: the last token's
     unit: torch.Tensor | None = None
+    language: str | None = None  # the document's (settings the model's card records per language)
 
 
 @dataclass
@@ -126,7 +127,7 @@ class Engine:
             tid = self.tokenizer.get_vocab().get(name)
             if tid is not None:
                 self.eos_ids.add(tid)
-        self.recommended_copy = recommended_copy(self.model)
+        self._card_copies: dict[str | None, CopySettings | None] = {}  # by language, read from the card once
         self.speed = Speed()
         if settings.measure_speed:
             self.measure_speed()
@@ -187,9 +188,16 @@ class Engine:
                 return len(ids) - 1 - ids[::-1].index(marker)
         return len(ids) - 1
 
-    def copy_settings(self) -> CopySettings:
-        """The copy model's settings: what the user set, else what the model's card records, else off."""
-        card = self.recommended_copy or CopySettings()
+    def recommended_copy(self, language: str | None = None) -> CopySettings | None:
+        """What the model's card records for ``language`` (its own entry, else the card's), else None."""
+        if language not in self._card_copies:
+            self._card_copies[language] = recommended_copy(self.model, language)
+        return self._card_copies[language]
+
+    def copy_settings(self, language: str | None = None) -> CopySettings:
+        """The copy model's settings: what the user set, else what the model's card records for the
+        document's language, else off."""
+        card = self.recommended_copy(language) or CopySettings()
         s = self.settings
         copy = CopySettings(weight=card.weight if s.copy_weight is None else s.copy_weight,
                             min_order=card.min_order if s.copy_min_order is None else s.copy_min_order)
@@ -331,7 +339,7 @@ class Engine:
                 drafts = self.settings.lookup_tokens and not (self.handle.method.factor_from_input or self.handle.dynamic)
                 lookup = PromptLookup(ids[-LOOKUP_PROMPT_TOKENS:], self.settings.lookup_tokens) if drafts else None
                 rows, draft = logits[0, -1:], []  # rows[i] scores the token after draft[:i]
-                copy = self.copy_settings()
+                copy = self.copy_settings(prompt.language)
                 copier = self.copy_model(ids, copy) if copy.enabled else None
                 decode_start = time.perf_counter()
                 while stopped_by is None and max_new_tokens > 0:

@@ -139,15 +139,32 @@ def recommended_far_bias(lm) -> tuple[float | tuple[float, ...], str] | None:
     return (tuple(float(v) for v in value) if isinstance(value, list) else float(value)), mode
 
 
-def recommended_copy(lm):
+def recommended_copy(lm, language: str | None = None):
     """The copy model's settings chosen for this model on held-out code, where its ``training.json``
     records them (``copy``: ``{"weight": w, "min_order": n}``, written by ``hirope-lsp calibrate copy
-    --write``); None for any other model or an unreadable record."""
-    from .copying import CopySettings
-
+    --write``); with ``language``, the entry chosen for that language where the record has one
+    (``copy.languages.<language>``, written by ``calibrate copy --language``), else the record's own.
+    None for any other model or an unreadable record (a warning)."""
     card, record = _card_entry(lm, "copy", "copy model")
     if record is None:
         return None
+    languages = record.get("languages") if isinstance(record, dict) else None
+    if language is not None and isinstance(languages, dict) and language in languages:
+        chosen = _copy_from_record(languages[language])
+        if chosen is not None:
+            return chosen
+        log.warning("ignoring the %s copy model recorded in %s: %r", language, card, languages[language])
+    if isinstance(record, dict) and "weight" not in record and isinstance(languages, dict):
+        return None  # only languages are recorded: the others have none
+    settings = _copy_from_record(record)
+    if settings is None:
+        log.warning("ignoring the copy model recorded in %s: %r", card, record)
+    return settings
+
+
+def _copy_from_record(record):
+    from .copying import CopySettings
+
     try:
         weight, order = record["weight"], record.get("min_order", CopySettings.min_order)
         if isinstance(weight, bool) or isinstance(order, bool) or not isinstance(order, int):
@@ -155,7 +172,6 @@ def recommended_copy(lm):
         settings = CopySettings(weight=float(weight), min_order=order)
         settings.validate()
     except (KeyError, TypeError, ValueError, AttributeError):
-        log.warning("ignoring the copy model recorded in %s: %r", card, record)
         return None
     return settings
 

@@ -804,7 +804,7 @@ def perplexity_rows(corpus: Corpus, loaded, specs: list[MethodSpec], lengths_x, 
 
     lm, tokenizer, fim = loaded
     L = trained_length(lm.config)
-    card_copy = recommended_copy(lm) or CopySettings()
+    card_copy = recommended_copy(lm, "python") or CopySettings()  # the far evaluation reads Python packages
     far_distance = far_distance or L
     longest = int(max(lengths_x) * L)
     rng = random.Random(seed)
