@@ -397,7 +397,7 @@ def _run_complete(args) -> int:
         return 2
     print(found.text if found else "")
     if found is not None:
-        gate = session.service.confidence_gate
+        gate = session.service.confidence_gate(language_for_path(path))
         if found.hidden_by_gate:
             print(f"hirope-lsp: nothing shown: the suggestion's confidence {found.confidence:.2f} is below the "
                   f"gate {gate:g} (--min-confidence -100 shows all)", file=sys.stderr)

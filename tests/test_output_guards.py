@@ -72,11 +72,15 @@ def test_the_gate_recorded_with_the_model_applies_while_the_setting_is_unset(tmp
     assert shown.text, "no gate recorded: everything is shown"
     strict = shown.generation.confidence / 2
     gated = service({"value": strict, "chosen_on": "test"})
-    assert gated.confidence_gate == strict and gated.complete(doc, 4, 16).text == ""
+    assert gated.confidence_gate() == strict and gated.complete(doc, 4, 16).text == ""
     overridden = service({"value": strict}, setting=GATE_OFF)
-    assert overridden.confidence_gate == GATE_OFF and overridden.complete(doc, 4, 16).text == shown.text
+    assert overridden.confidence_gate() == GATE_OFF and overridden.complete(doc, 4, 16).text == shown.text
     for bad in ({"value": 0.5}, {"value": "high"}, {"value": True}, [strict], {"chosen_on": "x"}):
-        assert service(bad).confidence_gate is None, bad
+        assert service(bad).confidence_gate() is None, bad
+    per_language = service({"value": GATE_OFF, "languages": {"python": {"value": strict}, "go": {"value": 0.5}}})
+    assert per_language.confidence_gate("python") == strict and per_language.complete(doc, 4, 16).text == ""
+    assert per_language.confidence_gate("javascript") == GATE_OFF, "no entry: the record's own"
+    assert per_language.confidence_gate("go") == GATE_OFF, "a bad entry: the record's own"
 
 
 def test_the_gate_chosen_is_the_highest_that_still_shows_the_share_of_useful_suggestions():
@@ -105,3 +109,31 @@ def test_the_benchmark_counts_a_repeated_line_as_the_guard_sees_one():
     assert repeats_line("count = count", "def g():\n    ")
     assert not repeats_line("}", "\t\tif ok {\n\t\t\treturn\n\t\t}\n\t")  # the end of an outer block
     assert not repeats_line("y = f(a)", "def g():\n    x = f(a)\n    ")
+
+
+def test_calibrate_confidence_for_one_language_keeps_the_cards_own_gate(tmp_path, capsys):
+    import json
+    import shutil
+
+    from hirope_lsp import cli
+    from hirope_lsp.model.loading import DEFAULT_MODEL_DIR, load_model, recommended_min_confidence
+
+    model = tmp_path / "model"
+    shutil.copytree(DEFAULT_MODEL_DIR, model)
+    before = json.loads((model / "training.json").read_text()).get("min_confidence")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    body = "".join(f"def helper_{k}(value, scale={k}):\n    total = value * scale + {k}\n    return total\n\n\n"
+                   for k in range(60))
+    (corpus / "helpers.py").write_text("import os\n\n\n" + body)
+    argv = ["calibrate", "confidence", "--model", str(model), "--corpus", str(corpus), "--samples", "8",
+            "--prompt-x", "1", "--keep-useful", "0.5", "--write"]
+    assert cli.main(argv + ["--language", "cobol"]) == 2
+    assert "unknown language 'cobol'" in capsys.readouterr().err
+    assert cli.main(argv + ["--language", "go"]) == 0, capsys.readouterr().err
+    record = json.loads((model / "training.json").read_text())["min_confidence"]
+    assert {k: v for k, v in record.items() if k != "languages"} == (before or {}), "the card's own gate is kept"
+    entry = record["languages"]["go"]
+    lm, _, _ = load_model(str(model), device="cpu", dtype="float32")
+    assert recommended_min_confidence(lm, "go") == entry["value"]
+    assert recommended_min_confidence(lm, "python") == (before or {}).get("value")

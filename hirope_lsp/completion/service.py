@@ -54,13 +54,17 @@ class CompletionService:
         self.multiline = multiline
         # mean log-probability per token below which nothing is shown; None: the model's recorded gate
         self.min_confidence = min_confidence
-        self.recommended_min_confidence = recommended_min_confidence(engine.model)
+        self._card_gates: dict[str | None, float | None] = {}  # by language, read from the card once
         self.languages = trained_languages(engine.model)
 
-    @property
-    def confidence_gate(self) -> float | None:
-        """The gate in force: the setting, else the one the model's card records (else none)."""
-        return self.min_confidence if self.min_confidence is not None else self.recommended_min_confidence
+    def confidence_gate(self, language: str | None = None) -> float | None:
+        """The gate in force: the setting, else the one the model's card records for ``language`` (its
+        own entry, else the card's), else none."""
+        if self.min_confidence is not None:
+            return self.min_confidence
+        if language not in self._card_gates:
+            self._card_gates[language] = recommended_min_confidence(self.engine.model, language)
+        return self._card_gates[language]
 
     @classmethod
     def from_settings(cls, engine: Engine, index: WorkspaceIndex | None, settings) -> CompletionService:
@@ -102,7 +106,7 @@ class CompletionService:
                                               cancelled)
         text = finish(job.policy, generation.text, final=True) or ""
         confidence = generation.confidence
-        gate = self.confidence_gate
+        gate = self.confidence_gate(job.prompt.language)
         hidden = bool(text.strip()) and gate is not None and confidence is not None and confidence < gate
         if hidden:
             log.info("completion %s v%d: confidence %.2f below %.2f; nothing shown", job.uri, job.version,

@@ -139,27 +139,34 @@ def recommended_far_bias(lm) -> tuple[float | tuple[float, ...], str] | None:
     return (tuple(float(v) for v in value) if isinstance(value, list) else float(value)), mode
 
 
+def _recorded(lm, key: str, what: str, language: str | None, parse, main_field: str):
+    """``parse`` of the card's ``key`` record: of its entry for ``language`` (``key.languages.<language>``)
+    where it has one, else of the record's own fields (a record with only ``languages`` has none); a bad
+    entry or record is ignored with a warning naming ``what``."""
+    card, record = _card_entry(lm, key, what)
+    if record is None:
+        return None
+    languages = record.get("languages") if isinstance(record, dict) else None
+    if language is not None and isinstance(languages, dict) and language in languages:
+        chosen = parse(languages[language])
+        if chosen is not None:
+            return chosen
+        log.warning("ignoring the %s %s recorded in %s: %r", language, what, card, languages[language])
+    if isinstance(languages, dict) and main_field not in record:
+        return None
+    chosen = parse(record)
+    if chosen is None:
+        log.warning("ignoring the %s recorded in %s: %r", what, card, record)
+    return chosen
+
+
 def recommended_copy(lm, language: str | None = None):
     """The copy model's settings chosen for this model on held-out code, where its ``training.json``
     records them (``copy``: ``{"weight": w, "min_order": n}``, written by ``hirope-lsp calibrate copy
     --write``); with ``language``, the entry chosen for that language where the record has one
     (``copy.languages.<language>``, written by ``calibrate copy --language``), else the record's own.
     None for any other model or an unreadable record (a warning)."""
-    card, record = _card_entry(lm, "copy", "copy model")
-    if record is None:
-        return None
-    languages = record.get("languages") if isinstance(record, dict) else None
-    if language is not None and isinstance(languages, dict) and language in languages:
-        chosen = _copy_from_record(languages[language])
-        if chosen is not None:
-            return chosen
-        log.warning("ignoring the %s copy model recorded in %s: %r", language, card, languages[language])
-    if isinstance(record, dict) and "weight" not in record and isinstance(languages, dict):
-        return None  # only languages are recorded: the others have none
-    settings = _copy_from_record(record)
-    if settings is None:
-        log.warning("ignoring the copy model recorded in %s: %r", card, record)
-    return settings
+    return _recorded(lm, "copy", "copy model", language, _copy_from_record, "weight")
 
 
 def _copy_from_record(record):
@@ -176,16 +183,17 @@ def _copy_from_record(record):
     return settings
 
 
-def recommended_min_confidence(lm) -> float | None:
+def recommended_min_confidence(lm, language: str | None = None) -> float | None:
     """The confidence gate chosen for this model on held-out code, where its ``training.json`` records one
-    (``min_confidence``, written by ``hirope-lsp calibrate confidence --write``): a mean log-probability
-    per token (<= 0) below which a suggestion is not shown; None for any other model or an unreadable record."""
-    card, record = _card_entry(lm, "min_confidence", "confidence gate")
-    if record is None:
-        return None
+    (``min_confidence``, written by ``hirope-lsp calibrate confidence --write``; per language as for
+    ``recommended_copy``): a mean log-probability per token (<= 0) below which a suggestion is not shown;
+    None for any other model or an unreadable record."""
+    return _recorded(lm, "min_confidence", "confidence gate", language, _gate_from_record, "value")
+
+
+def _gate_from_record(record) -> float | None:
     value = record.get("value") if isinstance(record, dict) else None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not -1e6 < value <= 0:
-        log.warning("ignoring the confidence gate recorded in %s: %r", card, record)
         return None
     return float(value)
 

@@ -5,7 +5,9 @@ on a corpus used for choosing settings, never the one quality is reported on, an
 threshold on the mean log-probability per token that still shows a given share (default 80 %) of the
 useful suggestions (edit similarity >= 0.5 to the true line); the wrong ones (below 0.5) it hides are the
 gain.  ``--write`` records it in the model directory's ``training.json`` under ``min_confidence``, which
-the server uses when the ``minConfidence`` setting is left unset.
+the server uses when the ``minConfidence`` setting is left unset; with ``--language L`` only for documents
+of that language (``min_confidence.languages.L``).  The suggestions are made as the server makes them, with
+the card's copy model for the corpus's language: calibrate the copy model first.
 """
 
 from __future__ import annotations
@@ -75,6 +77,8 @@ def format_table(choice: dict) -> str:
 
 
 def register_cli(subparsers) -> None:
+    from .far_calibrate import add_language_flag
+
     p = subparsers.add_parser("confidence", help="choose the confidence gate for a model on held-out code (the "
                                                  "corpus settings are chosen on, never the one reported)")
     p.add_argument("--model", default=None, help="model directory (default: the embedded model)")
@@ -88,14 +92,15 @@ def register_cli(subparsers) -> None:
     p.add_argument("--json", type=Path, default=None, help="write the predictions and the table here")
     p.add_argument("--write", action="store_true",
                    help="record the choice in the model directory's training.json (key min_confidence)")
+    add_language_flag(p)
 
 
 def run_cli(args) -> int:
     from .evaluate import eval_completion
-    from .far_calibrate import calibration_target, write_card_entry
+    from .far_calibrate import calibration_target, known_language, write_card_entry
 
     model_dir = calibration_target(args, [args.corpus])
-    if model_dir is None:
+    if model_dir is None or not known_language(args.language):
         return 2
     if not 0 < args.keep_useful <= 1:
         print("hirope-lsp: --keep-useful is a share in (0, 1]", file=sys.stderr)
@@ -113,5 +118,5 @@ def run_cli(args) -> int:
         args.json.write_text(json.dumps({"completion": report, "choice": choice}, indent=2))
     if args.write:
         record = card_record(choice, args.corpus.name, row["samples"], report["prompt_tokens"], args.seed)
-        print(f"recorded in {write_card_entry(model_dir, CARD_KEY, record)}")
+        print(f"recorded in {write_card_entry(model_dir, CARD_KEY, record, args.language)}")
     return 0

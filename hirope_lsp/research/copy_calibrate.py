@@ -43,20 +43,9 @@ def card_record(choice: dict, copies: dict, corpus: str, report: dict, seed: int
             "calibrated": time.strftime("%Y-%m-%d")}
 
 
-def with_language_entry(model_dir: Path, language: str, record: dict) -> dict:
-    """The card's ``copy`` record with ``record`` as ``language``'s entry (the rest kept)."""
-    from .far_calibrate import CARD
-
-    card = Path(model_dir) / CARD
-    data = json.loads(card.read_text()) if card.is_file() else {}
-    current = data.get(CARD_KEY)
-    merged = dict(current) if isinstance(current, dict) else {}
-    languages = merged.get("languages")
-    merged["languages"] = {**(languages if isinstance(languages, dict) else {}), language: record}
-    return merged
-
-
 def register_cli(subparsers) -> None:
+    from .far_calibrate import add_language_flag
+
     p = subparsers.add_parser("copy", help="choose the copy model's weight for a model on held-out code (the "
                                            "corpus settings are chosen on, never the one reported)")
     p.add_argument("--model", default=None, help="model directory (default: the embedded model)")
@@ -69,22 +58,18 @@ def register_cli(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="write the report and the choice here")
     p.add_argument("--write", action="store_true", help="record the choice in the model directory's training.json")
-    p.add_argument("--language", default=None,
-                   help="record it for documents of this language only (e.g. javascript, go; the corpus should be "
-                        "that language's code); default: for every language without its own entry")
+    add_language_flag(p)
 
 
 def run_cli(args) -> int:
     from ..model.copying import CopySettings, parse_copies
     from .evaluate import copy_label, eval_completion
-    from ..hierarchy.languages import SPECS
-    from .far_calibrate import calibration_target, write_card_entry
+    from .far_calibrate import calibration_target, known_language, write_card_entry
 
     model_dir = calibration_target(args, [args.corpus])
     if model_dir is None:
         return 2
-    if args.language is not None and args.language not in SPECS:
-        print(f"hirope-lsp: unknown language {args.language!r} (one of: {', '.join(sorted(SPECS))})", file=sys.stderr)
+    if not known_language(args.language):
         return 2
     try:
         grid = parse_copies(args.grid)
@@ -103,7 +88,5 @@ def run_cli(args) -> int:
         args.json.write_text(json.dumps({"completion": report, "chosen": choice["chosen"]["method"]}, indent=2))
     if args.write:
         record = card_record(choice, copies, args.corpus.name, report, args.seed, args.min_gain)
-        if args.language is not None:
-            record = with_language_entry(model_dir, args.language, record)
-        print(f"recorded in {write_card_entry(model_dir, CARD_KEY, record)}")
+        print(f"recorded in {write_card_entry(model_dir, CARD_KEY, record, args.language)}")
     return 0

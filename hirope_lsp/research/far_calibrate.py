@@ -37,6 +37,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -289,9 +290,11 @@ def calibration_target(args, corpora) -> Path | None:
     return model_dir
 
 
-def write_card_entry(model_dir: Path, key: str, record: dict) -> Path:
+def write_card_entry(model_dir: Path, key: str, record: dict, language: str | None = None) -> Path:
     """Set ``key`` of ``model_dir/training.json`` to ``record`` (the file's other keys kept; the file made if
-    the model has none).  Written whole to a temporary file first, then moved over."""
+    the model has none); with ``language``, set only that language's entry (``key.languages.<language>``,
+    which documents of that language use instead of the record's own).  Written whole to a temporary file
+    first, then moved over."""
     from .far_eval import _finite
 
     model_dir = Path(model_dir)
@@ -299,11 +302,33 @@ def write_card_entry(model_dir: Path, key: str, record: dict) -> Path:
         raise ValueError(f"{model_dir} is not a model directory: the choice is written to its {CARD}")
     card = model_dir / CARD
     data = json.loads(card.read_text()) if card.is_file() else {}
+    if language is not None:
+        current = data.get(key)
+        merged = dict(current) if isinstance(current, dict) else {}
+        languages = merged.get("languages")
+        merged["languages"] = {**(languages if isinstance(languages, dict) else {}), language: record}
+        record = merged
     data[key] = _finite(record)
     tmp = card.with_name(card.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
     os.replace(tmp, card)
     return card
+
+
+def add_language_flag(parser) -> None:
+    parser.add_argument("--language", default=None,
+                        help="record the choice for documents of this language only (e.g. javascript, go; the "
+                             "corpus should be that language's code); default: for every language without its own")
+
+
+def known_language(language: str | None) -> bool:
+    """``--language``: none, or a language the server parses (else an error printed)."""
+    from ..hierarchy.languages import SPECS
+
+    if language is None or language in SPECS:
+        return True
+    print(f"hirope-lsp: unknown language {language!r} (one of: {', '.join(sorted(SPECS))})", file=sys.stderr)
+    return False
 
 
 # ---- output ----
