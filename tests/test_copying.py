@@ -137,18 +137,11 @@ def test_a_weight_is_chosen_only_when_it_gains_enough():
 
 def test_calibrate_copy_writes_the_card_the_server_reads(tmp_path, capsys):
     import json
-    import shutil
 
     from hirope_lsp import cli
-    from hirope_lsp.model.loading import DEFAULT_MODEL_DIR
+    from tiny_models import PYTHON_HELPERS, calibration_setup
 
-    model = tmp_path / "model"
-    shutil.copytree(DEFAULT_MODEL_DIR, model)
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    body = "".join(f"def helper_{k}(value, scale={k}):\n    total = value * scale + {k}\n    return total\n\n\n"
-                   for k in range(60))
-    (corpus / "helpers.py").write_text("import os\n\n\n" + body + "def main():\n    return helper_3(1)\n")
+    model, corpus = calibration_setup(tmp_path, text=PYTHON_HELPERS + "def main():\n    return helper_3(1)\n")
     argv = ["calibrate", "copy", "--model", str(model), "--corpus", str(corpus), "--samples", "4", "--prompt-x", "1",
             "--grid", "0.5/1", "--min-gain", "-100", "--json", str(tmp_path / "copy.json")]
     assert cli.main(argv + ["--write"]) == 0
@@ -269,19 +262,14 @@ def test_a_completion_prompt_carries_its_documents_language(loaded):
 
 def test_calibrate_copy_for_one_language_keeps_the_cards_own_choice(tmp_path, capsys):
     import json
-    import shutil
 
     from hirope_lsp import cli
-    from hirope_lsp.model.loading import DEFAULT_MODEL_DIR
+    from tiny_models import calibration_setup
 
-    model = tmp_path / "model"
-    shutil.copytree(DEFAULT_MODEL_DIR, model)
-    before = json.loads((model / "training.json").read_text()).get("copy")
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
     body = "".join(f"function helper{k}(value) {{\n  const total = value * {k} + {k};\n  return total;\n}}\n\n"
                    for k in range(60))
-    (corpus / "helpers.js").write_text(body + "module.exports = { helper3 };\n")
+    model, corpus = calibration_setup(tmp_path, "helpers.js", body + "module.exports = { helper3 };\n")
+    before = json.loads((model / "training.json").read_text()).get("copy")
     argv = ["calibrate", "copy", "--model", str(model), "--corpus", str(corpus), "--samples", "4", "--prompt-x", "1",
             "--grid", "0.5/2", "--min-gain", "-100", "--language", "javascript", "--write"]
     assert cli.main(argv) == 0

@@ -113,19 +113,13 @@ def test_the_benchmark_counts_a_repeated_line_as_the_guard_sees_one():
 
 def test_calibrate_confidence_for_one_language_keeps_the_cards_own_gate(tmp_path, capsys):
     import json
-    import shutil
 
     from hirope_lsp import cli
-    from hirope_lsp.model.loading import DEFAULT_MODEL_DIR, load_model, recommended_min_confidence
+    from hirope_lsp.model.loading import load_model, recommended_min_confidence
+    from tiny_models import calibration_setup
 
-    model = tmp_path / "model"
-    shutil.copytree(DEFAULT_MODEL_DIR, model)
+    model, corpus = calibration_setup(tmp_path)
     before = json.loads((model / "training.json").read_text()).get("min_confidence")
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    body = "".join(f"def helper_{k}(value, scale={k}):\n    total = value * scale + {k}\n    return total\n\n\n"
-                   for k in range(60))
-    (corpus / "helpers.py").write_text("import os\n\n\n" + body)
     argv = ["calibrate", "confidence", "--model", str(model), "--corpus", str(corpus), "--samples", "8",
             "--prompt-x", "1", "--keep-useful", "0.5", "--write"]
     assert cli.main(argv + ["--language", "cobol"]) == 2

@@ -35,3 +35,22 @@ def tiny_model(family: str = "llama", *, train_length: int = 64, seed: int = 0, 
 # `TrainConfig` fields of a recipe that trains in seconds on the standard library (training tests)
 TINY_RECIPE = dict(vocab_size=300, hidden_size=32, layers=1, heads=2, intermediate_size=64, context=32, batch_size=4,
                    warmup=2, lr=3e-3, checkpoint_every=5, held_out_percent=10, max_files=40)
+
+
+PYTHON_HELPERS = "import os\n\n\n" + "".join(
+    f"def helper_{k}(value, scale={k}):\n    total = value * scale + {k}\n    return total\n\n\n" for k in range(60))
+
+
+def calibration_setup(tmp_path, file_name: str = "helpers.py", text: str = PYTHON_HELPERS):
+    """(a copy of the embedded model's directory, a corpus folder holding one file) for `calibrate` runs that
+    write the copy's card."""
+    import shutil
+
+    from hirope_lsp.model.loading import DEFAULT_MODEL_DIR
+
+    model = tmp_path / "model"
+    shutil.copytree(DEFAULT_MODEL_DIR, model)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / file_name).write_text(text)
+    return model, corpus
