@@ -277,6 +277,8 @@ def test_calibrate_copy_for_one_language_keeps_the_cards_own_choice(tmp_path, ca
     assert {k: record.get(k) for k in ("weight", "min_order")} == \
            {k: (before or {}).get(k) for k in ("weight", "min_order")}, "the other languages' choice is kept"
     entry = record["languages"]["javascript"]
+    assert {k: v for k, v in record["languages"].items() if k != "javascript"} == \
+           {k: v for k, v in (before or {}).get("languages", {}).items() if k != "javascript"}, "others kept"
     assert (entry["weight"], entry["min_order"], entry["chosen_on"]) == (0.5, 2, "corpus")
     lm, _, _ = load_model(str(model), device="cpu", dtype="float32")
     assert recommended_copy(lm, "javascript") == CopySettings(weight=0.5, min_order=2)

@@ -126,8 +126,12 @@ def test_calibrate_confidence_for_one_language_keeps_the_cards_own_gate(tmp_path
     assert "unknown language 'cobol'" in capsys.readouterr().err
     assert cli.main(argv + ["--language", "go"]) == 0, capsys.readouterr().err
     record = json.loads((model / "training.json").read_text())["min_confidence"]
-    assert {k: v for k, v in record.items() if k != "languages"} == (before or {}), "the card's own gate is kept"
+    before = before or {}
+    assert {k: v for k, v in record.items() if k != "languages"} == \
+           {k: v for k, v in before.items() if k != "languages"}, "the card's own gate is kept"
     entry = record["languages"]["go"]
+    assert {k: v for k, v in record["languages"].items() if k != "go"} == \
+           {k: v for k, v in before.get("languages", {}).items() if k != "go"}, "other languages' gates are kept"
     lm, _, _ = load_model(str(model), device="cpu", dtype="float32")
     assert recommended_min_confidence(lm, "go") == entry["value"]
     assert recommended_min_confidence(lm, "python") == (before or {}).get("value")
