@@ -209,6 +209,8 @@ def test_the_card_records_a_copy_model_per_language(tmp_path, caplog):
     assert recommended_copy(lm, "javascript") == CopySettings(weight=0.0, min_order=1)
     assert recommended_copy(lm, "go") == CopySettings(weight=0.5, min_order=2)
     assert recommended_copy(lm, "rust") == CopySettings(weight=0.8, min_order=1), "a bad entry: the card's own"
+    assert recommended_copy(lm, "typescript") == recommended_copy(lm, "typescriptreact") == \
+           CopySettings(weight=0.0, min_order=1), "no TypeScript entry: JavaScript's"
     assert "rust copy model" in caplog.text
     only = _card_model(tmp_path, {"languages": {"go": {"weight": 0.5, "min_order": 2}}})
     caplog.clear()

@@ -91,6 +91,9 @@ def _hub_cache() -> str:
 
 
 LANGUAGE_FAMILIES = {"typescriptreact": "typescript"}
+# where the card has no entry for a language, the entry of the nearest language it has (TypeScript is
+# JavaScript with types; no TypeScript package is held out here to choose its own)
+CARD_FALLBACKS = {"typescriptreact": "typescript", "typescript": "javascript"}
 
 
 def trained_languages(lm) -> frozenset[str] | None:
@@ -141,13 +144,15 @@ def recommended_far_bias(lm) -> tuple[float | tuple[float, ...], str] | None:
 
 def _recorded(lm, key: str, what: str, language: str | None, parse, main_field: str):
     """``parse`` of the card's ``key`` record: of its entry for ``language`` (``key.languages.<language>``)
-    where it has one, else of the record's own fields (a record with only ``languages`` has none); a bad
+    where it has one (or for the nearest language it has, ``CARD_FALLBACKS``), else of the record's own fields (a record with only ``languages`` has none); a bad
     entry or record is ignored with a warning naming ``what``."""
     card, record = _card_entry(lm, key, what)
     if record is None:
         return None
     languages = record.get("languages") if isinstance(record, dict) else None
-    if language is not None and isinstance(languages, dict) and language in languages:
+    while language is not None and isinstance(languages, dict) and language not in languages:
+        language = CARD_FALLBACKS.get(language)
+    if language is not None and isinstance(languages, dict):
         chosen = parse(languages[language])
         if chosen is not None:
             return chosen
