@@ -27,8 +27,9 @@ def _add_train(sub) -> None:
     for name, kind in (("context", int), ("vocab-size", int), ("batch-size", int), ("lr", float), ("warmup", int),
                        ("checkpoint-every", int), ("layers", int), ("hidden-size", int), ("heads", int),
                        ("intermediate-size", int), ("cycle-start", int)):
-        p.add_argument(f"--{name}", type=kind, default=None, help="recipe override (see TrainConfig); resuming a run directory applies --lr, --warmup, "
-                                                                "--cycle-start, --checkpoint-every and refuses a shape or corpus that differs")
+        p.add_argument(f"--{name}", type=kind, default=None,
+                       help="recipe override (see TrainConfig); resuming a run directory applies --lr, --warmup, "
+                            "--cycle-start, --checkpoint-every and refuses a shape or corpus that differs")
 
 
 def _add_corpus(sub) -> None:

@@ -144,8 +144,9 @@ def recommended_far_bias(lm) -> tuple[float | tuple[float, ...], str] | None:
 
 def _recorded(lm, key: str, what: str, language: str | None, parse, main_field: str):
     """``parse`` of the card's ``key`` record: of its entry for ``language`` (``key.languages.<language>``)
-    where it has one (or for the nearest language it has, ``CARD_FALLBACKS``), else of the record's own fields (a record with only ``languages`` has none); a bad
-    entry or record is ignored with a warning naming ``what``."""
+    where it has one (or one for the nearest language it has, ``CARD_FALLBACKS``), else of the record's
+    own fields (a record with only ``languages`` has none); a bad entry or record is ignored with a
+    warning naming ``what``."""
     card, record = _card_entry(lm, key, what)
     if record is None:
         return None
