@@ -26,7 +26,7 @@ from .completion.service import CompletionJob, CompletionService
 from .completion.typed_ahead import DocumentState, ShownSuggestions
 from .config import Settings, apply_options
 from .hierarchy.document import Change, Document
-from .model.engine import Cancelled, Engine, Prompt
+from .model.engine import Cancelled, Engine
 from .model.loading import ModelLoadError
 from .workspace.files import FilePolicy
 from .workspace.index import WorkspaceIndex, uri_to_path
@@ -822,6 +822,6 @@ def _with_suffix_cut(engine: Engine, job: CompletionJob, cached: int, affordable
         return None
     positions = job.prompt.positions
     middle = positions[cut_at - 1 : cut_at] + 1  # a unit of its own, the next token
-    cut = Prompt(job.prompt.key, ids[:cut_at] + ids[-1:], torch.cat([positions[:cut_at], middle]), job.prompt.unit,
-                 job.prompt.language)
+    cut = dataclasses.replace(job.prompt, token_ids=ids[:cut_at] + ids[-1:],
+                              positions=torch.cat([positions[:cut_at], middle]))
     return dataclasses.replace(job, prompt=cut)

@@ -108,21 +108,9 @@ def test_the_default_model_card_sets_the_copy_model_and_settings_override_it(loa
 
 
 def test_a_bad_card_record_is_ignored(tmp_path, loaded):
-    import json
-
-    card = tmp_path / "training.json"
-
-    class Config:
-        _name_or_path = str(tmp_path)
-
-    class Model:
-        config = Config()
-
     for record in ({"weight": 2}, {"weight": "x"}, {"min_order": 2}, [0.3], {"weight": 0.3, "min_order": True}):
-        card.write_text(json.dumps({"copy": record}))
-        assert recommended_copy(Model()) is None, record
-    card.write_text(json.dumps({"copy": {"weight": 0.3, "min_order": 3}}))
-    assert recommended_copy(Model()) == CopySettings(weight=0.3, min_order=3)
+        assert recommended_copy(_card_model(tmp_path, record)) is None, record
+    assert recommended_copy(_card_model(tmp_path, {"weight": 0.3, "min_order": 3})) == CopySettings(weight=0.3, min_order=3)
 
 
 def test_a_weight_is_chosen_only_when_it_gains_enough():

@@ -4,7 +4,7 @@ generation on the engine, stop rules and clean-up after."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -128,4 +128,5 @@ def shorter(prompt: Prompt) -> Prompt:
     base = positions[0].clone()
     positions -= base
     unit = prompt.unit - base[:-1] if prompt.unit is not None else None
-    return Prompt(prompt.key + "#short", prompt.token_ids[-keep:], positions, unit, prompt.language)
+    return replace(prompt, key=prompt.key + "#short", token_ids=prompt.token_ids[-keep:], positions=positions,
+                   unit=unit)

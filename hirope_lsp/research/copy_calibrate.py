@@ -67,9 +67,7 @@ def run_cli(args) -> int:
     from .far_calibrate import calibration_target, known_language, write_card_entry
 
     model_dir = calibration_target(args, [args.corpus])
-    if model_dir is None:
-        return 2
-    if not known_language(args.language):
+    if model_dir is None or not known_language(args.language):
         return 2
     try:
         grid = parse_copies(args.grid)

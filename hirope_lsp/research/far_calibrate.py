@@ -275,8 +275,6 @@ def calibration_target(args, corpora) -> Path | None:
     """The model directory a calibration command records in (``--model``, else the embedded model's), or
     None, with the reason on stderr, where ``--write`` has no local directory to write or a corpus is
     missing."""
-    import sys
-
     from ..model.loading import DEFAULT_MODEL_DIR
 
     model_dir = Path(args.model).expanduser() if args.model else DEFAULT_MODEL_DIR
@@ -397,8 +395,6 @@ def register_cli(subparsers) -> None:
 
 
 def run_cli(args) -> int:
-    import sys
-
     import torch
 
     from ..model.loading import ModelLoadError, load_model

@@ -416,21 +416,19 @@ def transplant(model, tokenizer, source_dir: Path) -> None:
 # what a resumed run may change when the command gives it (the rest of the recipe is the run's: its model
 # shape and its data; changing those means a new run directory started with --init-from)
 SCHEDULE_FIELDS = ("lr", "warmup", "cycle_start", "checkpoint_every")
+RUN_FIELDS = ("steps", "max_minutes", "device")  # how long and where: always the command's
 
 
 def resumed_config(saved: dict, cfg: TrainConfig, given: Iterable[str] = ()) -> TrainConfig:
     """The recipe a resumed run goes on with: the saved one, with the command's length, time limit and
     device, and the schedule fields the command named in ``given``; a named field of the shape or the data
     that differs from the saved recipe is refused (ValueError), never silently dropped."""
-    merged = {**asdict(TrainConfig()), **saved, "steps": cfg.steps, "max_minutes": cfg.max_minutes,
-              "device": cfg.device}
+    merged = {**asdict(TrainConfig()), **saved, **{name: getattr(cfg, name) for name in RUN_FIELDS}}
     for name in given:
         wanted, kept = getattr(cfg, name), merged[name]
         if name in SCHEDULE_FIELDS:
             merged[name] = wanted
-        elif name in ("steps", "max_minutes", "device"):
-            continue
-        elif not _same_setting(name, wanted, kept):
+        elif name not in RUN_FIELDS and not _same_setting(name, wanted, kept):
             raise ValueError(f"this run directory was trained with {name} = {kept!r}, the command gives {wanted!r}: "
                              f"a resumed run keeps its model shape and data; to change {name}, start a new run "
                              f"directory with --init-from <its best.safetensors>")
