@@ -12,7 +12,8 @@ from pathlib import Path
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train the default model by the project's recipe (resumable)")
     p.add_argument("--run-dir", type=Path, default=Path("runs/default"))
-    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None,
+                   help="total steps (a new run: 3,000; a resumed run: its saved length unless given)")
     p.add_argument("--max-minutes", type=float, default=None, help="stop (resumably) after this long")
     p.add_argument("--export", type=Path, default=None, help="write a HuggingFace model directory here at the end")
     p.add_argument("--tiny", action="store_true", help="a tiny configuration for smoke tests")

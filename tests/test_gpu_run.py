@@ -58,7 +58,7 @@ def test_a_packed_run_trains_without_its_corpus_and_brings_back_its_best_weights
 def test_a_run_stopped_by_its_time_limit_keeps_the_best_weights_of_its_last_steps(tmp_path):
     run = tmp_path / "run"
     train(run, TrainConfig(**TINY, steps=3))  # measured at its last step
-    train(run, TrainConfig(**{**TINY, "checkpoint_every": 100}, steps=50, max_minutes=0.02))
+    train(run, TrainConfig(**{**TINY, "checkpoint_every": 100}, steps=50, max_minutes=0.02), given=("steps",))
     log = [json.loads(line) for line in (run / "loss.jsonl").read_text().splitlines()]
     last = log[-1]
     assert "held_out_loss" in last and last["step"] > 3 and last["step"] % 100, "measured where it stopped"

@@ -117,7 +117,7 @@ def run(packed: Path, run_dir: Path, out: Path, minutes: float, device: str = "c
     steps = steps_for(run_dir, cfg, minutes)
     start = packed / "start.safetensors"
     summary = train(run_dir, dataclasses.replace(cfg, steps=steps, max_minutes=minutes),
-                    init_from=start if start.exists() else DEFAULT_MODEL_DIR / "model.safetensors")
+                    init_from=start if start.exists() else DEFAULT_MODEL_DIR / "model.safetensors", given=("steps",))
     out.mkdir(parents=True, exist_ok=True)
     for name in ("best.safetensors", "best.json", "loss.jsonl", "train_config.json"):
         if (run_dir / name).exists():

@@ -415,14 +415,15 @@ def transplant(model, tokenizer, source_dir: Path) -> None:
 
 # what a resumed run may change when the command gives it (the rest of the recipe is the run's: its model
 # shape and its data; changing those means a new run directory started with --init-from)
-SCHEDULE_FIELDS = ("lr", "warmup", "cycle_start", "checkpoint_every")
-RUN_FIELDS = ("steps", "max_minutes", "device")  # how long and where: always the command's
+SCHEDULE_FIELDS = ("steps", "lr", "warmup", "cycle_start", "checkpoint_every")
+RUN_FIELDS = ("max_minutes", "device")  # how long this command runs and where: always the command's
 
 
 def resumed_config(saved: dict, cfg: TrainConfig, given: Iterable[str] = ()) -> TrainConfig:
-    """The recipe a resumed run goes on with: the saved one, with the command's length, time limit and
-    device, and the schedule fields the command named in ``given``; a named field of the shape or the data
-    that differs from the saved recipe is refused (ValueError), never silently dropped."""
+    """The recipe a resumed run goes on with: the saved one, with the command's time limit and device, and
+    the schedule fields the command named in ``given`` (``steps`` among them: a resume that names no length
+    goes on to the saved one); a named field of the shape or the data that differs from the saved recipe is
+    refused (ValueError), never silently dropped."""
     merged = {**asdict(TrainConfig()), **saved, **{name: getattr(cfg, name) for name in RUN_FIELDS}}
     for name in given:
         wanted, kept = getattr(cfg, name), merged[name]
