@@ -275,3 +275,50 @@ def test_calibrate_copy_for_one_language_keeps_the_cards_own_choice(tmp_path, ca
     capsys.readouterr()
     assert cli.main(argv[:-3] + ["--language", "cobol"]) == 2
     assert "unknown language 'cobol'" in capsys.readouterr().err
+
+
+def test_decoding_copies_a_run_only_the_history_beyond_the_prompt_holds(loaded):
+    tokenizer = loaded[1]
+    rng = np.random.default_rng(1)
+    run = rng.integers(300, len(tokenizer) - 300, 12).tolist()
+    ids = rng.integers(300, len(tokenizer) - 300, 100).tolist() + run[:4]
+    history = rng.integers(300, len(tokenizer) - 300, 50).tolist() + run
+    engine = Engine(EngineSettings(rope=RopeMethodConfig(window=64), measure_speed=False, copy_weight=0.9,
+                                   copy_min_order=2), loaded=loaded)
+    without = engine.generate(_prompt(engine, ids), max_new_tokens=6, heal=False, suppress_eos=True)
+    assert without.token_ids != run[4:10]
+    engine.pool.clear()
+    prompt = Prompt("file:///w/copy.py", ids, plain_positions(len(ids))[0], copy_history=history)
+    with_history = engine.generate(prompt, max_new_tokens=6, heal=False, suppress_eos=True)
+    assert with_history.token_ids == run[4:10], "copied from text the attention never saw"
+
+
+def test_the_copy_history_is_the_document_the_prompt_does_not_hold(loaded):
+    from hirope_lsp.completion import prompt as prompt_module
+    from hirope_lsp.completion.prompt import ContextSettings, PromptBuilder
+    from hirope_lsp.completion.service import CompletionService
+    from hirope_lsp.hierarchy.document import Document
+
+    lines = [f"value_{n} = compute_{n}(argument_{n})" for n in range(400)]
+    doc = Document("file:///w/long.py", "\n".join(lines) + "\n", language_id="python")
+    engine = Engine(EngineSettings(measure_speed=False), loaded=loaded)
+
+    def job(**context):
+        builder = PromptBuilder(loaded[1], loaded[2], ContextSettings(budget_tokens=256, **context))
+        return CompletionService(engine, None, builder, max_new_tokens=2).prepare(doc, 200, 0)
+
+    assert job().prompt.copy_history == [], "off by default"
+    on = job(copy_document=True)
+    history = loaded[1].decode(on.prompt.copy_history)
+    held = on.built.prefix_text + on.built.suffix_text
+    assert lines[0] in history and lines[399] in history, "the file's head and tail"
+    assert lines[199] in held and lines[199] not in history, "not what the prompt already holds"
+    assert len(history) + len(held) >= len(doc.text) - 1
+    prompt_module.COPY_DOCUMENT_CHARS, saved = 2000, prompt_module.COPY_DOCUMENT_CHARS
+    try:
+        capped = loaded[1].decode(job(copy_document=True).prompt.copy_history)
+    finally:
+        prompt_module.COPY_DOCUMENT_CHARS = saved
+    assert len(capped) <= 2500 and lines[0] not in capped, "a huge file: only what lies nearest the cursor"
+    # the first piece goes on from where the suffix was cut; every other is a whole line
+    assert all(line in lines for line in capped.split("\n")[1:] if line), "cut at line starts"

@@ -43,6 +43,7 @@ IMPORT_SCAN_CHARS = 256 * 1024  # imports are looked for in a file's head, not t
 MAX_DEFINITIONS_PER_NAME = 4
 CONTEXT_FULL_TOKENS = 32
 FAR_PROMPTS = ("raw", "outline")
+COPY_DOCUMENT_CHARS = 256 * 1024  # the copy model reads at most this much of the document beyond the prompt
 FILE_PARTS = ("prefix", "suffix", "outline")  # their unit keys are the document's own (shared units)
 KEYWORDS = frozenset("""False None True and as assert async await break class continue def del elif else except finally
 for from global if import in is lambda nonlocal not or pass raise return try while with yield self cls print len range
@@ -65,6 +66,9 @@ class ContextSettings:
     # windows of similar code from open documents and the cursor file's folder (half the context budget)
     similar_code: bool = False
     near_tokens: int | None = None  # outline: raw tokens before the cursor; None: half the prefix budget
+    # the copy model also reads the document beyond the prompt (the text before the kept prefix, then after
+    # the kept suffix; up to COPY_DOCUMENT_CHARS, nearest the cursor): no attention cost, more to copy from
+    copy_document: bool = False
 
 
 @dataclass
@@ -83,6 +87,7 @@ class BuiltPrompt:
     context_names: list[str] = field(default_factory=list)
     prefix_start: int = 0  # char offset where the kept prefix starts
     cursor_unit: torch.Tensor | None = None  # the unit of the token before the cursor (generated text's unit)
+    copy_history: list[int] = field(default_factory=list)  # the copy model's text beyond the prompt (copy_document)
 
 
 class PromptBuilder:
@@ -97,6 +102,8 @@ class PromptBuilder:
         self._encode_block = functools.lru_cache(maxsize=1024)(lambda block: tuple(self._encode(block)[0]))
         # and the same outline: typing after it leaves it as it was
         self._encode_outline = functools.lru_cache(maxsize=16)(self._encode)
+        # and the same document beyond the prompt (the kept prefix's start stays put while typing)
+        self._encode_beyond = functools.lru_cache(maxsize=16)(lambda text: tuple(self._encode(text)[0]))
         # similar code found for a document, kept while the cursor stays in the same unit (cache-friendly)
         self._similar: dict[str, tuple[object, list]] = {}
 
@@ -208,7 +215,19 @@ class PromptBuilder:
             for part in parts[: parts.index(prefix_part) + 1]:
                 at += len(part.ids)
             cursor_unit = positions[at - 1, :-1].clone()
-        return BuiltPrompt(token_ids, positions, prefix_text, suffix_text, names, start_char, cursor_unit)
+        history = self._copy_history(doc, start_char, cursor + len(suffix_text)) if s.copy_document else []
+        return BuiltPrompt(token_ids, positions, prefix_text, suffix_text, names, start_char, cursor_unit, history)
+
+    def _copy_history(self, doc: Document, before: int, after: int) -> list[int]:
+        """The document's tokens the prompt does not hold, for the copy model: after the kept suffix, then
+        before the kept prefix (what the prompt continues), each cut to its part of COPY_DOCUMENT_CHARS
+        nearest the cursor at a line start."""
+        tail = doc.text[after : after + COPY_DOCUMENT_CHARS // 4]
+        tail = tail[: tail.rfind("\n") + 1] if len(tail) == COPY_DOCUMENT_CHARS // 4 else tail
+        head = doc.text[max(0, before - COPY_DOCUMENT_CHARS) : before]
+        if before > COPY_DOCUMENT_CHARS:
+            head = head[head.find("\n") + 1 :]
+        return list(self._encode_beyond(tail)) + list(self._encode_beyond(head))
 
     def _outline_part(self, doc: Document, end_char: int, budget: int) -> PromptPart:
         """The outline of ``doc.text[:end_char]``, its last ``budget`` tokens; each token takes the unit of the

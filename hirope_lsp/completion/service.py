@@ -82,7 +82,8 @@ class CompletionService:
         near = STOP_RULES_CONTEXT_CHARS
         policy = stop_policy(doc.text[max(0, cursor - near) : cursor], doc.text[cursor : cursor + near], self.multiline)
         policy.statement_head = statement_line(doc, line, cursor)
-        prompt = Prompt(key or doc.uri, built.token_ids, built.positions, built.cursor_unit, doc.language)
+        prompt = Prompt(key or doc.uri, built.token_ids, built.positions, built.cursor_unit, doc.language,
+                        built.copy_history)
         return CompletionJob(doc.uri, doc.version, line, character, prompt, policy, built,
                              knows_language(self.languages, doc.language))
 

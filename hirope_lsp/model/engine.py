@@ -61,6 +61,7 @@ class Prompt:
     # the unit generated tokens belong to (the cursor's, all levels but the token's); None: the last token's
     unit: torch.Tensor | None = None
     language: str | None = None  # the document's (settings the model's card records per language)
+    copy_history: list[int] = field(default_factory=list)  # tokens the copy model reads before the prompt's
 
 
 @dataclass
@@ -204,11 +205,11 @@ class Engine:
         copy.validate()
         return copy
 
-    def copy_model(self, ids: list[int], copy: CopySettings) -> CopyModel:
-        """The copy model over a prompt, the prefix last (what it is continued from): a fill-in-the-middle
-        prompt's suffix and markers move before it."""
+    def copy_model(self, ids: list[int], copy: CopySettings, history: list[int] = ()) -> CopyModel:
+        """The copy model over ``history`` (text beyond the prompt) and a prompt, the prefix last (what it is
+        continued from): a fill-in-the-middle prompt's suffix and markers move before it."""
         end = self.prefix_end(ids) if ids and ids[-1] in self.tokenizer.all_special_ids else len(ids)
-        return CopyModel(ids[end:] + ids[:end], copy)
+        return CopyModel(list(history) + ids[end:] + ids[:end], copy)
 
     @property
     def description(self) -> str:
@@ -340,7 +341,7 @@ class Engine:
                 lookup = PromptLookup(ids[-LOOKUP_PROMPT_TOKENS:], self.settings.lookup_tokens) if drafts else None
                 rows, draft = logits[0, -1:], []  # rows[i] scores the token after draft[:i]
                 copy = self.copy_settings(prompt.language)
-                copier = self.copy_model(ids, copy) if copy.enabled else None
+                copier = self.copy_model(ids, copy, prompt.copy_history) if copy.enabled else None
                 decode_start = time.perf_counter()
                 while stopped_by is None and max_new_tokens > 0:
                     if cancelled():
