@@ -223,8 +223,9 @@ def _add_eval(sub) -> None:
     completion.add_argument("--copy", default="", type=_copy_settings, help="as for perplexity: a row per copy model")
     completion.add_argument("--max-files", type=int, default=None,
                             help="draw the lines from at most this many files (by the seed): for large packages")
-    completion.add_argument("--copy-document", action="store_true",
-                            help="the copy model also reads the file beyond the prompt (the copyDocument setting)")
+    completion.add_argument("--copy-document", choices=("on", "off"), default=None,
+                            help="the copy model also reads the file beyond the prompt, or only the prompt (the "
+                                 "copyDocument setting; default: the server's, on)")
     from .research.far_eval import register_cli
 
     register_cli(esub)
@@ -262,7 +263,8 @@ def _run_eval(args) -> int:
     else:
         report = evaluate.eval_completion(args.data, args.model, methods, 2 if args.quick else args.prompt_x,
                                           4 if args.quick else args.samples, args.seed, base,
-                                          max_files=args.max_files, copies=args.copy, copy_document=args.copy_document)
+                                          max_files=args.max_files, copies=args.copy,
+                                          copy_document=None if args.copy_document is None else args.copy_document == "on")
         print(f"next-line completion, prompts of {report['prompt_tokens']} tokens (trained on {report['train_length']})")
         print(f"{'method':<14}{'prompt':>8}{'EM':>8}{'ES':>8}{'ES far':>8}")
         for r in report["results"]:

@@ -307,16 +307,16 @@ def test_the_copy_history_is_the_document_the_prompt_does_not_hold(loaded):
         builder = PromptBuilder(loaded[1], loaded[2], ContextSettings(budget_tokens=256, **context))
         return CompletionService(engine, None, builder, max_new_tokens=2).prepare(doc, 200, 0)
 
-    assert job().prompt.copy_history == [], "off by default"
-    on = job(copy_document=True)
-    history = loaded[1].decode(on.prompt.copy_history)
+    assert len(job(copy_document=False).prompt.copy_history) == 0, "only the prompt when turned off"
+    on = job()  # on by default
+    history = loaded[1].decode(on.prompt.copy_history.tolist())
     held = on.built.prefix_text + on.built.suffix_text
     assert lines[0] in history and lines[399] in history, "the file's head and tail"
     assert lines[199] in held and lines[199] not in history, "not what the prompt already holds"
     assert len(history) + len(held) >= len(doc.text) - 1
     prompt_module.COPY_DOCUMENT_CHARS, saved = 2000, prompt_module.COPY_DOCUMENT_CHARS
     try:
-        capped = loaded[1].decode(job(copy_document=True).prompt.copy_history)
+        capped = loaded[1].decode(job(copy_document=True).prompt.copy_history.tolist())
     finally:
         prompt_module.COPY_DOCUMENT_CHARS = saved
     assert len(capped) <= 2500 and lines[0] not in capped, "a huge file: only what lies nearest the cursor"

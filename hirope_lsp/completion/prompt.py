@@ -68,7 +68,7 @@ class ContextSettings:
     near_tokens: int | None = None  # outline: raw tokens before the cursor; None: half the prefix budget
     # the copy model also reads the document beyond the prompt (the text before the kept prefix, then after
     # the kept suffix; up to COPY_DOCUMENT_CHARS, nearest the cursor): no attention cost, more to copy from
-    copy_document: bool = False
+    copy_document: bool = True
 
 
 @dataclass
@@ -87,7 +87,8 @@ class BuiltPrompt:
     context_names: list[str] = field(default_factory=list)
     prefix_start: int = 0  # char offset where the kept prefix starts
     cursor_unit: torch.Tensor | None = None  # the unit of the token before the cursor (generated text's unit)
-    copy_history: list[int] = field(default_factory=list)  # the copy model's text beyond the prompt (copy_document)
+    # the copy model's text beyond the prompt (copy_document): token ids, int64
+    copy_history: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
 
 class PromptBuilder:
@@ -103,7 +104,8 @@ class PromptBuilder:
         # and the same outline: typing after it leaves it as it was
         self._encode_outline = functools.lru_cache(maxsize=16)(self._encode)
         # and the same document beyond the prompt (the kept prefix's start stays put while typing)
-        self._encode_beyond = functools.lru_cache(maxsize=16)(lambda text: tuple(self._encode(text)[0]))
+        self._encode_beyond = functools.lru_cache(maxsize=16)(
+            lambda text: np.asarray(self._encode(text)[0], dtype=np.int64))
         # similar code found for a document, kept while the cursor stays in the same unit (cache-friendly)
         self._similar: dict[str, tuple[object, list]] = {}
 
@@ -215,10 +217,11 @@ class PromptBuilder:
             for part in parts[: parts.index(prefix_part) + 1]:
                 at += len(part.ids)
             cursor_unit = positions[at - 1, :-1].clone()
-        history = self._copy_history(doc, start_char, cursor + len(suffix_text)) if s.copy_document else []
+        history = self._copy_history(doc, start_char, cursor + len(suffix_text)) if s.copy_document \
+            else np.zeros(0, dtype=np.int64)
         return BuiltPrompt(token_ids, positions, prefix_text, suffix_text, names, start_char, cursor_unit, history)
 
-    def _copy_history(self, doc: Document, before: int, after: int) -> list[int]:
+    def _copy_history(self, doc: Document, before: int, after: int) -> np.ndarray:
         """The document's tokens the prompt does not hold, for the copy model: after the kept suffix, then
         before the kept prefix (what the prompt continues), each cut to its part of COPY_DOCUMENT_CHARS
         nearest the cursor at a line start."""
@@ -227,7 +230,7 @@ class PromptBuilder:
         head = doc.text[max(0, before - COPY_DOCUMENT_CHARS) : before]
         if before > COPY_DOCUMENT_CHARS:
             head = head[head.find("\n") + 1 :]
-        return list(self._encode_beyond(tail)) + list(self._encode_beyond(head))
+        return np.concatenate([self._encode_beyond(tail), self._encode_beyond(head)])
 
     def _outline_part(self, doc: Document, end_char: int, budget: int) -> PromptPart:
         """The outline of ``doc.text[:end_char]``, its last ``budget`` tokens; each token takes the unit of the

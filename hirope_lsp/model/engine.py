@@ -7,8 +7,9 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
 from .cache import CacheCounters, KVCachePool
@@ -61,7 +62,7 @@ class Prompt:
     # the unit generated tokens belong to (the cursor's, all levels but the token's); None: the last token's
     unit: torch.Tensor | None = None
     language: str | None = None  # the document's (settings the model's card records per language)
-    copy_history: list[int] = field(default_factory=list)  # tokens the copy model reads before the prompt's
+    copy_history: Sequence[int] = ()  # tokens the copy model reads before the prompt's (an int64 array)
 
 
 @dataclass
@@ -205,11 +206,12 @@ class Engine:
         copy.validate()
         return copy
 
-    def copy_model(self, ids: list[int], copy: CopySettings, history: list[int] = ()) -> CopyModel:
+    def copy_model(self, ids: list[int], copy: CopySettings, history: Sequence[int] = ()) -> CopyModel:
         """The copy model over ``history`` (text beyond the prompt) and a prompt, the prefix last (what it is
         continued from): a fill-in-the-middle prompt's suffix and markers move before it."""
         end = self.prefix_end(ids) if ids and ids[-1] in self.tokenizer.all_special_ids else len(ids)
-        return CopyModel(list(history) + ids[end:] + ids[:end], copy)
+        return CopyModel(np.concatenate([np.asarray(history, dtype=np.int64),
+                                         np.asarray(ids[end:] + ids[:end], dtype=np.int64)]), copy)
 
     @property
     def description(self) -> str:

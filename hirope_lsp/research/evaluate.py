@@ -27,6 +27,7 @@ from ..model.patch import attach, trained_length
 from ..model.methods import method_names, position_method
 from ..model.rope import RopeMethodConfig, plain_positions
 from ..completion.postprocess import PHRASE_LOOP, repeats_line_above
+from ..completion.prompt import ContextSettings
 from .confidence_calibrate import gate_summary
 from .far_eval import TRUNCATE
 from .train import read_text
@@ -334,10 +335,12 @@ def repeats_line(text: str, prompt: str) -> bool:
 def eval_completion(data: list[Path] | None = None, model: str | None = None, methods=("hirope", "truncate", "rope", "rerope"),
                     prompt_x: int = 4, count: int = 40, seed: int = 0, base: RopeMethodConfig | None = None,
                     max_new_tokens: int = 32, max_files: int | None = None,
-                    copies: tuple[CopySettings, ...] = (), plain: bool = True, copy_document: bool = False) -> dict:
+                    copies: tuple[CopySettings, ...] = (), plain: bool = True,
+                    copy_document: bool | None = None) -> dict:
     """Next-line completion through the server's session (no cross-file context, no suffix: LCC's task);
     each method also with each of ``copies`` mixed in (``0/1``: the copy model off); ``plain=False``: only
-    those; ``copy_document``: the copy model also reads the file beyond the prompt."""
+    those; ``copy_document``: the copy model also reads the file beyond the prompt, or not (None: the server's
+    default)."""
     from .far_eval import Completer, MethodSpec
 
     loaded = load_model(model, device="cpu", dtype="float32")
@@ -355,7 +358,8 @@ def eval_completion(data: list[Path] | None = None, model: str | None = None, me
     for spec in specs:
         method = spec.name
         completer = Completer(loaded, spec, prompt_tokens, None, max_new_tokens, base=base,
-                              context={"cross_file": False, "suffix_share": 0.0, "copy_document": copy_document})
+                              context={"cross_file": False, "suffix_share": 0.0,
+                                       **({} if copy_document is None else {"copy_document": copy_document})})
         exact, sims, far_sims, loops, shown_repeats, predictions = 0, [], [], 0, 0, []
         try:
             for k, s in enumerate(samples):
@@ -386,7 +390,8 @@ def eval_completion(data: list[Path] | None = None, model: str | None = None, me
         log.info("%-12s EM %.3f ES %.1f (far-only names: ES %.1f over %d)", method, row["exact_match"],
                  row["edit_similarity"], row["edit_similarity_far"], row["far_samples"])
     return {"train_length": train_len, "prompt_tokens": prompt_tokens,
-            "settings": {"far_bias": base.far_bias, "far_bias_mode": base.far_bias_mode, "copy_document": copy_document},
+            "settings": {"far_bias": base.far_bias, "far_bias_mode": base.far_bias_mode,
+                         "copy_document": ContextSettings().copy_document if copy_document is None else copy_document},
             "results": results}
 
 

@@ -501,7 +501,7 @@ def parse_biases(text: str | list | tuple | None) -> list[tuple[float | tuple[fl
 
 # what a prompt variant changes in the server's ContextSettings
 PROMPT_VARIANTS = {"outline": {"far_prompt": "outline"}, "similar": {"similar_code": True},
-                   "document": {"copy_document": True}}
+                   "document": {"copy_document": True}, "prompt-copy": {"copy_document": False}}
 
 
 def prompt_context(variant: str) -> dict:
@@ -1219,8 +1219,9 @@ def register_cli(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--methods", default="hirope", help="position methods compared with truncation (hirope-fixed: "
                                                        "fixed blocks instead of syntax units)")
     p.add_argument("--prompts", default="raw", help="prompt variants compared: raw, outline (the far part as an "
-                                                     "outline), similar (similar code), document (the copy model also "
-                                                     "reads the file beyond the prompt), joined by + (outline+similar)")
+                                                     "outline), similar (similar code), document / prompt-copy (the "
+                                                     "copy model reads the file beyond the prompt / only the prompt; "
+                                                     "raw: the server's default), joined by + (outline+similar)")
     p.add_argument("--copy", default="", help="copy models, each a row per method with it mixed in: WEIGHT/MIN_ORDER, "
                                               "comma-separated (every row without it runs the copy model off)")
     p.add_argument("--rows", default="", help="only these rows, by the names the report gives them (e.g. "
