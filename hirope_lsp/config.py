@@ -154,7 +154,7 @@ SETTINGS: tuple[Setting, ...] = (
                 "cursor file's folder (half of the cross-file share)."),
     Setting(key="copyDocument", target="context.copy_document", type="boolean",
             doc="The copy model (copyWeight) also reads the document beyond the prompt: the text before the "
-                "kept prefix and after the kept suffix, up to 256 KiB; no attention cost."),
+                "kept prefix (up to 64 KiB) and after the kept suffix (16 KiB); no attention cost."),
     Setting(key="farPrompt", target="context.far_prompt", type="string", enum=FAR_PROMPTS,
             doc="The file far from the cursor: raw text as far as the budget goes, or its outline (imports, "
                 "class headers, signatures; function bodies dropped) before nearTokens of raw text."),

@@ -322,3 +322,29 @@ def test_the_copy_history_is_the_document_the_prompt_does_not_hold(loaded):
     assert len(capped) <= 2500 and lines[0] not in capped, "a huge file: only what lies nearest the cursor"
     # the first piece goes on from where the suffix was cut; every other is a whole line
     assert all(line in lines for line in capped.split("\n")[1:] if line), "cut at line starts"
+
+
+def test_a_jump_tokenizes_only_the_ends_of_the_document_beyond_the_prompt(loaded, monkeypatch):
+    from hirope_lsp.completion import prompt as prompt_module
+    from hirope_lsp.completion.prompt import ContextSettings, PromptBuilder
+    from hirope_lsp.completion.service import CompletionService
+    from hirope_lsp.hierarchy.document import Document
+
+    monkeypatch.setattr(prompt_module, "COPY_PIECE_CHARS", 512)
+    text = "".join(f"item_{n} = table[{n}]\n" for n in range(3000))
+    for start, end, from_end in ((5, 20000, False), (7000, len(text), True), (100, 101, False)):
+        pieces = PromptBuilder._pieces(text, start, end, from_end)
+        assert pieces[0][0] == start and pieces[-1][1] == end
+        assert all(b == c and text[b - 1] == "\n" for (_, b), (c, _) in zip(pieces, pieces[1:])), "cut after line breaks"
+    cuts = lambda start, end, from_end=False: {a for a, _ in PromptBuilder._pieces(text, start, end, from_end)[1:]}  # noqa: E731
+    assert cuts(0, 20000) - cuts(3333, 20000) <= {b for b in cuts(0, 20000) if b < 3900}, "the same grid"
+    assert cuts(1000, 60000, True) - cuts(1000, 50000, True) <= {b for b in cuts(1000, 60000, True) if b > 49000}
+    builder = PromptBuilder(loaded[1], loaded[2], ContextSettings(budget_tokens=256))
+    service = CompletionService(Engine(EngineSettings(measure_speed=False), loaded=loaded), None, builder, 2)
+    doc = Document("file:///w/table.py", text, language_id="python")
+    service.prepare(doc, 2000, 0)
+    first = builder._encode_beyond.cache_info().misses
+    assert first > 20
+    service.prepare(doc, 2100, 0)  # a jump of 100 lines
+    # new are the pieces the head and the tail gain (100 lines each) and the ends: not the ~120 of a re-read
+    assert builder._encode_beyond.cache_info().misses - first <= first // 5, "most pieces were read before"

@@ -43,7 +43,8 @@ IMPORT_SCAN_CHARS = 256 * 1024  # imports are looked for in a file's head, not t
 MAX_DEFINITIONS_PER_NAME = 4
 CONTEXT_FULL_TOKENS = 32
 FAR_PROMPTS = ("raw", "outline")
-COPY_DOCUMENT_CHARS = 256 * 1024  # the copy model reads at most this much of the document beyond the prompt
+COPY_DOCUMENT_CHARS = 64 * 1024  # the copy model reads at most this much of the document beyond the prompt
+COPY_PIECE_CHARS = 8 * 1024  # ... tokenized in pieces cut on a grid, so that a jump re-reads only its two ends
 FILE_PARTS = ("prefix", "suffix", "outline")  # their unit keys are the document's own (shared units)
 KEYWORDS = frozenset("""False None True and as assert async await break class continue def del elif else except finally
 for from global if import in is lambda nonlocal not or pass raise return try while with yield self cls print len range
@@ -103,8 +104,8 @@ class PromptBuilder:
         self._encode_block = functools.lru_cache(maxsize=1024)(lambda block: tuple(self._encode(block)[0]))
         # and the same outline: typing after it leaves it as it was
         self._encode_outline = functools.lru_cache(maxsize=16)(self._encode)
-        # and the same document beyond the prompt (the kept prefix's start stays put while typing)
-        self._encode_beyond = functools.lru_cache(maxsize=16)(
+        # and the same pieces of the document beyond the prompt (COPY_DOCUMENT_CHARS in COPY_PIECE_CHARS pieces)
+        self._encode_beyond = functools.lru_cache(maxsize=4 * COPY_DOCUMENT_CHARS // COPY_PIECE_CHARS)(
             lambda text: np.asarray(self._encode(text)[0], dtype=np.int64))
         # similar code found for a document, kept while the cursor stays in the same unit (cache-friendly)
         self._similar: dict[str, tuple[object, list]] = {}
@@ -225,12 +226,38 @@ class PromptBuilder:
         """The document's tokens the prompt does not hold, for the copy model: after the kept suffix, then
         before the kept prefix (what the prompt continues), each cut to its part of COPY_DOCUMENT_CHARS
         nearest the cursor at a line start."""
-        tail = doc.text[after : after + COPY_DOCUMENT_CHARS // 4]
-        tail = tail[: tail.rfind("\n") + 1] if len(tail) == COPY_DOCUMENT_CHARS // 4 else tail
-        head = doc.text[max(0, before - COPY_DOCUMENT_CHARS) : before]
-        if before > COPY_DOCUMENT_CHARS:
-            head = head[head.find("\n") + 1 :]
-        return np.concatenate([self._encode_beyond(tail), self._encode_beyond(head)])
+        text = doc.text
+        tail_end = min(len(text), after + COPY_DOCUMENT_CHARS // 4)
+        if tail_end < len(text):
+            tail_end = text.rfind("\n", after, tail_end) + 1 or after
+        head_start = max(0, before - COPY_DOCUMENT_CHARS)
+        if head_start > 0:
+            head_start = text.find("\n", head_start, before) + 1 or before
+        # the head's grid counts from the document's start and the tail's from its end, so typing between
+        # them (which shifts neither) and jumping (which moves only their ends) leave most pieces as they were
+        pieces = self._pieces(text, after, tail_end, from_end=True) + self._pieces(text, head_start, before)
+        ids = [self._encode_beyond(text[a:b]) for a, b in pieces]
+        return np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
+
+    @staticmethod
+    def _pieces(text: str, start: int, end: int, from_end: bool = False) -> list[tuple[int, int]]:
+        """``[start, end)`` cut after the first line break at or after each multiple of COPY_PIECE_CHARS,
+        counted from the document's start (or its end)."""
+        if start >= end:
+            return []
+        size, n = COPY_PIECE_CHARS, len(text)
+        if from_end:
+            anchors = range(n - ((n - start) // size) * size, end, size)
+        else:
+            anchors = range(-(-start // size) * size, end, size)
+        cuts = [start]
+        for anchor in anchors:
+            cut = text.find("\n", max(anchor, cuts[-1]), end) + 1
+            if cut == 0:
+                break
+            if cuts[-1] < cut < end:
+                cuts.append(cut)
+        return list(zip(cuts, cuts[1:] + [end]))
 
     def _outline_part(self, doc: Document, end_char: int, budget: int) -> PromptPart:
         """The outline of ``doc.text[:end_char]``, its last ``budget`` tokens; each token takes the unit of the
