@@ -88,8 +88,6 @@ class BuiltPrompt:
     context_names: list[str] = field(default_factory=list)
     prefix_start: int = 0  # char offset where the kept prefix starts
     cursor_unit: torch.Tensor | None = None  # the unit of the token before the cursor (generated text's unit)
-    # the copy model's text beyond the prompt (copy_document): token ids, int64
-    copy_history: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
 
 class PromptBuilder:
@@ -218,15 +216,16 @@ class PromptBuilder:
             for part in parts[: parts.index(prefix_part) + 1]:
                 at += len(part.ids)
             cursor_unit = positions[at - 1, :-1].clone()
-        history = self._copy_history(doc, start_char, cursor + len(suffix_text)) if s.copy_document \
-            else np.zeros(0, dtype=np.int64)
-        return BuiltPrompt(token_ids, positions, prefix_text, suffix_text, names, start_char, cursor_unit, history)
+        return BuiltPrompt(token_ids, positions, prefix_text, suffix_text, names, start_char, cursor_unit)
 
-    def _copy_history(self, doc: Document, before: int, after: int) -> np.ndarray:
-        """The document's tokens the prompt does not hold, for the copy model: after the kept suffix, then
-        before the kept prefix (what the prompt continues), each cut to its part of COPY_DOCUMENT_CHARS
-        nearest the cursor at a line start."""
+    def copy_history(self, doc: Document, built: BuiltPrompt) -> np.ndarray:
+        """The tokens of ``doc`` that ``built`` does not hold, for the copy model (``copy_document``): after
+        the kept suffix, then before the kept prefix (what the prompt continues), each cut to its part of
+        COPY_DOCUMENT_CHARS nearest the cursor at a line start; int64. Any builder's prompt of ``doc`` will
+        do: the pieces are cached here, so one builder serves every prompt budget."""
         text = doc.text
+        before = built.prefix_start
+        after = before + len(built.prefix_text) + len(built.suffix_text)  # the prefix ends at the cursor
         tail_end = min(len(text), after + COPY_DOCUMENT_CHARS // 4)
         if tail_end < len(text):
             tail_end = text.rfind("\n", after, tail_end) + 1 or after

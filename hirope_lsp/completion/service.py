@@ -75,15 +75,19 @@ class CompletionService:
     def prepare(self, doc: Document, line: int, character: int, builder: PromptBuilder | None = None,
                 key: str | None = None) -> CompletionJob:
         """``builder`` and ``key``: another prompt budget (the session's short prompt) in a cache slot of its own."""
-        built = (builder or self.builder).build(doc, line, character, self.index)
+        builder = builder or self.builder
+        built = builder.build(doc, line, character, self.index)
         cursor, _ = doc.offset_at(line, character)
         line, character = doc.position_at(cursor)  # clamped
         # the stop rules look at the cursor's lines, never at the whole of a huge document
         near = STOP_RULES_CONTEXT_CHARS
         policy = stop_policy(doc.text[max(0, cursor - near) : cursor], doc.text[cursor : cursor + near], self.multiline)
         policy.statement_head = statement_line(doc, line, cursor)
-        prompt = Prompt(key or doc.uri, built.token_ids, built.positions, built.cursor_unit, doc.language,
-                        built.copy_history)
+        # the document beyond the prompt only where the copy model runs for it (JavaScript's card: off); its
+        # pieces from the service's own builder, whichever budget's builder made the prompt
+        copies = builder.settings.copy_document and self.engine.copy_settings(doc.language).enabled
+        history = self.builder.copy_history(doc, built) if copies else ()
+        prompt = Prompt(key or doc.uri, built.token_ids, built.positions, built.cursor_unit, doc.language, history)
         return CompletionJob(doc.uri, doc.version, line, character, prompt, policy, built,
                              knows_language(self.languages, doc.language))
 
