@@ -25,6 +25,33 @@ def test_the_longest_context_that_occurred_wins():
     assert both.token_ids.tolist() == [8, 9] and both.probs.tolist() == [0.5, 0.5] and both.count == 2
 
 
+def test_a_long_context_picks_the_one_place_it_continues_from():
+    # (5, 6) is followed by 1 three times, but the last 6 tokens occurred once, followed by 2
+    seq = [9, 8, 7, 4, 5, 6, 2] + [3, 5, 6, 1] * 3 + [9, 8, 7, 4, 5, 6]
+    long = CopyModel(seq, CopySettings(weight=0.5)).predict()
+    assert (long.order, long.count, long.token_ids.tolist()) == (6, 1, [2])
+    assert long.mixture_weight(CopySettings(weight=0.5)) == 0.5 * 1 / 2  # past full_order: the full weight
+    short = CopyModel(seq, CopySettings(weight=0.5, max_order=2)).predict()
+    assert (short.order, short.count, short.token_ids.tolist(), short.probs.tolist()) == (2, 4, [1, 2], [0.75, 0.25])
+
+
+def test_the_search_finds_what_a_naive_one_does():
+    rng = np.random.default_rng(5)
+    for trial in range(40):
+        seq = rng.integers(0, 3 + trial % 4, 60).tolist()
+        copy = CopySettings(weight=0.5, min_order=1 + trial % 3, max_order=(2, 4, 16)[trial % 3])
+        for end in range(1, len(seq) + 1):
+            got = CopyModel(seq, copy).predict(end=end)
+            seen, want = seq[:end], None
+            for order in range(min(copy.max_order, len(seen) - 1), copy.min_order - 1, -1):
+                context = seen[len(seen) - order:]
+                following = [seen[i + order] for i in range(len(seen) - order) if seen[i:i + order] == context]
+                if following:
+                    want = (order, len(following), sorted(set(following)))
+                    break
+            assert (None if got is None else (got.order, got.count, got.token_ids.tolist())) == want, (trial, end)
+
+
 def test_what_the_copy_model_may_read_is_bounded():
     seq = [1, 2, 3, 9] + [0] * 20 + [1, 2, 3]
     model = CopyModel(seq, ON)
@@ -152,7 +179,7 @@ def _reference_copy_probability(seen: list[int], target: int, copy: CopySettings
         context = seen[len(seen) - order:]
         following = [seen[i + order] for i in range(len(seen) - order) if seen[i:i + order] == context]
         if following:
-            lam = copy.weight * len(following) / (len(following) + 1) * order / copy.max_order
+            lam = copy.weight * len(following) / (len(following) + 1) * min(1, order / copy.full_order)
             return (1 - lam) * p_model + lam * following.count(target) / len(following)
     return p_model
 
