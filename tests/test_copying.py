@@ -299,6 +299,12 @@ def test_calibrate_copy_for_one_language_keeps_the_cards_own_choice(tmp_path, ca
     assert (entry["weight"], entry["min_order"], entry["chosen_on"]) == (0.5, 2, "corpus")
     lm, _, _ = load_model(str(model), device="cpu", dtype="float32")
     assert recommended_copy(lm, "javascript") == CopySettings(weight=0.5, min_order=2)
+    every_language = [a for a in argv if a not in ("--language", "javascript")]
+    every_language[every_language.index("0.5/2")] = "0.3/1"
+    assert cli.main(every_language) == 0
+    record = json.loads((model / "training.json").read_text())["copy"]
+    assert (record["weight"], record["min_order"]) == (0.3, 1)
+    assert record["languages"]["javascript"] == entry, "a choice for every language keeps those made per language"
     capsys.readouterr()
     assert cli.main(argv[:-3] + ["--language", "cobol"]) == 2
     assert "unknown language 'cobol'" in capsys.readouterr().err

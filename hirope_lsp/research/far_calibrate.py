@@ -291,8 +291,9 @@ def calibration_target(args, corpora) -> Path | None:
 def write_card_entry(model_dir: Path, key: str, record: dict, language: str | None = None) -> Path:
     """Set ``key`` of ``model_dir/training.json`` to ``record`` (the file's other keys kept; the file made if
     the model has none); with ``language``, set only that language's entry (``key.languages.<language>``,
-    which documents of that language use instead of the record's own).  Written whole to a temporary file
-    first, then moved over."""
+    which documents of that language use instead of the record's own); without, the entries of languages
+    chosen on their own stay (a record for every other language does not undo them).  Written whole to a
+    temporary file first, then moved over."""
     from .far_eval import _finite
 
     model_dir = Path(model_dir)
@@ -300,12 +301,14 @@ def write_card_entry(model_dir: Path, key: str, record: dict, language: str | No
         raise ValueError(f"{model_dir} is not a model directory: the choice is written to its {CARD}")
     card = model_dir / CARD
     data = json.loads(card.read_text()) if card.is_file() else {}
+    current = data.get(key)
+    languages = current.get("languages") if isinstance(current, dict) else None
+    languages = languages if isinstance(languages, dict) else {}
     if language is not None:
-        current = data.get(key)
-        merged = dict(current) if isinstance(current, dict) else {}
-        languages = merged.get("languages")
-        merged["languages"] = {**(languages if isinstance(languages, dict) else {}), language: record}
-        record = merged
+        record = {**current, "languages": {**languages, language: record}} if isinstance(current, dict) \
+            else {"languages": {language: record}}
+    elif languages and "languages" not in record:
+        record = {**record, "languages": languages}
     data[key] = _finite(record)
     tmp = card.with_name(card.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
