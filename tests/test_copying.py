@@ -341,9 +341,9 @@ def test_the_copy_history_is_the_document_the_prompt_does_not_hold(loaded):
         return CompletionService(engine, None, builder, max_new_tokens=2).prepare(doc, 200, 0)
 
     assert len(job(copy_document=False).prompt.copy_history) == 0, "only the prompt when turned off"
-    script = Document("file:///w/long.js", doc.text, language_id="javascript")
-    service = CompletionService(engine, None, PromptBuilder(loaded[1], loaded[2], ContextSettings(budget_tokens=256)), 2)
-    assert len(service.prepare(script, 200, 0).prompt.copy_history) == 0, "not read where the card's copy model is off"
+    copy_off = Engine(EngineSettings(measure_speed=False, copy_weight=0.0), loaded=loaded)
+    service = CompletionService(copy_off, None, PromptBuilder(loaded[1], loaded[2], ContextSettings(budget_tokens=256)), 2)
+    assert len(service.prepare(doc, 200, 0).prompt.copy_history) == 0, "not read where the copy model is off"
     on = job()  # on by default
     history = loaded[1].decode(on.prompt.copy_history.tolist())
     held = on.built.prefix_text + on.built.suffix_text
