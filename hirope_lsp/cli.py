@@ -226,6 +226,12 @@ def _add_eval(sub) -> None:
     completion.add_argument("--copy-document", choices=("on", "off"), default=None,
                             help="the copy model also reads the file beyond the prompt, or only the prompt (the "
                                  "copyDocument setting; default: the server's, on)")
+    completion.add_argument("--workspace", action="store_true",
+                            help="the --data folders are the workspace: the server's cross-file context in the prompt "
+                                 "(without it: none, LCC's task)")
+    completion.add_argument("--copy-workspace", choices=("on", "off"), default=None,
+                            help="with --workspace: the copy model also reads the neighbouring files (the "
+                                 "copyWorkspace setting; default: the server's)")
     from .research.far_eval import register_cli
 
     register_cli(esub)
@@ -264,7 +270,9 @@ def _run_eval(args) -> int:
         report = evaluate.eval_completion(args.data, args.model, methods, 2 if args.quick else args.prompt_x,
                                           4 if args.quick else args.samples, args.seed, base,
                                           max_files=args.max_files, copies=args.copy,
-                                          copy_document=None if args.copy_document is None else args.copy_document == "on")
+                                          copy_document=None if args.copy_document is None else args.copy_document == "on",
+                                          workspace=args.workspace,
+                                          copy_workspace=None if args.copy_workspace is None else args.copy_workspace == "on")
         print(f"next-line completion, prompts of {report['prompt_tokens']} tokens (trained on {report['train_length']})")
         print(f"{'method':<14}{'prompt':>8}{'EM':>8}{'ES':>8}{'ES far':>8}")
         for r in report["results"]:

@@ -155,6 +155,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(key="copyDocument", target="context.copy_document", type="boolean",
             doc="The copy model (copyWeight) also reads the document beyond the prompt: the text before the "
                 "kept prefix (up to 64 KiB) and after the kept suffix (16 KiB); no attention cost."),
+    Setting(key="copyWorkspace", target="context.copy_workspace", type="boolean",
+            doc="The copy model (copyWeight) also reads the workspace's neighbouring files (open documents, "
+                "the cursor file's folder), the most alike first, up to 256 KiB; no attention cost."),
     Setting(key="farPrompt", target="context.far_prompt", type="string", enum=FAR_PROMPTS,
             doc="The file far from the cursor: raw text as far as the budget goes, or its outline (imports, "
                 "class headers, signatures; function bodies dropped) before nearTokens of raw text."),

@@ -143,3 +143,23 @@ def test_completion_samples_split_far_names_and_cap_files(tmp_path):
     capped = evaluate.completion_samples(tokenizer, files, 256, 128, 20, seed=0, max_files=2)
     assert len({s["file"] for s in capped}) == 2
     assert capped == evaluate.completion_samples(tokenizer, files, 256, 128, 20, seed=0, max_files=2)
+
+
+def test_completion_in_a_workspace_copies_from_siblings_and_never_from_the_lines_own_file(tmp_path):
+    body = "".join(f"def handler_{i}(request, store):\n    record = store.fetch_record_{i}(request.key_{i}, limit={i * 7})\n"
+                   f"    return render_page_{i}(record, theme='slate_{i}')\n\n\n" for i in range(60))
+    alone, twins = tmp_path / "alone", tmp_path / "twins"
+    for folder in (alone, twins):
+        (folder / "pkg").mkdir(parents=True)
+        (folder / "pkg" / "views.py").write_text(body)
+    (twins / "pkg" / "views_copy.py").write_text(body)
+    em = {}
+    for name, folder in (("alone", alone), ("twins", twins)):
+        for copy in (False, True):
+            report = evaluate.eval_completion([folder], None, ("hirope",), prompt_x=2, count=4, workspace=True,
+                                              copy_workspace=copy)
+            assert report["settings"]["workspace"] and report["settings"]["copy_workspace"] == copy
+            em[name, copy] = [p["predicted"] for p in report["results"][0]["predictions"]]
+    assert em["alone", True] == em["alone", False], "the line's own file on disk is never read"
+    truth = [p["target"] for p in report["results"][0]["predictions"]]
+    assert em["twins", True] == truth != em["twins", False], "a sibling holding the lines is copied from"

@@ -31,11 +31,13 @@ import torch
 
 from ..hierarchy.document import Document
 from ..hierarchy.positions import positions_from_unit_keys, token_unit_keys
+from ..model.copying import SEPARATOR
 from ..model.loading import FimFormat
 from ..workspace.index import WorkspaceIndex, uri_to_path
 from .retrieval import similar_snippets
 from .skeleton import Piece, outline_char_map, outline_pieces, outline_text
 from .tokens import IncrementalEncoder
+from .workspace_copy import MAX_WORKSPACE_CANDIDATES, workspace_texts
 
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 IMPORT_LINE = re.compile(r"^[ \t]*(?:import |from |#include|use ).*$", re.MULTILINE)
@@ -70,6 +72,9 @@ class ContextSettings:
     # the copy model also reads the document beyond the prompt (the text before the kept prefix, then after
     # the kept suffix; up to COPY_DOCUMENT_CHARS, nearest the cursor): no attention cost, more to copy from
     copy_document: bool = True
+    # ... and the workspace's neighbouring files (open documents, the cursor file's folder), most alike first,
+    # up to COPY_WORKSPACE_CHARS (workspace_copy.py)
+    copy_workspace: bool = False
 
 
 @dataclass
@@ -107,6 +112,10 @@ class PromptBuilder:
             lambda text: np.asarray(self._encode(text)[0], dtype=np.int64))
         # similar code found for a document, kept while the cursor stays in the same unit (cache-friendly)
         self._similar: dict[str, tuple[object, list]] = {}
+        # the workspace files the copy model reads for a document, kept while none of its neighbours changes
+        self._workspace: dict[str, tuple[object, np.ndarray]] = {}
+        self._encode_file = functools.lru_cache(maxsize=MAX_WORKSPACE_CANDIDATES)(
+            lambda text: np.asarray(self._encode(text)[0] + [SEPARATOR], dtype=np.int64))
 
     def _special(self, token: str | None) -> list[int]:
         return [] if token is None else [self.tokenizer.convert_tokens_to_ids(token)]
@@ -150,6 +159,7 @@ class PromptBuilder:
     def forget(self, uri: str) -> None:
         self._prefix_starts.pop(uri, None)
         self._similar.pop(uri, None)
+        self._workspace.pop(uri, None)
         self._incremental.forget(("prefix", uri))
         self._incremental.forget(("suffix", uri))
 
@@ -237,6 +247,21 @@ class PromptBuilder:
         pieces = self._pieces(text, after, tail_end, from_end=True) + self._pieces(text, head_start, before)
         ids = [self._encode_beyond(text[a:b]) for a, b in pieces]
         return np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
+
+    def workspace_history(self, doc: Document, index: WorkspaceIndex) -> np.ndarray:
+        """The tokens of the workspace files the copy model reads beside ``doc`` (``copy_workspace``), each
+        followed by the copy model's SEPARATOR; chosen again only when one of the neighbours changed (typing
+        in ``doc`` keeps the choice)."""
+        here = uri_to_path(doc.uri)
+        neighbours = index.neighbours(here, MAX_WORKSPACE_CANDIDATES)
+        key = tuple((path, index.revision(path)) for path in neighbours)
+        kept = self._workspace.get(doc.uri)
+        if kept is not None and kept[0] == key:
+            return kept[1]
+        ids = [self._encode_file(text) for _, text in workspace_texts(here, doc.text, index)]
+        tokens = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
+        self._workspace[doc.uri] = (key, tokens)
+        return tokens
 
     @staticmethod
     def _pieces(text: str, start: int, end: int, from_end: bool = False) -> list[tuple[int, int]]:

@@ -7,6 +7,7 @@ import logging
 from dataclasses import dataclass, replace
 from typing import Callable
 
+import numpy as np
 import torch
 
 from ..hierarchy.document import Document
@@ -83,10 +84,14 @@ class CompletionService:
         near = STOP_RULES_CONTEXT_CHARS
         policy = stop_policy(doc.text[max(0, cursor - near) : cursor], doc.text[cursor : cursor + near], self.multiline)
         policy.statement_head = statement_line(doc, line, cursor)
-        # the document beyond the prompt only where the copy model runs for it (JavaScript's card: off); its
-        # pieces from the service's own builder, whichever budget's builder made the prompt
-        copies = builder.settings.copy_document and self.engine.copy_settings(doc.language).enabled
-        history = self.builder.copy_history(doc, built) if copies else ()
+        # the document beyond the prompt, and the workspace's files, only where the copy model runs for the
+        # document's language; from the service's own builder (its caches), whichever budget's builder made
+        # the prompt
+        copies = self.engine.copy_settings(doc.language).enabled
+        history = self.builder.copy_history(doc, built) if copies and builder.settings.copy_document else ()
+        if copies and builder.settings.copy_workspace and self.index is not None:
+            history = np.concatenate([self.builder.workspace_history(doc, self.index),
+                                      np.asarray(history, dtype=np.int64)])
         prompt = Prompt(key or doc.uri, built.token_ids, built.positions, built.cursor_unit, doc.language, history)
         return CompletionJob(doc.uri, doc.version, line, character, prompt, policy, built,
                              knows_language(self.languages, doc.language))

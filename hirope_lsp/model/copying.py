@@ -13,6 +13,8 @@ import torch
 
 MAX_ORDER = 16  # longest context matched: a long match names the one place the text continues from
 FULL_ORDER = 4  # a context this long gets the copy model's full weight (shorter ones a share of it)
+SEPARATOR = -1  # between texts read one after another (files): no token, so never predicted, and a match
+# that reaches it has found the start of a text
 
 
 @dataclass
@@ -97,15 +99,17 @@ class CopyModel:
         # (extended backwards at the hits only: a long context costs its hits, not a pass over the text)
         ends = np.flatnonzero(seq[: n - 1] == seq[n - 1])
         order, found = 1, ends
-        while len(ends) and order < min(s.max_order, n - 1):
+        while len(ends) and order < min(s.max_order, n - 1) and seq[n - 1 - order] != SEPARATOR:
             ends = ends[ends >= order]
             ends = ends[seq[ends - order] == seq[n - 1 - order]]
             if len(ends):
                 order, found = order + 1, ends
-        if order < s.min_order or not len(found):
+        follows = seq[found + 1]
+        follows = follows[follows != SEPARATOR]
+        if order < s.min_order or not len(follows):
             return None
-        ids, counts = np.unique(seq[found + 1], return_counts=True)
-        return CopyPrediction(ids, counts / counts.sum(), order, len(found))
+        ids, counts = np.unique(follows, return_counts=True)
+        return CopyPrediction(ids, counts / counts.sum(), order, len(follows))
 
 
 def mix_probability(model_prob, prediction: CopyPrediction | None, target: int, settings: CopySettings) -> float:

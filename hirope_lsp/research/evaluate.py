@@ -336,11 +336,14 @@ def eval_completion(data: list[Path] | None = None, model: str | None = None, me
                     prompt_x: int = 4, count: int = 40, seed: int = 0, base: RopeMethodConfig | None = None,
                     max_new_tokens: int = 32, max_files: int | None = None,
                     copies: tuple[CopySettings, ...] = (), plain: bool = True,
-                    copy_document: bool | None = None) -> dict:
+                    copy_document: bool | None = None, workspace: bool = False,
+                    copy_workspace: bool | None = None) -> dict:
     """Next-line completion through the server's session (no cross-file context, no suffix: LCC's task);
     each method also with each of ``copies`` mixed in (``0/1``: the copy model off); ``plain=False``: only
     those; ``copy_document``: the copy model also reads the file beyond the prompt, or not (None: the server's
-    default)."""
+    default).  ``workspace``: the data folders are the workspace (the line's own file open, cut at the line),
+    with the server's cross-file context; ``copy_workspace``: the copy model reads its neighbouring files, or
+    not (None: the server's default)."""
     from .far_eval import Completer, MethodSpec
 
     loaded = load_model(model, device="cpu", dtype="float32")
@@ -348,8 +351,21 @@ def eval_completion(data: list[Path] | None = None, model: str | None = None, me
     train_len = trained_length(lm.config)
     base = base or RopeMethodConfig()
     prompt_tokens = prompt_x * train_len
-    samples = completion_samples(tokenizer, collect_files(data or default_eval_data()), prompt_tokens, train_len,
+    data = list(data or default_eval_data())
+    samples = completion_samples(tokenizer, collect_files(data), prompt_tokens, train_len,
                                  count, seed, max_files)
+    index = None
+    if workspace:
+        from .far_eval import corpus_index
+
+        index = corpus_index(Path(data[0]))
+        for folder in data[1:]:
+            index.add_folder(Path(folder))
+        log.info("workspace: %d files indexed", index.scan())
+    context = {"cross_file": workspace, "suffix_share": 0.0}
+    for name, value in (("copy_document", copy_document), ("copy_workspace", copy_workspace)):
+        if value is not None:
+            context[name] = value
     results = []
     # each method as the server runs it (the card's far bias and copy model), then with each copy model
     specs = [MethodSpec(label, method, base.far_bias, base.far_bias_mode, copy=copy)
@@ -357,9 +373,7 @@ def eval_completion(data: list[Path] | None = None, model: str | None = None, me
              for label, copy in [(method, None)] * plain + [(copy_label(method, c), c) for c in copies]]
     for spec in specs:
         method = spec.name
-        completer = Completer(loaded, spec, prompt_tokens, None, max_new_tokens, base=base,
-                              context={"cross_file": False, "suffix_share": 0.0,
-                                       **({} if copy_document is None else {"copy_document": copy_document})})
+        completer = Completer(loaded, spec, prompt_tokens, index, max_new_tokens, base=base, context=context)
         exact, sims, far_sims, loops, shown_repeats, predictions = 0, [], [], 0, 0, []
         try:
             for k, s in enumerate(samples):
@@ -391,7 +405,9 @@ def eval_completion(data: list[Path] | None = None, model: str | None = None, me
                  row["edit_similarity"], row["edit_similarity_far"], row["far_samples"])
     return {"train_length": train_len, "prompt_tokens": prompt_tokens,
             "settings": {"far_bias": base.far_bias, "far_bias_mode": base.far_bias_mode,
-                         "copy_document": ContextSettings().copy_document if copy_document is None else copy_document},
+                         "copy_document": ContextSettings().copy_document if copy_document is None else copy_document,
+                         "workspace": workspace,
+                         "copy_workspace": ContextSettings().copy_workspace if copy_workspace is None else copy_workspace},
             "results": results}
 
 

@@ -7,6 +7,7 @@ events are noted but its definitions come from the open document.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 from collections import defaultdict
@@ -20,6 +21,8 @@ from ..hierarchy.units import Definition, extract_definitions
 from .files import FilePolicy, IgnoreRules, read_source, walk_sources
 
 log = logging.getLogger(__name__)
+
+_revisions = itertools.count(1)
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,7 @@ class FileEntry:
     language: str | None
     size: int
     definitions: list[Definition]
+    revision: int = 0  # a new one each time the file is indexed again (what reads its text may cache on it)
 
 
 def uri_to_path(uri: str) -> Path | None:
@@ -56,6 +60,7 @@ class WorkspaceIndex:
         self.folders: list[Path] = []
         self._rules: dict[Path, IgnoreRules] = {}
         self.files: dict[Path, FileEntry] = {}
+        self._in_folder: dict[Path, set[Path]] = defaultdict(set)  # a directory -> its indexed files
         self.documents: dict[Path, Document] = {}
         self._symbols: dict[str, list[Symbol]] = defaultdict(list)
         self._doc_defs: dict[Path, list[Definition]] = {}  # an open document's definitions in the symbol table
@@ -136,7 +141,8 @@ class WorkspaceIndex:
                 log.warning("cannot parse %s: %s", path, err)
         with self._lock:
             self._drop(path)
-            self.files[path] = FileEntry(path, language, len(source), definitions)
+            self.files[path] = FileEntry(path, language, len(source), definitions, next(_revisions))
+            self._in_folder[path.parent].add(path)
             if path not in self.documents:
                 self._add_symbols(path, definitions)
         return True
@@ -147,6 +153,11 @@ class WorkspaceIndex:
 
     def _drop(self, path: Path) -> None:
         entry = self.files.pop(path, None)
+        if entry is not None:
+            siblings = self._in_folder.get(path.parent)
+            siblings.discard(path)
+            if not siblings:
+                del self._in_folder[path.parent]
         if entry is not None and path not in self.documents:
             self._remove_symbols(path, entry.definitions)
 
@@ -220,10 +231,27 @@ class WorkspaceIndex:
     def neighbours(self, path: Path | None, limit: int) -> list[Path]:
         """The files a user works across beside ``path``: open documents, then the indexed files in its
         folder (each sorted), never ``path`` itself; at most ``limit``."""
+        itself = set()
+        if path is not None:
+            itself = {Path(path)}
+            try:
+                itself.add(Path(path).resolve())  # the index's keys are resolved; a document's path may not be
+            except OSError:
+                pass
         with self._lock:
             open_paths = sorted(self.documents)
-            siblings = sorted(p for p in self.files if path is not None and p.parent == path.parent)
-        return [p for p in dict.fromkeys(open_paths + siblings) if p != path][:limit]
+            siblings = sorted({p for q in itself for p in self._in_folder.get(q.parent, ())})
+        return [p for p in dict.fromkeys(open_paths + siblings) if p not in itself][:limit]
+
+    def revision(self, path: Path) -> tuple | None:
+        """Changes whenever ``text_of(path)`` may have: the open document's version, else the disk
+        file's indexing; None for a file the index does not hold."""
+        with self._lock:
+            document = self.documents.get(path)
+            if document is not None:
+                return ("document", id(document), document.version)
+            entry = self.files.get(path)
+            return None if entry is None else ("disk", entry.revision)
 
     def text_of(self, path: Path) -> str | None:
         """Current text of a workspace file: the open document's if open, else the disk's."""
