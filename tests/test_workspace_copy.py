@@ -103,9 +103,10 @@ def test_the_history_holds_the_neighbours_and_is_chosen_again_only_when_one_chan
     edited = loaded[1].decode([t for t in builder.workspace_history(doc, index).tolist() if t != SEPARATOR])
     assert "EDITED_IN_THE_EDITOR" in edited, "an open neighbour is read as the editor holds it"
 
-    off, _ = _service(loaded, index)
+    off, _ = _service(loaded, index, copy_workspace=False)
     assert "register" not in loaded[1].decode(off.prepare(doc, line, character).prompt.copy_history.tolist()), \
-        "off by default: the history is the document alone"
+        "off: the history is the document alone"
+    assert ContextSettings().copy_workspace, "on by default"
 
 
 def test_decoding_copies_a_line_only_a_neighbouring_file_holds(tmp_path, loaded):

@@ -73,8 +73,8 @@ class ContextSettings:
     # the kept suffix; up to COPY_DOCUMENT_CHARS, nearest the cursor): no attention cost, more to copy from
     copy_document: bool = True
     # ... and the workspace's neighbouring files (open documents, the cursor file's folder), most alike first,
-    # up to COPY_WORKSPACE_CHARS (workspace_copy.py)
-    copy_workspace: bool = False
+    # up to COPY_WORKSPACE_CHARS (workspace_copy.py); on: every tune corpus gained (README, Evaluation)
+    copy_workspace: bool = True
 
 
 @dataclass

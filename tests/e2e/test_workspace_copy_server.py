@@ -1,5 +1,5 @@
 """copyWorkspace through the real server over stdio: a line written in a sibling file on disk, and one in
-another open document, reach the suggestion through the copy model; with the setting off they do not."""
+another open document, reach the suggestion through the copy model (on by default); with the setting off they do not."""
 
 from pathlib import Path
 
@@ -32,7 +32,7 @@ async def client(lsp_client: LanguageClient, workspace):
         capabilities=client_capabilities("visual-studio-code"),
         root_uri=workspace.as_uri(),
         workspace_folders=[types.WorkspaceFolder(uri=workspace.as_uri(), name="ws")],
-        initialization_options={"maxNewTokens": 24, "minConfidence": GATE_OFF, "copyWorkspace": True,
+        initialization_options={"maxNewTokens": 24, "minConfidence": GATE_OFF,
                                 "warmAhead": False, "typeAlong": False},
     )
     await lsp_client.initialize_session(params)
