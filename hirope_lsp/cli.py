@@ -229,6 +229,9 @@ def _add_eval(sub) -> None:
     completion.add_argument("--workspace", action="store_true",
                             help="the --data folders are the workspace: the server's cross-file context in the prompt "
                                  "(without it: none, LCC's task)")
+    completion.add_argument("--indented", action="store_true",
+                            help="the cursor after the line's indentation, as an editor that indents leaves it (default: "
+                                 "at the line's start); a suggestion that indents again loses its edit similarity")
     completion.add_argument("--copy-workspace", choices=("on", "off"), default=None,
                             help="with --workspace: the copy model also reads the neighbouring files (the "
                                  "copyWorkspace setting; default: the server's)")
@@ -272,7 +275,8 @@ def _run_eval(args) -> int:
                                           max_files=args.max_files, copies=args.copy,
                                           copy_document=None if args.copy_document is None else args.copy_document == "on",
                                           workspace=args.workspace,
-                                          copy_workspace=None if args.copy_workspace is None else args.copy_workspace == "on")
+                                          copy_workspace=None if args.copy_workspace is None else args.copy_workspace == "on",
+                                          indented=args.indented)
         print(f"next-line completion, prompts of {report['prompt_tokens']} tokens (trained on {report['train_length']})")
         print(f"{'method':<14}{'prompt':>8}{'EM':>8}{'ES':>8}{'ES far':>8}")
         for r in report["results"]:

@@ -164,6 +164,45 @@ def test_token_healing_backs_off_a_bare_newline(loaded):
     assert not gen.text.startswith("\n"), "the healed newline is not repeated in the completion"
 
 
+def test_token_healing_after_indentation_lets_the_model_split_the_line_its_own_way(loaded):
+    engine = Engine(EngineSettings(measure_speed=False), loaded=loaded)
+    text = "class A:\n    def __init__(self, a, b):\n        self.a = a\n        "
+    prompt = prompt_for(engine, text, 3, 8)
+    _, _, removed, allowed = engine.heal(prompt.token_ids, prompt.positions)
+    assert removed == "\n        "
+    texts = [engine.token_texts()[i] for i in allowed.tolist()]
+    assert "\n       " in texts and "\n" in texts, "shorter splits of the backed-off text are allowed"
+    assert all(t.startswith(removed) or removed.startswith(t) for t in texts)
+    # the model's own split is newline + 7 spaces, then " self": the suggestion is not indented twice
+    generation = engine.generate(prompt, max_new_tokens=6)
+    assert generation.text.startswith("self"), repr(generation.text)
+    written = engine.tokenizer.decode(generation.token_ids)
+    assert written.startswith(removed) and written[len(removed):] == generation.text
+
+
+def test_token_healing_never_indents_the_first_line_deeper_than_the_cursor(loaded):
+    engine = Engine(EngineSettings(measure_speed=False), loaded=loaded)
+    texts = engine.token_texts()
+    healed = "\n  "  # a cursor after two spaces of indentation
+    after_prefix = [texts[i] for i in engine.healing_allowed(healed, "\n ").tolist()]
+    assert " const" in after_prefix and " " in after_prefix
+    assert not any(t.startswith("  ") for t in after_prefix), "one space is left to write, not two"
+    at_cursor = engine.healing_allowed(healed, healed).tolist()
+    assert not any(texts[i][:1] in (" ", "\t", "\n") for i in at_cursor), "content, not a blank line"
+    assert not engine.eos_ids & set(at_cursor) and any(texts[i] == "const" for i in at_cursor)
+    assert engine.healing_allowed(healed, healed + "x") is None, "one token after the cursor: free again"
+    assert engine.healing_allowed("wid", "wid") is None, "half a word: free once written"
+    for text in ("function f(a) {\n  const x = a + 1;\n  ", "function f(req) {\n  var next = req.next;\n\n  "):
+        doc = Document("file:///w/m.js", text, language_id="javascript")
+        line, character = doc.position_at(len(text))
+        built = PromptBuilder(engine.tokenizer, engine.fim, ContextSettings(budget_tokens=600)).build(doc, line, character)
+        prompt = Prompt("file:///w/m.js", built.token_ids, built.positions)
+        # after a blank line the prompt ends on "\n\n" + "  ": both are backed off, as one text
+        assert engine.heal(prompt.token_ids, prompt.positions)[2] == text[text.rindex(";") + 1 :]
+        generation = engine.generate(prompt, max_new_tokens=6)
+        assert generation.text and not generation.text[:1].isspace(), repr(generation.text)
+
+
 @pytest.mark.parametrize("order", ["spm", "psm"])
 def test_token_healing_of_a_fill_in_the_middle_prompt_backs_off_the_prefix_end(loaded, order):
     model, tokenizer, fim = loaded
@@ -252,3 +291,17 @@ def test_lookup_drafts_are_off_where_the_rotary_follows_the_input_length():
         results.append((generation.token_ids, torch.tensor(generation.token_logprobs)))
         engine.handle.detach()
     assert results[0][0] == results[1][0] and torch.allclose(results[0][1], results[1][1], atol=1e-5)
+
+
+def test_a_branch_keeps_the_forced_tokens_and_takes_another_at_the_banned_step(loaded):
+    engine = Engine(EngineSettings(rope=RopeMethodConfig(window=16), measure_speed=False), loaded=loaded)
+    prompt = prompt_for(engine, SOURCE * 2, SOURCE.count("\n") + 3, 4)
+    greedy = engine.generate(prompt, max_new_tokens=12, suppress_eos=True)
+    k = 3
+    again = engine.generate(prompt, max_new_tokens=12, suppress_eos=True, forced=greedy.token_ids[:k])
+    assert again.token_ids == greedy.token_ids, "forcing the greedy tokens changes nothing"
+    assert torch.allclose(torch.tensor(again.token_logprobs), torch.tensor(greedy.token_logprobs), atol=1e-4)
+    branch = engine.generate(prompt, max_new_tokens=12, suppress_eos=True, forced=greedy.token_ids[:k],
+                             banned=(greedy.token_ids[k],))
+    assert branch.token_ids[:k] == greedy.token_ids[:k] and branch.token_ids[k] != greedy.token_ids[k]
+    assert len(branch.token_ids) == 12

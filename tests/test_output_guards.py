@@ -10,7 +10,7 @@ from hirope_lsp.completion.prompt import ContextSettings, PromptBuilder
 from hirope_lsp.config import GATE_OFF
 from hirope_lsp.completion.service import CompletionService
 from hirope_lsp.hierarchy.document import Document
-from hirope_lsp.model.engine import Engine, EngineSettings
+from hirope_lsp.model.engine import Engine, EngineSettings, Generation
 from hirope_lsp.model.loading import DEFAULT_MODEL_DIR, knows_language
 
 
@@ -135,3 +135,26 @@ def test_calibrate_confidence_for_one_language_keeps_the_cards_own_gate(tmp_path
     lm, _, _ = load_model(str(model), device="cpu", dtype="float32")
     assert recommended_min_confidence(lm, "go") == entry["value"]
     assert recommended_min_confidence(lm, "python") == (before or {}).get("value")
+
+
+def test_a_line_that_repeats_the_one_above_gives_way_to_the_models_next_best_line():
+    engine = Engine(EngineSettings(device="cpu", measure_speed=False))
+    builder = PromptBuilder(engine.tokenizer, engine.fim, ContextSettings(budget_tokens=256))
+    service = CompletionService(engine, None, builder, max_new_tokens=16, min_confidence=GATE_OFF)
+    text = "class A:\n    def __init__(self, a, b):\n        self.a = a\n        "
+    doc = Document("file:///w/a.py", text, language_id="python")
+    job = service.prepare(doc, 3, 8)
+    greedy = engine.generate(job.prompt, 16, job.policy.should_stop)
+    assert greedy.text.split("\n")[0].strip() == "self.a = a", "the premise: greedy writes the line above again"
+    point = service.branch_point(job.policy, greedy)
+    assert point is not None and point > 0, "the branch is at the least sure token, after the shared 'self.'"
+    shown = service.run(service.prepare(doc, 3, 8))
+    first = shown.text.split("\n")[0].strip()
+    assert first and first != "self.a = a", shown.text
+    assert shown.generation.token_ids[:point] == greedy.token_ids[:point]
+    assert shown.generation.token_ids[point] != greedy.token_ids[point]
+    # no branch where nothing was generated, nor where the line is new (emptied by another rule)
+    assert service.branch_point(job.policy, Generation([], "", 0, 0, 0.0, "eos")) is None
+    other = engine.tokenizer.encode("self.b = b", add_special_tokens=False)
+    assert service.branch_point(job.policy, Generation(other, "self.b = b", 0, 0, 0.0, "rule",
+                                                       [-1.0] * len(other))) is None

@@ -15,7 +15,7 @@ from ..model.engine import Engine, Generation, Prompt
 from ..model.loading import knows_language, recommended_min_confidence, trained_languages
 from ..workspace.index import WorkspaceIndex
 from .prompt import BuiltPrompt, PromptBuilder
-from .postprocess import StopPolicy, finish, stop_policy
+from .postprocess import StopPolicy, finish, repeats_line_above, stop_policy
 from .syntax import statement_line
 
 log = logging.getLogger(__name__)
@@ -102,8 +102,9 @@ class CompletionService:
             log.info("completion %s v%d: the model was not trained on this language; nothing suggested",
                      job.uri, job.version)
             return CompletionResult("", job, Generation([], "", 0, 0, 0.0, "language"))
+        prompt = job.prompt
         try:
-            generation = self.engine.generate(job.prompt, self.max_new_tokens, job.policy.should_stop, cancelled,
+            generation = self.engine.generate(prompt, self.max_new_tokens, job.policy.should_stop, cancelled,
                                               decode_seconds=decode_seconds, chunk=chunk, ahead=ahead)
         except torch.OutOfMemoryError:
             # degrade instead of failing: drop the kept KV state and retry with the last half of the prompt
@@ -112,9 +113,21 @@ class CompletionService:
             self.engine.pool.clear()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            generation = self.engine.generate(shorter(job.prompt), self.max_new_tokens, job.policy.should_stop,
-                                              cancelled)
+            prompt = shorter(job.prompt)
+            generation = self.engine.generate(prompt, self.max_new_tokens, job.policy.should_stop, cancelled)
         text = finish(job.policy, generation.text, final=True) or ""
+        branch = None if text.strip() else self.branch_point(job.policy, generation)
+        if branch is not None:
+            # the model's line was the line above again: its likeliest other line, from the least sure token on
+            second = self.engine.generate(prompt, self.max_new_tokens, job.policy.should_stop, cancelled,
+                                          decode_seconds=decode_seconds, chunk=chunk, ahead=ahead,
+                                          forced=generation.token_ids[:branch], banned=(generation.token_ids[branch],))
+            generation = replace(second, seconds=generation.seconds + second.seconds)
+            text = finish(job.policy, generation.text, final=True) or ""
+        if generation.stopped_by in ("length", "time") and job.policy.multiline:
+            # cut off by the token or time limit: the block ends at its last whole line
+            whole_lines = finish(job.policy, generation.text[: generation.text.rfind("\n") + 1], final=True) or ""
+            text = whole_lines if whole_lines.strip() else text
         confidence = generation.confidence
         gate = self.confidence_gate(job.prompt.language)
         hidden = bool(text.strip()) and gate is not None and confidence is not None and confidence < gate
@@ -126,6 +139,21 @@ class CompletionService:
                  job.uri, job.version, generation.reused_tokens, generation.computed_tokens,
                  generation.seconds * 1000, generation.stopped_by, len(text))
         return CompletionResult(text if text.strip() else "", job, generation, hidden)
+
+    def branch_point(self, policy: StopPolicy, generation: Generation) -> int | None:
+        """Where to branch off a continuation whose first line repeats the line above (the guard drops
+        it, so nothing would be shown): its least confident token on that line; None for any other
+        empty suggestion (nothing generated, or nothing left to add)."""
+        first = generation.text.split("\n", 1)[0]
+        if not first.strip() or not repeats_line_above(policy.line_before_cursor + first, policy.previous_line):
+            return None
+        ids = generation.token_ids
+        text_of = [self.engine.tokenizer.decode(ids[: k + 1], skip_special_tokens=True) for k in range(len(ids))]
+        healed = len(text_of[-1]) - len(generation.text) if text_of else 0  # the token healing backed off
+        on_line = [k for k in range(len(ids)) if "\n" not in text_of[k][healed:]]
+        if not on_line or len(generation.token_logprobs) < len(generation.token_ids):
+            return None
+        return min(on_line, key=lambda k: generation.token_logprobs[k])
 
     def complete(self, doc: Document, line: int, character: int) -> CompletionResult:
         return self.run(self.prepare(doc, line, character))

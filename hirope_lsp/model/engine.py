@@ -7,7 +7,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Collection, Sequence
 
 import numpy as np
 import torch
@@ -18,6 +18,12 @@ from .loading import load_model, recommended_copy
 from .lookup import PromptLookup
 from .patch import attach, cut_layers, decoder_layers, trained_length
 from .rope import RopeMethodConfig
+
+# after healed text that ends in spaces or tabs (the cursor behind indentation, or after "x = "), the next
+# token starts with none of these, nor is it the end: no deeper indentation, no blank line and no empty
+# suggestion where the cursor asks for a line
+BLANK_STARTS = (" ", "\t", "\n", "\r")
+MAX_HEALED_TOKENS = 4  # whitespace tokens backed off at most, the cursor's indentation and the lines before
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +128,7 @@ class Engine:
         self.pool = KVCachePool(self.model.config, settings.cache_budget_mb << 20, settings.reuse_cache)
         self.lock = threading.Lock()  # one inference at a time
         self._token_texts: list[str] | None = None
-        self._healing: dict[str, list[int]] = {}  # token text -> ids of the tokens that start with it
+        self._healing: dict[tuple[str, bool], torch.Tensor] = {}  # text still to write -> ids that fit it
         eos = self.tokenizer.eos_token_id
         self.eos_ids = {eos} if eos is not None else set()
         for name in ("<|endoftext|>", "<|file_sep|>", "<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>", "<|im_end|>"):
@@ -158,8 +164,9 @@ class Engine:
 
     def heal(self, ids: list[int], positions: torch.Tensor):
         """Token healing: a prompt cut at the cursor ends on a token the model rarely saw there (a bare
-        newline before indentation, half a word).  Back off that token and let the first generated token
-        be any token that starts with its text.  Returns (ids, positions, healed text, allowed ids)."""
+        newline before indentation, half a word).  Back off that token and let the first generated tokens
+        write its text again, split as the model likes (``healing_allowed``).  Returns (ids, positions,
+        healed text, the ids allowed first)."""
         special = set(self.tokenizer.all_special_ids)
         at = len(ids) - 1
         if at >= 0 and ids[at] in special:
@@ -170,16 +177,47 @@ class Engine:
         removed = texts[ids[at]]
         if not removed or "\ufffd" in removed:
             return ids, positions, "", None
-        allowed = self._healing.get(removed)
-        if allowed is None:  # a scan of the whole vocabulary: once per distinct token text
-            allowed = [i for i, t in enumerate(texts) if t.startswith(removed) and i not in special]
-            self._healing[removed] = allowed
-        if len(allowed) <= 1:
+        start = at
+        if removed[-1] in (" ", "\t") and not removed.strip():
+            # indentation after a blank line ends on "\n\n" + "  ", where the model's split is "\n\n " + " var":
+            # the whole run of whitespace is backed off
+            while (start > 1 and at - start < MAX_HEALED_TOKENS - 1 and ids[start - 1] not in special
+                   and texts[ids[start - 1]] and not texts[ids[start - 1]].strip()):
+                start -= 1
+            removed = "".join(texts[i] for i in ids[start : at + 1])
+        allowed = self.healing_allowed(removed)
+        if allowed is None or len(allowed) <= 1:
             return ids, positions, "", None
-        new_ids = ids[:at] + ids[at + 1 :]
+        new_ids = ids[:start] + ids[at + 1 :]
         tail = positions[at + 1 :].clone()
-        tail[:, -1] -= 1
-        return new_ids, torch.cat([positions[:at], tail]), removed, torch.tensor(allowed)
+        tail[:, -1] -= at + 1 - start
+        return new_ids, torch.cat([positions[:start], tail]), removed, allowed
+
+    def healing_allowed(self, healed: str, written: str = "") -> torch.Tensor | None:
+        """The tokens that may come next while ``written`` of the ``healed`` text is written again: those
+        that start with the rest, and those the rest starts with (then the next step writes what is left).
+        A cursor after 8 spaces of indentation ends the prompt on "\n" + 8 spaces, where the model's own
+        split of that line is "\n" + 7 spaces, then " self": only tokens that start with the backed-off
+        text would indent the line too deep.  Where the healed text ends in spaces or tabs (indentation, a
+        space after ``=``), no more of them follow it: the first line is never indented deeper than the
+        cursor.  None: no constraint (the healed text is written, and one token more)."""
+        rest = healed[len(written):]
+        blank_end = healed[-1:] in (" ", "\t")
+        if len(written) > len(healed) or (not rest and not blank_end):
+            return None
+        allowed = self._healing.get((rest, blank_end))
+        if allowed is None:  # a scan of the whole vocabulary: once per distinct text
+            special = set(self.tokenizer.all_special_ids)
+
+            def fits(t: str) -> bool:
+                if rest.startswith(t):
+                    return bool(t)
+                return t.startswith(rest) and not (blank_end and t[len(rest):][:1] in BLANK_STARTS)
+
+            allowed = torch.tensor([i for i, t in enumerate(self.token_texts()) if i not in special and fits(t)],
+                                   dtype=torch.long)
+            self._healing[(rest, blank_end)] = allowed
+        return allowed
 
     def prefix_end(self, ids: list[int]) -> int:
         """Where the prefix of a fill-in-the-middle prompt ends: before its middle token (suffix first),
@@ -298,11 +336,13 @@ class Engine:
                  should_stop: Callable[[str], bool] | None = None,
                  cancelled: Callable[[], bool] | None = None, heal: bool = True,
                  decode_seconds: float | None = None, suppress_eos: bool = False, chunk: int | None = None,
-                 ahead: bool = False) -> Generation:
+                 ahead: bool = False, forced: Sequence[int] = (), banned: Collection[int] = ()) -> Generation:
         """Greedy continuation of ``prompt``; ``should_stop(text)`` ends it early, ``cancelled()`` aborts
         (raising Cancelled) between any two model steps; after ``decode_seconds`` of decoding it stops
         with the tokens in hand.  ``ahead``: a suggestion computed before it is asked
-        for (its prompt counts as warmed, not as a request's)."""
+        for (its prompt counts as warmed, not as a request's).  ``forced``: the first tokens generated,
+        whatever the model would choose (fed at once, as a draft), then greedy without the ``banned`` ones
+        at the step after them: another branch of an earlier continuation."""
         cancelled = cancelled or (lambda: False)
         start = time.perf_counter()
         ids, positions = prompt.token_ids, self.levelled(prompt.positions)
@@ -341,6 +381,7 @@ class Engine:
                 # drafts change what is fed at once: not where the rotary follows the input's length
                 drafts = self.settings.lookup_tokens and not (self.handle.method.factor_from_input or self.handle.dynamic)
                 lookup = PromptLookup(ids[-LOOKUP_PROMPT_TOKENS:], self.settings.lookup_tokens) if drafts else None
+                forced = list(forced)[:max_new_tokens]
                 rows, draft = logits[0, -1:], []  # rows[i] scores the token after draft[:i]
                 copy = self.copy_settings(prompt.language)
                 copier = self.copy_model(ids, copy, prompt.copy_history) if copy.enabled else None
@@ -350,7 +391,7 @@ class Engine:
                         raise Cancelled()
                     for i in range(len(rows)):
                         scores = rows[i]
-                        if not out and allowed is not None:
+                        if allowed is not None:
                             masked = torch.full_like(scores, float("-inf"))
                             masked[allowed] = scores[allowed]
                             scores = masked
@@ -360,7 +401,11 @@ class Engine:
                         scores = torch.log_softmax(scores.float(), dim=-1)
                         if copier is not None:
                             scores = mix_scores(scores, copier.predict(), copy)
-                        next_id = int(scores.argmax())
+                        if len(out) == len(forced) and banned:
+                            unbanned = scores.clone()
+                            unbanned[list(banned)] = float("-inf")
+                            scores = unbanned if bool(torch.isfinite(unbanned).any()) else scores
+                        next_id = forced[len(out)] if len(out) < len(forced) else int(scores.argmax())
                         if next_id in self.eos_ids:
                             stopped_by = "eos"
                             break
@@ -368,7 +413,9 @@ class Engine:
                         if copier is not None:
                             copier.extend([next_id])
                         logprobs.append(float(scores[next_id]))
-                        text = self.tokenizer.decode(out, skip_special_tokens=True)[len(healed):]
+                        written = self.tokenizer.decode(out, skip_special_tokens=True)
+                        text = written[len(healed):]
+                        allowed = self.healing_allowed(healed, written) if healed else None
                         if should_stop is not None and should_stop(text):
                             stopped_by = "rule"
                         elif len(out) == max_new_tokens:
@@ -379,7 +426,9 @@ class Engine:
                             break  # the rows after a wrong draft token score a text that is not there
                     if stopped_by is not None:
                         break
-                    if lookup is not None:
+                    if len(out) < len(forced):
+                        draft = forced[len(out):] if drafts else []
+                    elif lookup is not None:
                         lookup.extend(out[lookup.added:])
                         draft = lookup.propose()[: max_new_tokens - len(out)]
                     # the cache holds the prompt and every chosen token but the last: feed it and the draft

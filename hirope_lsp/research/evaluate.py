@@ -279,9 +279,11 @@ COMMENT_OR_STRING_STARTS = ("#", '"', "'", "`", "//", "/*", "* ", "*/")
 
 
 def completion_samples(tokenizer, files: list[Path], prompt_tokens: int, train_len: int, count: int, seed: int,
-                       max_files: int | None = None):
+                       max_files: int | None = None, indented: bool = False):
     """(file, prompt text, target line) where the target line uses a name last seen beyond the trained window.
-    ``max_files``: sample lines from that many files (drawn by the seed) of a large package."""
+    ``max_files``: sample lines from that many files (drawn by the seed) of a large package.  ``indented``:
+    the prompt ends after the target line's indentation (where an editor that indents leaves the cursor),
+    not at the line's start; the same lines either way."""
     import bisect
     import re
 
@@ -315,7 +317,8 @@ def completion_samples(tokenizer, files: list[Path], prompt_tokens: int, train_l
             # the last whole occurrence before the line: in the prompt, but none within the trained window
             last_seen = (text.rfind(w, 0, offsets[n]) for w in set(ident.findall(target)))
             far_only = any(0 <= at < recent_from for at in last_seen)
-            candidates.append((far_only, path, offsets[n], lines[n], tok_at))
+            at = offsets[n] + (len(lines[n]) - len(lines[n].lstrip()) if indented else 0)
+            candidates.append((far_only, path, at, lines[n], tok_at))
     rng.shuffle(candidates)
     # half the lines use a name seen only beyond the trained window (where the far context must help)
     far = [c for c in candidates if c[0]][: count // 2]
@@ -337,13 +340,14 @@ def eval_completion(data: list[Path] | None = None, model: str | None = None, me
                     max_new_tokens: int = 32, max_files: int | None = None,
                     copies: tuple[CopySettings, ...] = (), plain: bool = True,
                     copy_document: bool | None = None, workspace: bool = False,
-                    copy_workspace: bool | None = None) -> dict:
+                    copy_workspace: bool | None = None, indented: bool = False) -> dict:
     """Next-line completion through the server's session (no cross-file context, no suffix: LCC's task);
     each method also with each of ``copies`` mixed in (``0/1``: the copy model off); ``plain=False``: only
     those; ``copy_document``: the copy model also reads the file beyond the prompt, or not (None: the server's
     default).  ``workspace``: the data folders are the workspace (the line's own file open, cut at the line),
     with the server's cross-file context; ``copy_workspace``: the copy model reads its neighbouring files, or
-    not (None: the server's default)."""
+    not (None: the server's default).  ``indented``: the cursor after the line's indentation, and a
+    suggestion that indents again counts against it (not stripped)."""
     from .far_eval import Completer, MethodSpec
 
     loaded = load_model(model, device="cpu", dtype="float32")
@@ -353,7 +357,7 @@ def eval_completion(data: list[Path] | None = None, model: str | None = None, me
     prompt_tokens = prompt_x * train_len
     data = list(data or default_eval_data())
     samples = completion_samples(tokenizer, collect_files(data), prompt_tokens, train_len,
-                                 count, seed, max_files)
+                                 count, seed, max_files, indented)
     index = None
     if workspace:
         from .far_eval import corpus_index
@@ -381,7 +385,7 @@ def eval_completion(data: list[Path] | None = None, model: str | None = None, me
                 shown = completer.complete(doc, *doc.position_at(len(s["prompt"])), multiline="never")
                 completer.reset(doc.uri)
                 raw = completer.last.raw.lstrip("\n").split("\n")[0]
-                predicted = shown.strip()
+                predicted = shown.split("\n")[0].rstrip() if indented else shown.strip()
                 truth = s["target"].strip()
                 exact += predicted == truth
                 sim = edit_similarity(predicted, truth)
@@ -406,7 +410,7 @@ def eval_completion(data: list[Path] | None = None, model: str | None = None, me
     return {"train_length": train_len, "prompt_tokens": prompt_tokens,
             "settings": {"far_bias": base.far_bias, "far_bias_mode": base.far_bias_mode,
                          "copy_document": ContextSettings().copy_document if copy_document is None else copy_document,
-                         "workspace": workspace,
+                         "workspace": workspace, "indented": indented,
                          "copy_workspace": ContextSettings().copy_workspace if copy_workspace is None else copy_workspace},
             "results": results}
 

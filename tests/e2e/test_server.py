@@ -118,6 +118,22 @@ async def test_a_newline_ending_block_opener_gets_a_completion(client: LanguageC
     assert "\n" in item.insert_text.strip(), item.insert_text
 
 
+async def test_a_cursor_after_the_editors_indentation_gets_lines_indented_as_the_file_is(client: LanguageClient):
+    """Where VS Code and Neovim leave the cursor after Enter: behind the new line's indentation.  The
+    suggestion is inserted there, so its first line must not indent again (token healing backs off the
+    prompt's "\n" + 8 spaces and must let the model write "\n" + 7 spaces, then " self")."""
+    uri = (client.workspace_root / "shapes.py").as_uri()
+    text = "class Box:\n    def __init__(self, width, height):\n        self.width = width\n        \n"
+    open_doc(client, uri, text)
+    results = await inline(client, uri, 3, 8)
+    assert len(results.items) == 1
+    item = results.items[0]
+    assert item.range == types.Range(types.Position(3, 8), types.Position(3, 8))
+    first, *rest = item.insert_text.split("\n")
+    assert first.strip() and not first[:1].isspace(), repr(item.insert_text)
+    assert all(not line.strip() or line.startswith("        ") for line in rest), repr(item.insert_text)
+
+
 async def test_ranges_with_multibyte_text(client: LanguageClient):
     uri = (client.workspace_root / "emoji.py").as_uri()
     # a call left open: the model goes on; after 'greeting.' below, the copy model has 'upper(' to copy
