@@ -158,3 +158,17 @@ def test_a_line_that_repeats_the_one_above_gives_way_to_the_models_next_best_lin
     other = engine.tokenizer.encode("self.b = b", add_special_tokens=False)
     assert service.branch_point(job.policy, Generation(other, "self.b = b", 0, 0, 0.0, "rule",
                                                        [-1.0] * len(other))) is None
+
+
+def test_a_block_cut_by_the_token_limit_ends_at_its_last_whole_line():
+    engine = Engine(EngineSettings(device="cpu", measure_speed=False))
+    builder = PromptBuilder(engine.tokenizer, engine.fim, ContextSettings(budget_tokens=256))
+    service = CompletionService(engine, None, builder, max_new_tokens=12, min_confidence=GATE_OFF)
+    text = "def f(a):\n    x = a + 1\n    y = x + 1\n    z = y + 1\n    "
+    doc = Document("file:///w/f.py", text, language_id="python")
+    shown = service.complete(doc, 4, 4)
+    raw = shown.generation.text
+    assert shown.generation.stopped_by == "length" and raw.count("\n") >= 1, "the premise: cut mid-block"
+    partial = raw.rsplit("\n", 1)[1]
+    assert partial.strip() and not shown.text.rstrip().endswith(partial.strip()), (raw, shown.text)
+    assert shown.text.strip() and raw.startswith(shown.text.rstrip()), "whole lines of what was written"
