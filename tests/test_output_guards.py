@@ -137,10 +137,19 @@ def test_calibrate_confidence_for_one_language_keeps_the_cards_own_gate(tmp_path
     assert recommended_min_confidence(lm, "python") == (before or {}).get("value")
 
 
-def test_a_line_that_repeats_the_one_above_gives_way_to_the_models_next_best_line():
-    engine = Engine(EngineSettings(device="cpu", measure_speed=False))
+@pytest.fixture(scope="module")
+def default_engine():
+    return Engine(EngineSettings(device="cpu", measure_speed=False))
+
+
+def ungated_service(engine: Engine, max_new_tokens: int) -> CompletionService:
     builder = PromptBuilder(engine.tokenizer, engine.fim, ContextSettings(budget_tokens=256))
-    service = CompletionService(engine, None, builder, max_new_tokens=16, min_confidence=GATE_OFF)
+    return CompletionService(engine, None, builder, max_new_tokens=max_new_tokens, min_confidence=GATE_OFF)
+
+
+def test_a_line_that_repeats_the_one_above_gives_way_to_the_models_next_best_line(default_engine):
+    engine = default_engine
+    service = ungated_service(engine, 16)
     text = "class A:\n    def __init__(self, a, b):\n        self.a = a\n        "
     doc = Document("file:///w/a.py", text, language_id="python")
     job = service.prepare(doc, 3, 8)
@@ -160,10 +169,8 @@ def test_a_line_that_repeats_the_one_above_gives_way_to_the_models_next_best_lin
                                                        [-1.0] * len(other))) is None
 
 
-def test_a_block_cut_by_the_token_limit_ends_at_its_last_whole_line():
-    engine = Engine(EngineSettings(device="cpu", measure_speed=False))
-    builder = PromptBuilder(engine.tokenizer, engine.fim, ContextSettings(budget_tokens=256))
-    service = CompletionService(engine, None, builder, max_new_tokens=12, min_confidence=GATE_OFF)
+def test_a_block_cut_by_the_token_limit_ends_at_its_last_whole_line(default_engine):
+    service = ungated_service(default_engine, 12)
     text = "def f(a):\n    x = a + 1\n    y = x + 1\n    z = y + 1\n    "
     doc = Document("file:///w/f.py", text, language_id="python")
     shown = service.complete(doc, 4, 4)

@@ -22,7 +22,8 @@ from .rope import RopeMethodConfig
 # after healed text that ends in spaces or tabs (the cursor behind indentation, or after "x = "), the next
 # token starts with none of these, nor is it the end: no deeper indentation, no blank line and no empty
 # suggestion where the cursor asks for a line
-BLANK_STARTS = (" ", "\t", "\n", "\r")
+INDENT_CHARS = (" ", "\t")
+BLANK_STARTS = INDENT_CHARS + ("\n", "\r")
 MAX_HEALED_TOKENS = 4  # whitespace tokens backed off at most, the cursor's indentation and the lines before
 
 log = logging.getLogger(__name__)
@@ -178,7 +179,7 @@ class Engine:
         if not removed or "\ufffd" in removed:
             return ids, positions, "", None
         start = at
-        if removed[-1] in (" ", "\t") and not removed.strip():
+        if removed[-1] in INDENT_CHARS and not removed.strip():
             # indentation after a blank line ends on "\n\n" + "  ", where the model's split is "\n\n " + " var":
             # the whole run of whitespace is backed off
             while (start > 1 and at - start < MAX_HEALED_TOKENS - 1 and ids[start - 1] not in special
@@ -202,7 +203,7 @@ class Engine:
         space after ``=``), no more of them follow it: the first line is never indented deeper than the
         cursor.  None: no constraint (the healed text is written, and one token more)."""
         rest = healed[len(written):]
-        blank_end = healed[-1:] in (" ", "\t")
+        blank_end = healed[-1:] in INDENT_CHARS
         if len(written) > len(healed) or (not rest and not blank_end):
             return None
         allowed = self._healing.get((rest, blank_end))
