@@ -39,6 +39,8 @@ def _add_corpus(sub) -> None:
     b = csub.add_parser("build", help="fetch, filter, deduplicate; write documents.jsonl, held_out/, manifest.json")
     b.add_argument("--out", type=Path, default=Path("corpus"))
     b.add_argument("--manifest-copy", type=Path, default=None, help="also copy the manifest here (docs/)")
+    b.add_argument("--held-out-only", action="store_true",
+                   help="fetch only the held-out packages into OUT/held_out/ (for evaluations; no training data)")
 
 
 def _run_corpus(args) -> int:
@@ -46,7 +48,11 @@ def _run_corpus(args) -> int:
 
     from .research.corpus import build_corpus
 
-    manifest = build_corpus(args.out)
+    manifest = build_corpus(args.out, held_out_only=args.held_out_only)
+    if args.held_out_only:
+        for entry in manifest["held_out_packages"]:
+            print(f"{entry['language']}:{entry['package']} {entry['version']}: {entry['files']} files")
+        return 0
     if args.manifest_copy:
         shutil.copyfile(args.out / "manifest.json", args.manifest_copy)
     print(json.dumps({"totals": manifest["totals"], "dropped": manifest["dropped"]}, indent=2))

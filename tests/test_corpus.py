@@ -72,6 +72,25 @@ def test_write_corpus_drops_held_out_copies_duplicates_and_generated_files(tmp_p
         tmp_path / "held_out" / "python" / "heldpkg" / "heldpkg" / "core.py"]
 
 
+def test_held_out_only_writes_the_held_out_trees_and_leaves_training_data_alone(tmp_path, monkeypatch):
+    sources = {"held_out": {"python": {"tune": ["heldpkg"], "report": [], "other": []}},
+               "python_stdlib": True, "pypi": ["a"], "npm": ["b"], "debian": {}}
+    held_text = _code(7)
+    monkeypatch.setattr(corpus, "_held_out_python", lambda name, downloads: [
+        SourceFile("pypi", name, "1.0", "python", f"{name}/core.py", held_text)])
+    fetched = []
+    monkeypatch.setattr(corpus, "fetch_pypi", lambda name, downloads: fetched.append(name))
+    monkeypatch.setattr(corpus, "fetch_npm", lambda name, downloads: fetched.append(name))
+    (tmp_path / "documents.jsonl").write_text("earlier\n")
+    train, held = corpus.gather(sources, tmp_path / "downloads", training=False)
+    assert train == [] and fetched == [] and [f.package for f in held] == ["heldpkg"]
+    manifest = write_corpus(tmp_path, sources, None, held)
+    assert (tmp_path / "documents.jsonl").read_text() == "earlier\n"
+    assert (tmp_path / "held_out" / "python" / "heldpkg" / "heldpkg" / "core.py").read_text() == held_text
+    assert [p["package"] for p in manifest["held_out_packages"]] == ["heldpkg"]
+    assert json.loads((tmp_path / "held_out_manifest.json").read_text()) == manifest
+
+
 def test_minhash_finds_near_duplicates_and_not_different_files():
     dedup = corpus.Deduplicator()
     text = _code(11)

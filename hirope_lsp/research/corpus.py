@@ -261,15 +261,17 @@ def _held_out_python(name: str, downloads: Path) -> list[SourceFile]:
     return _files_of("pypi", name, _version_from_archive(wheel, name), _archive_members(wheel))
 
 
-def gather(sources: dict, downloads: Path, workers: int = 4) -> tuple[list[SourceFile], list[SourceFile]]:
-    """(training candidates, held-out files), before filtering and deduplication."""
+def gather(sources: dict, downloads: Path, workers: int = 4,
+           training: bool = True) -> tuple[list[SourceFile], list[SourceFile]]:
+    """(training candidates, held-out files), before filtering and deduplication; with
+    ``training=False`` only the held-out files are fetched (the candidates come back empty)."""
     held = held_out_names(sources)
     train: list[SourceFile] = []
     held_files: list[SourceFile] = []
-    if sources.get("python_stdlib"):
+    if sources.get("python_stdlib") and training:
         train += stdlib_files()
-    pypi = [n for n in sources["pypi"] if n not in held.get("python", set())]
-    npm = [n for n in sources["npm"] if n not in held.get("javascript", set())]
+    pypi = [n for n in sources["pypi"] if n not in held.get("python", set())] if training else []
+    npm = [n for n in sources["npm"] if n not in held.get("javascript", set())] if training else []
     with ThreadPoolExecutor(workers) as pool:
         wheels = list(pool.map(lambda n: fetch_pypi(n, downloads), pypi))
         tarballs = list(pool.map(lambda n: fetch_npm(n, downloads), npm))
@@ -281,8 +283,13 @@ def gather(sources: dict, downloads: Path, workers: int = 4) -> tuple[list[Sourc
         if tgz is not None:
             train += _files_of("npm", name, _version_from_archive(tgz, name), _archive_members(tgz))
     for language, location in sources.get("debian", {}).items():
+        if not training and not held.get(language):
+            continue
         for f in debian_files(language, location):
-            (held_files if f.package in held.get(language, set()) else train).append(f)
+            if f.package in held.get(language, set()):
+                held_files.append(f)
+            elif training:
+                train.append(f)
     for name in held.get("python", ()):
         held_files += _held_out_python(name, downloads)
     for name, future in held_tarballs.items():
@@ -292,17 +299,19 @@ def gather(sources: dict, downloads: Path, workers: int = 4) -> tuple[list[Sourc
     return train, held_files
 
 
-def build_corpus(out_dir: Path, sources_path: Path = SOURCES) -> dict:
-    """Fetch, filter and deduplicate; write documents.jsonl, held_out/ and manifest.json."""
+def build_corpus(out_dir: Path, sources_path: Path = SOURCES, held_out_only: bool = False) -> dict:
+    """Fetch, filter and deduplicate; write documents.jsonl, held_out/ and manifest.json
+    (``held_out_only``: only held_out/ and its manifest, for evaluating a model already trained)."""
     sources = load_sources(sources_path)
     out_dir.mkdir(parents=True, exist_ok=True)
-    train, held_files = gather(sources, out_dir / "downloads")
-    return write_corpus(out_dir, sources, train, held_files)
+    train, held_files = gather(sources, out_dir / "downloads", training=not held_out_only)
+    return write_corpus(out_dir, sources, None if held_out_only else train, held_files)
 
 
-def write_corpus(out_dir: Path, sources: dict, train: list[SourceFile], held_files: list[SourceFile]) -> dict:
+def write_corpus(out_dir: Path, sources: dict, train: list[SourceFile] | None, held_files: list[SourceFile]) -> dict:
     """Held-out files first (as file trees), then every training candidate that is not rejected,
-    held out by name, or a (near) duplicate of a file kept before it or of a held-out file."""
+    held out by name, or a (near) duplicate of a file kept before it or of a held-out file
+    (``train`` None: the held-out trees and their manifest only, documents.jsonl left as it is)."""
     held_names = set().union(*held_out_names(sources).values())
     excluded = set(sources.get("exclude_packages", ()))  # generated data that passes the file rules
     dedup = Deduplicator()
@@ -320,6 +329,11 @@ def write_corpus(out_dir: Path, sources: dict, train: list[SourceFile], held_fil
         entry["bytes"] += len(f.text.encode())
     dropped: dict[str, int] = {}
     packages: dict[str, dict] = {}
+    if train is None:
+        manifest = {"held_out": sources["held_out"],
+                    "held_out_packages": sorted(held_packages.values(), key=lambda e: (e["language"], e["package"]))}
+        (out_dir / "held_out_manifest.json").write_text(json.dumps(manifest, indent=1))
+        return manifest
     with (out_dir / "documents.jsonl").open("w") as out:
         for f in train:
             if f.package in held_names:
