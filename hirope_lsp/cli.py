@@ -219,6 +219,10 @@ def _add_eval(sub) -> None:
     perplexity.add_argument("--units", default=UNIT_GRAINS[0], choices=UNIT_GRAINS,
                             help="what a syntax unit is for hierarchical methods: the run of one innermost "
                                  "definition, the whole top-level run (a class with its methods), or one line")
+    perplexity.add_argument("--nested", action="store_true",
+                            help="every length's windows are the last tokens of the longest length's: the same "
+                                 "last tokens scored with more context before them (ppl_last); default: windows "
+                                 "drawn per length")
     perplexity.add_argument("--copy", default="", type=_copy_settings,
                             help="copy models to mix in, each a row per method: WEIGHT/MIN_ORDER, comma-separated "
                                  "(0.3/2: up to 30 %% of the mixture from what followed the last 2+ tokens before)")
@@ -270,7 +274,7 @@ def _run_eval(args) -> int:
     if args.eval == "perplexity":
         lengths = (1, 2) if args.quick else tuple(float(x) for x in args.lengths_x.split(","))
         report = evaluate.eval_perplexity(args.data, args.model, methods, lengths, 1 if args.quick else args.windows,
-                                          args.seed, base, units=args.units, copies=args.copy)
+                                          args.seed, base, units=args.units, copies=args.copy, nested=args.nested)
         evaluate.print_table(report, "ppl")
         evaluate.print_table(report, "ppl_last")
         if args.plot:

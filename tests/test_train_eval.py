@@ -163,3 +163,24 @@ def test_completion_in_a_workspace_copies_from_siblings_and_never_from_the_lines
     assert em["alone", True] == em["alone", False], "the line's own file on disk is never read"
     truth = [p["target"] for p in report["results"][0]["predictions"]]
     assert em["twins", True] == truth != em["twins", False], "a sibling holding the lines is copied from"
+
+
+def test_nested_windows_end_on_the_same_tokens_at_every_length():
+    from transformers import AutoTokenizer
+
+    from hirope_lsp.model.loading import DEFAULT_MODEL_DIR
+
+    tokenizer = AutoTokenizer.from_pretrained(str(DEFAULT_MODEL_DIR))
+    files = evaluate.tokenize_files(tokenizer, evaluate.collect_files(evaluate.default_eval_data()))
+    lengths = [64, 256, 1024]
+    nested = evaluate.windows_by_length(files, lengths, 3, 0, None, nested=True)
+    longest = nested[1024]
+    assert len(longest) == 3
+    for length in lengths:
+        assert len(nested[length]) == len(longest)
+        for (_, name, ids, keys), (_, long_name, long_ids, long_keys) in zip(nested[length], longest):
+            assert name == long_name and len(ids) == length
+            assert ids == long_ids[-length:] and keys == long_keys[-length:]
+    drawn = evaluate.windows_by_length(files, lengths, 3, 0, None)
+    assert drawn[64] == evaluate.make_windows(files, 64, 3, 0, None)
+    assert drawn[64][0][2] != longest[0][2][-64:], "without nesting each length draws its own windows"

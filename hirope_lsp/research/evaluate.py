@@ -110,6 +110,17 @@ def make_windows(files: list[TokenizedFile], length: int, max_windows: int, seed
     return windows
 
 
+def windows_by_length(files: list[TokenizedFile], lengths: list[int], max_windows: int, seed: int,
+                      sep_id: int | None, nested: bool = False) -> dict[int, list]:
+    """``make_windows`` for each length; ``nested``: each length's windows are the last tokens of the
+    longest length's, so every length ends on the same text."""
+    if not nested:
+        return {length: make_windows(files, length, max_windows, seed, sep_id) for length in lengths}
+    longest = make_windows(files, max(lengths), max_windows, seed, sep_id)
+    return {length: [(kind, name, ids[-length:], keys[-length:]) for kind, name, ids, keys in longest]
+            for length in lengths}
+
+
 def method_config(method: str, train_len: int, length: int, base: RopeMethodConfig) -> RopeMethodConfig:
     """``base``'s settings for ``method``, sized for inputs of ``length`` tokens as the method's authors
     compare it (a scaling factor, Self-Extend's group size)."""
@@ -170,10 +181,13 @@ def copied_nll(ids: list[int], nll: torch.Tensor, copy: CopySettings, span: int 
 
 def eval_perplexity(data: list[Path] | None = None, model: str | None = None, methods=None,
                     lengths_x=(1, 4, 16, 32), max_windows: int = 4, seed: int = 0, base: RopeMethodConfig | None = None,
-                    device: str = "cpu", units: str = "definition", copies: tuple[CopySettings, ...] = ()) -> dict:
+                    device: str = "cpu", units: str = "definition", copies: tuple[CopySettings, ...] = (),
+                    nested: bool = False) -> dict:
     """Perplexity by method and length; ``units``: what a syntax unit is for the hierarchical methods
     (the windows are the same text whatever it is, so runs at different grains compare row by row);
-    each of ``copies`` adds a row per method with that copy model mixed in."""
+    each of ``copies`` adds a row per method with that copy model mixed in.  ``nested``: every length's
+    windows end where the longest length's do (each its last tokens), so ``ppl_last`` scores the same
+    tokens at every length with more context before them; otherwise each length draws its own windows."""
     lm, tokenizer, fim = load_model(model, device=device, dtype="float32")
     train_len = trained_length(lm.config)
     base = base or RopeMethodConfig()
@@ -182,9 +196,10 @@ def eval_perplexity(data: list[Path] | None = None, model: str | None = None, me
     sep = tokenizer.convert_tokens_to_ids(fim.file_separator) if fim.file_separator else tokenizer.eos_token_id
     results = []
     started = time.time()
+    by_length = windows_by_length(files, [int(x * train_len) for x in lengths_x], max_windows, seed, sep, nested)
     for x in lengths_x:
         length = int(x * train_len)
-        windows = make_windows(files, length, max_windows, seed, sep)
+        windows = by_length[length]
         if not windows:
             log.warning("no window of %d tokens in the data", length)
             continue
@@ -217,7 +232,8 @@ def eval_perplexity(data: list[Path] | None = None, model: str | None = None, me
                          row["seconds"])
     return {"train_length": train_len, "model": model or "default", "data": [str(d) for d in (data or default_eval_data())],
             "settings": {"window": base.window, "split": base.split, "token_index": base.token_index,
-                         "far_bias": base.far_bias, "far_bias_mode": base.far_bias_mode, "units": units},
+                         "far_bias": base.far_bias, "far_bias_mode": base.far_bias_mode, "units": units,
+                         "nested": nested},
             "seconds": time.time() - started, "results": results}
 
 
