@@ -1,5 +1,6 @@
 import json
 import random
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -127,3 +128,18 @@ def test_samples_refuse_a_corpus_smaller_than_a_window():
         Samples(stream, segments, TrainConfig(context=64), {EOS: 0, FIM_PREFIX: 1, FIM_SUFFIX: 2, FIM_MIDDLE: 3,
                                                             FILE_SEP: 4})
     assert np.asarray(stream).dtype == np.uint16
+
+
+def test_npm_packs_into_its_folder_when_the_output_folder_is_relative(tmp_path, monkeypatch):
+    def npm_pack(cmd, cwd=None):
+        # npm resolves --pack-destination against its working directory, and fails where it is missing
+        destination = Path(cwd) / cmd[cmd.index("--pack-destination") + 1]
+        if not destination.is_dir():
+            return subprocess.CompletedProcess(cmd, 254, "", "ENOENT: no such file or directory")
+        (destination / f"{cmd[3]}-1.0.0.tgz").write_bytes(b"")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(corpus, "_run", npm_pack)
+    monkeypatch.chdir(tmp_path)
+    tarball = corpus.fetch_npm("koa", Path("corpus") / "downloads")
+    assert tarball == Path("corpus/downloads/npm/koa/koa-1.0.0.tgz") and tarball.exists()

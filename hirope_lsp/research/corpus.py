@@ -140,7 +140,8 @@ def fetch_npm(name: str, downloads: Path) -> Path | None:
     found = sorted(target.glob("*.tgz")) if target.exists() else []
     if not found:
         target.mkdir(parents=True, exist_ok=True)
-        r = _run(["npm", "pack", "--silent", name, "--pack-destination", str(target)], cwd=target)
+        # npm runs in target, so a relative --out must not be repeated in the destination
+        r = _run(["npm", "pack", "--silent", name, "--pack-destination", "."], cwd=target)
         if r.returncode != 0:
             log.warning("npm %s: %s", name, r.stderr.strip().splitlines()[-1:] or r.returncode)
             return None
