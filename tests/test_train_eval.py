@@ -1,6 +1,7 @@
 import json
 import math
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -105,6 +106,18 @@ def test_completion_evaluation_smoke():
     from hirope_lsp.research.confidence_calibrate import gate_table
     for r in report["results"]:  # the gate as the calibrator sees it: one definition of "useful"
         assert r["confidence_gate"]["table"] == gate_table(r["predictions"])[0]
+
+
+def test_evaluations_take_a_folder_relative_to_the_working_directory(tmp_path, monkeypatch):
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "shapes.py").write_text("".join(
+        f"def area_{i}(width, height):\n    scaled = width * {i} + height\n    return scaled * scaled\n\n\n"
+        for i in range(80)))
+    monkeypatch.chdir(tmp_path)
+    perplexity = evaluate.eval_perplexity([Path("pkg")], None, ("hirope",), (1,), max_windows=1)
+    assert math.isfinite(perplexity["results"][0]["ppl"])
+    completion = evaluate.eval_completion([Path("pkg")], None, ("hirope",), prompt_x=1, count=2, workspace=True)
+    assert len(completion["results"][0]["predictions"]) == 2, "opened by URI, which a relative path has none of"
 
 
 def test_edit_similarity():

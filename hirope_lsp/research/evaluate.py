@@ -61,8 +61,9 @@ def default_eval_data() -> list[Path]:
 
 
 def collect_files(data: list[Path]) -> list[Path]:
+    """The source files of ``data``, absolute (documents are opened by URI, as an editor would)."""
     files: list[Path] = []
-    for root in data:
+    for root in (Path(d).resolve() for d in data):
         if root.is_file():
             files.append(root)
         else:
