@@ -89,10 +89,13 @@ def test_training_from_committed_weights_warms_up_from_their_step(tmp_path):
 
 def test_perplexity_evaluation_smoke(tmp_path):
     data = evaluate.default_eval_data()[0]
-    report = evaluate.eval_perplexity([data], None, ("rope", "hirope", "truncate"), (1, 2), max_windows=1)
+    report = evaluate.eval_perplexity([data], None, ("rope", "hirope", "truncate"), (1, 2), max_windows=2)
     assert {r["method"] for r in report["results"]} == {"rope", "hirope", "truncate"}
     for row in report["results"]:
         assert math.isfinite(row["ppl"]) and row["ppl"] > 1
+        for key in ("ppl", "ppl_last"):  # windows of one length are equally long: the pooled figure is their mean
+            assert len(row[key + "_windows"]) == row["windows"]
+            assert min(row[key + "_windows"]) - 1e-6 <= row[key] <= max(row[key + "_windows"]) + 1e-6
     by = {(r["method"], r["x"]): r["ppl"] for r in report["results"]}
     assert abs(by[("rope", 1)] - by[("truncate", 1)]) < 1e-3, "within the trained length truncation changes nothing"
     evaluate.plot(report, tmp_path / "p.png")

@@ -208,6 +208,7 @@ def eval_perplexity(data: list[Path] | None = None, model: str | None = None, me
             variants = [(method, None)] + [(copy_label(method, c), c) for c in copies]
             total = {label: torch.zeros(0) for label, _ in variants}
             last = {label: torch.zeros(0) for label, _ in variants}
+            per_window = {label: [] for label, _ in variants}  # (ppl, ppl of the last tokens) of each window
             t0 = time.time()
             for kind, name, ids, keys in windows:
                 ids_t = torch.tensor([ids], device=lm.device)
@@ -222,11 +223,15 @@ def eval_perplexity(data: list[Path] | None = None, model: str | None = None, me
                 nll = nll.cpu()
                 for label, copy in variants:
                     mixed = nll if copy is None else copied_nll(ids, nll, copy, train_len if method == TRUNCATE else None)
+                    tail = mixed[-min(len(mixed), train_len):]
                     total[label] = torch.cat([total[label], mixed])
-                    last[label] = torch.cat([last[label], mixed[-min(len(mixed), train_len):]])
+                    last[label] = torch.cat([last[label], tail])
+                    per_window[label].append((math.exp(mixed.mean().item()), math.exp(tail.mean().item())))
             for label, _ in variants:
                 row = {"method": label, "length": length, "x": x, "windows": len(windows),
                        "ppl": math.exp(total[label].mean().item()), "ppl_last": math.exp(last[label].mean().item()),
+                       "ppl_windows": [w for w, _ in per_window[label]],
+                       "ppl_last_windows": [w for _, w in per_window[label]],
                        "seconds": time.time() - t0}
                 results.append(row)
                 log.info("%-12s %6d tokens: ppl %.2f, last %.2f (%.0f s)", label, length, row["ppl"], row["ppl_last"],
@@ -247,6 +252,11 @@ def print_table(report: dict, key: str = "ppl") -> None:
     for m in methods:
         cells = {r["length"]: r[key] for r in rows if r["method"] == m}
         print(f"{m:<14}" + "".join(f"{cells.get(n, float('nan')):>10.2f}" for n in lengths))
+    print("the same, lowest-highest of single windows")
+    for m in methods:
+        spread = {r["length"]: r.get(key + "_windows") or [float("nan")] for r in rows if r["method"] == m}
+        print(f"{m:<14}" + "".join(f"{min(spread[n]):>5.1f}-{max(spread[n]):<4.1f}" if n in spread else f"{'':>10}"
+                                   for n in lengths))
 
 
 def plot(report: dict, out: Path, key: str = "ppl") -> None:
