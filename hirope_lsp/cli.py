@@ -97,7 +97,7 @@ def _far_bias(text: str) -> float | list[float]:
     return values[0] if len(values) == 1 else values
 
 
-FAR_BIAS_MODES = ("constant", "log")  # as in model/rope.py, which the parser does not import (torch)
+FAR_BIAS_MODES = ("constant", "log", "distance")  # as in model/rope.py, which the parser does not import (torch)
 
 
 def _copy_settings(text: str) -> tuple:
@@ -114,7 +114,8 @@ def _add_far_bias(p) -> None:
                    help="prior against far keys, subtracted from the score of every key beyond the window "
                         "(0: plain HiRoPE; default: RopeMethodConfig's); a comma-separated list: one per layer")
     p.add_argument("--far-bias-mode", default=None, choices=list(FAR_BIAS_MODES),
-                   help="constant: the bias as given; log: bias x log(max(1, far keys / window)), growing with context")
+                   help="constant: the bias as given; log: bias x log(max(1, far keys / window)), growing with context; "
+                        "distance: bias x log(1 + distance / window), each key's own")
 
 
 def _far_bias_options(args) -> dict:

@@ -231,8 +231,11 @@ SETTINGS: tuple[Setting, ...] = (
                 "code, else 0."),
     Setting(key="hirope.farBiasMode", target="engine.rope.far_bias_mode", type="string", enum=FAR_BIAS_MODES,
             enum_docs=("farBias as given", "farBias × log(max(1, n_far / window)), n_far the far keys a query "
-                                           "sees: grows with the context, 0 until they outnumber the window"),
-            doc="How the far bias is applied: constant, or growing with the log of the far keys per window."),
+                                           "sees: grows with the context, 0 until they outnumber the window",
+                       "farBias × log(1 + d / window) for the key at token distance d: each key's own, whatever lies "
+                       "beyond it"),
+            doc="How the far bias is applied: constant, growing with the log of the far keys per window, or "
+                "with the log of each key's distance per window."),
     Setting(key="trace.server", target=None, type="string", enum=("off", "messages", "verbose"), client_default="off",
             doc="Trace the protocol between VS Code and the server in the output channel."),
 )

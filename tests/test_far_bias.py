@@ -28,8 +28,9 @@ def setup(T=30, D=16, H=2, seed=3):
 
 
 @pytest.mark.parametrize("method,mode,bias", [("hirope", "constant", 1.5), ("hirope", "log", 1.5), ("hirope", "log", 4.0),
-                                              ("rerope", "constant", 1.5), ("rerope", "log", 1.5),
-                                              ("self-extend", "log", 1.5)])
+                                              ("hirope", "distance", 1.5), ("rerope", "constant", 1.5),
+                                              ("rerope", "log", 1.5), ("self-extend", "log", 1.5),
+                                              ("self-extend", "distance", 1.5)])
 @pytest.mark.parametrize("fused", [True, False])
 def test_biased_prefill_matches_pair_by_pair_reference(method, mode, bias, fused, monkeypatch):
     if not fused:
@@ -46,7 +47,17 @@ def test_biased_prefill_matches_pair_by_pair_reference(method, mode, bias, fused
     assert torch.allclose(got[0].transpose(0, 1).double(), expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["constant", "log"])
+def test_distance_bias_is_the_same_kept_for_every_layer_or_built_for_each():
+    model = tiny_model("qwen2")
+    ids = torch.randint(0, 97, (1, 56))
+    cfg = RopeMethodConfig(window=6, query_chunk=8, far_bias=1.5, far_bias_mode="distance")
+    kept = forward_logits(model, cfg, ids, random_units(56))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(attention, "PAIR_GROWTH_BYTES", 0)
+        assert torch.equal(forward_logits(model, cfg, ids, random_units(56)), kept)
+
+
+@pytest.mark.parametrize("mode", ["constant", "log", "distance"])
 def test_biased_decoding_rows_match_reference(mode):
     """A decoding step puts far and near scores into one softmax (attend_tiles): the bias is taken there."""
     H, T, D, W, split = 2, 30, 16, 6, 0.5
@@ -68,13 +79,16 @@ def dense_biased(q, k, v, plan, scale, bias, mode):
     dist = (plan.query_pos[:, :, None] - plan.key_pos[:, None, :])[:, None]
     far = dist >= plan.window
     n_far = far.sum(-1, keepdim=True).double()
-    b = bias if mode == "constant" else bias * torch.log(torch.clamp(n_far / plan.window, min=1.0))
+    if mode == "distance":
+        b = bias * torch.log1p(dist.double() / plan.window)
+    else:
+        b = bias if mode == "constant" else bias * torch.log(torch.clamp(n_far / plan.window, min=1.0))
     scores = torch.where(far, (fq @ fk.transpose(-1, -2)).double() * scale - b, (q @ k.transpose(-1, -2)).double() * scale)
     scores = scores.masked_fill(dist < 0, -math.inf)
     return (torch.softmax(scores, -1) @ v.double()).transpose(1, 2)
 
 
-@pytest.mark.parametrize("mode", ["constant", "log"])
+@pytest.mark.parametrize("mode", ["constant", "log", "distance"])
 def test_positions_out_of_order_count_far_keys_by_distance(mode):
     torch.manual_seed(6)
     T, D = 36, 16
@@ -91,7 +105,8 @@ def test_positions_out_of_order_count_far_keys_by_distance(mode):
 @pytest.mark.parametrize("family,far_bias,mode,cache_kind", [
     ("llama", 2.0, "constant", "dynamic"), ("llama", 1.5, "log", "growing"), ("qwen2", 1.5, "log", "dynamic"),
     ("qwen3", 2.0, "constant", "growing"), ("qwen3", [0.5, 3.0], "constant", "growing"),
-    ("mistral", [1.0, 0.0], "log", "growing")])
+    ("mistral", [1.0, 0.0], "log", "growing"), ("llama", 1.5, "distance", "growing"),
+    ("qwen2", [2.0, 0.5], "distance", "dynamic")])
 def test_biased_decoding_through_the_cache_equals_full_forward(family, far_bias, mode, cache_kind):
     model = tiny_model(family)
     T = 56
@@ -139,7 +154,8 @@ def test_zero_bias_is_exactly_unbiased_hirope(fused, decode_from, monkeypatch):
                         lambda self, *a: calls.append(original(self, *a)) or calls[-1])
     base = dict(window=6, query_chunk=8)
     today = forward_logits(model, RopeMethodConfig(**base), ids, positions, decode_from)
-    for far_bias, mode in ((0.0, "constant"), (0, "log"), ([0.0, 0.0], "constant"), ([0.0, 0.0], "log")):
+    for far_bias, mode in ((0.0, "constant"), (0, "log"), ([0.0, 0.0], "constant"), ([0.0, 0.0], "log"),
+                           (0.0, "distance"), ([0.0, 0.0], "distance")):
         got = forward_logits(model, RopeMethodConfig(**base, far_bias=far_bias, far_bias_mode=mode), ids, positions,
                              decode_from)
         assert torch.equal(got, today), (far_bias, mode)
@@ -224,7 +240,7 @@ def test_huge_bias_model_equals_a_sliding_window_model():
         (dict(far_bias="2"), "far_bias must be a number"),
         (dict(far_bias=[]), "one value per layer"),
         (dict(far_bias=[1.0, 2.0, 3.0]), "lists 3 values, one per layer, but the model has 2 layers"),
-        (dict(far_bias_mode="linear"), "far_bias_mode must be one of constant, log"),
+        (dict(far_bias_mode="linear"), "far_bias_mode must be one of constant, log, distance"),
     ],
 )
 def test_bad_far_bias_is_refused_at_attach(kwargs, message):
@@ -260,3 +276,12 @@ def test_an_unset_bias_is_the_one_the_models_card_records_else_none(tmp_path):
     handle = attach(model, RopeMethodConfig(far_bias=0.0))  # one the user set wins over the card
     assert (handle.cfg.far_bias, handle.cfg.far_bias_mode) == (0.0, "constant")
     handle.detach()
+    (tmp_path / "training.json").write_text(json.dumps({"far_bias": {"value": 1.0, "mode": "distance"}}))
+    handle = attach(model, RopeMethodConfig())
+    assert (handle.cfg.far_bias, handle.cfg.far_bias_mode) == (1.0, "distance")
+    handle.detach()
+    (tmp_path / "training.json").write_text(json.dumps({"far_bias": {"value": 1.0, "mode": "sqrt"}}))
+    handle = attach(model, RopeMethodConfig())
+    assert (handle.cfg.far_bias, handle.cfg.far_bias_mode) == (DEFAULT_FAR_BIAS, "constant"), "an unknown mode is ignored"
+    handle.detach()
+

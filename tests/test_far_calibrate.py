@@ -84,6 +84,23 @@ def test_zero_bias_row_is_plain_hirope_perplexity(result, model_dir, corpus):
     assert result["chosen"]["plain_hirope_ppl"] == zero["ppl"]
 
 
+def test_nested_calibration_scores_what_nested_eval_perplexity_scores(model_dir, corpus):
+    """``--nested``: every multiple scores the same last tokens; its b = 0 row is ``eval perplexity
+    --nested``'s hirope, and a distance-mode row is there beside it."""
+    loaded = load_model(str(model_dir), device="cpu", dtype="float32")
+    result = fc.calibrate_far_bias(loaded, fc.source_files(corpus), multiples=MULTIPLES, windows=WINDOWS,
+                                   grid="distance:1", nested=True)
+    assert result["nested"] and "the same tokens at every length" in result["measure"]
+    assert [r["setting"] for r in result["table"]] == ["constant:0", "distance:1"]
+    report = evaluate.eval_perplexity([corpus], str(model_dir), ("hirope",), MULTIPLES, WINDOWS, seed=0, nested=True)
+    plain = {f"{r['x']:g}": r["ppl_last"] for r in report["results"] if r["method"] == "hirope"}
+    zero = result["table"][0]["by_multiple"]
+    assert set(plain) == set(zero) == {"16", "32"}
+    for x, ppl in plain.items():
+        assert math.isclose(zero[x]["ppl"], ppl, rel_tol=1e-5), x
+    assert result["table"][1]["ppl"] != result["table"][0]["ppl"]
+
+
 def test_the_choice_is_the_argmin_and_ties_go_to_the_smaller_bias(result):
     best = min(result["table"], key=lambda r: r["ppl"])
     chosen = result["chosen"]
@@ -112,6 +129,7 @@ def test_grid_parsing():
     assert [s.label for s in fc.parse_grid("log:0/0.5/1, 1/1, log:0/0")] == ["constant:0", "log:0/0.5/1", "constant:1"], \
         "one value per layer; the same for every layer is the uniform setting"
     assert fc.parse_grid([((0.5, 1.0), "log")])[1].value == (0.5, 1.0)
+    assert [s.label for s in fc.parse_grid("distance:0, distance:1")] == ["constant:0", "distance:1"]
     with pytest.raises(ValueError):
         fc.parse_grid("1/-1")
 

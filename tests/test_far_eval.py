@@ -178,9 +178,9 @@ def test_replay_debounce_and_suggestions_running_past_the_section():
 
 
 def test_bias_lists_and_methods():
-    assert fe.parse_biases("2, log:1.5,none") == [(2.0, "constant"), (1.5, "log")]
-    assert [m.name for m in fe.method_specs(fe.parse_biases("2,log:1"))] == ["hirope", "truncate", "hirope+2",
-                                                                             "hirope+log:1"]
+    assert fe.parse_biases("2, log:1.5,none,distance:1") == [(2.0, "constant"), (1.5, "log"), (1.0, "distance")]
+    assert [m.name for m in fe.method_specs(fe.parse_biases("2,log:1,distance:1"))] == [
+        "hirope", "truncate", "hirope+2", "hirope+log:1", "hirope+distance:1"]
     specs = fe.method_specs([(2.0, "constant")], ("hirope", "hirope-fixed", "ntk"), ("raw", "outline"))
     assert [m.name for m in specs] == [
         "hirope", "truncate", "hirope+2", "hirope-fixed", "hirope-fixed+2", "ntk",  # no far keys: no far bias

@@ -167,10 +167,13 @@ def far_distance(method, m, n, pos, j, num_pairs, split, W, unit_size=5, group=3
     return (unit_m - unit_n) + W - 1
 
 
-def reference_far_bias(far_bias, mode, n_far, W):
-    """The prior subtracted from a far score, from its definition: a constant, or growing as log(n_far / W)."""
+def reference_far_bias(far_bias, mode, n_far, W, dist):
+    """The prior subtracted from a far score at token distance ``dist``, from its definition: a
+    constant, growing as log(n_far / W), or as the key's own log(1 + dist / W)."""
     if mode == "constant":
         return far_bias
+    if mode == "distance":
+        return far_bias * math.log(1 + dist / W)
     return far_bias * math.log(max(1.0, n_far / W))
 
 
@@ -197,7 +200,7 @@ def reference_attention(q, k, v, pos, method, split, W, scale, restart=False, fa
                 s += (q1 * k1 + q2 * k2) * c + (q1 * k2 - q2 * k1) * sn
             scores[:, n] = s * scale
             if m - n >= W:
-                scores[:, n] -= reference_far_bias(far_bias, far_bias_mode, n_far, W)
+                scores[:, n] -= reference_far_bias(far_bias, far_bias_mode, n_far, W, m - n)
         out[:, m] = torch.einsum("ht,htd->hd", torch.softmax(scores, -1), v)
     return out
 

@@ -9,7 +9,10 @@ log-sum-exp and the two are merged exactly.  Memory is
 A prior against far keys (``far_bias`` ``b >= 0``, subtracted from the score
 of every key at distance ``>= window``) lowers the far pass's log-sum-exp by
 ``b`` before the merge, and the far scores by ``b`` where a decoding step puts
-far and near scores into one softmax.  With ``b = 0`` nothing is computed and
+far and near scores into one softmax.  In "distance" mode the prior is the
+key's own, ``b = far_bias * log(1 + d / window)`` at token distance ``d``: it goes
+into the far pass's scores (an additive mask) instead, and a key keeps it
+however much context lies beyond.  With ``b = 0`` nothing is computed and
 the path is exactly the unbiased one.
 
 A layer with a sliding window ``R`` (Mistral, StarCoder2, Qwen2's upper
@@ -34,6 +37,7 @@ from .buffers import GrowingTensor
 log = logging.getLogger(__name__)
 
 NEG_INF = float("-inf")
+PAIR_GROWTH_BYTES = 128 << 20  # a forward's "distance" biases kept for its other layers up to this much
 
 
 @dataclass
@@ -53,8 +57,10 @@ class AttentionPlan:
     far_keys: "FarKeyStore | None" = None  # far-turned keys kept with the KV cache across forwards
     masks: dict = field(default_factory=dict)  # (pattern, query groups) -> PairMask, shared by equal blocks
     far_bias: float | tuple = 0.0  # prior against far keys: one value, or a tuple with one per layer
-    far_bias_mode: str = "constant"  # "constant": b = far_bias; "log": b = far_bias * log(max(1, n_far / window))
+    far_bias_mode: str = "constant"  # "constant": b = far_bias; "log": b = far_bias * log(max(1, n_far / window));
+    # "distance": b = far_bias * log(1 + d / window) for the key at distance d (one per query-key pair)
     far_growth: dict = field(default_factory=dict)  # (a, b) -> log(max(1, n_far / window)) [B, b - a], "log" mode
+    pair_growth: dict = field(default_factory=dict)  # (a, b, lo, hi) -> the "distance" mode's growth, while it fits
     reach: int | None = None  # the layer's sliding window: keys at distance >= reach are masked
     first_key: int = 0  # where the layer's keys start among the plan's tokens (a rolling sliding-window cache)
     views: dict = field(default_factory=dict)  # (reach, first_key) -> the plan as such a layer sees it
@@ -74,7 +80,8 @@ class AttentionPlan:
             skip = first - self.key_offset if first else 0
             view = dataclasses.replace(
                 self, key_pos=self.key_pos[:, first:], key_cos=self.key_cos[:, skip:], key_sin=self.key_sin[:, skip:],
-                key_offset=self.key_offset if not first else 0, blocks={}, masks={}, far_growth={}, views={},
+                key_offset=self.key_offset if not first else 0, blocks={}, masks={}, far_growth={}, pair_growth={},
+                views={},
                 reach=int(sliding_window), first_key=first)
             self.views[(sliding_window, first)] = view
         return view
@@ -108,7 +115,7 @@ class AttentionPlan:
         of a key head, each over the chunk, as ``windowed_attention`` lays them out): None without a
         bias, a number in "constant" mode, ``[B, 1, groups * (b - a)]`` float in "log" mode."""
         scale = self.layer_far_bias(layer)
-        if scale == 0.0:
+        if scale == 0.0 or self.far_bias_mode == "distance":
             return None
         if self.far_bias_mode == "constant":
             return scale
@@ -121,6 +128,27 @@ class AttentionPlan:
             self.far_growth[(a, b)] = growth
         B, C = growth.shape
         return growth[:, None, :].expand(B, groups, C).reshape(B, 1, groups * C) * scale
+
+    def far_pair_bias(self, a: int, b: int, block: "KeyBlock", layer: int | None,
+                      groups: int) -> "torch.Tensor | None":
+        """In "distance" mode, what each far score of queries ``[a, b)`` against the keys of ``block``
+        loses, ``[B, 1, groups * (b - a), hi - lo]`` float (rows laid out as in ``far_row_bias``);
+        None otherwise.  Pairs the block masks get the bias of distance ``window``."""
+        if self.far_bias_mode != "distance":
+            return None
+        scale = self.layer_far_bias(layer)
+        if scale == 0.0:
+            return None
+        key = (a, b, block.lo, block.hi)
+        growth = self.pair_growth.get(key)
+        if growth is None:
+            dist = self.query_pos[:, a:b, None] - self.key_pos[:, None, block.lo : block.hi]
+            growth = torch.log1p(torch.clamp(dist.to(torch.float32) / self.window, min=1.0))
+            kept = sum(g.numel() for g in self.pair_growth.values())
+            if (kept + growth.numel()) * growth.element_size() <= PAIR_GROWTH_BYTES:  # every layer reuses it
+                self.pair_growth[key] = growth
+        B, C, T = growth.shape
+        return (growth[:, None] * scale).expand(B, groups, C, T).reshape(B, 1, groups * C, T)
 
     @functools.cached_property
     def keys_sorted(self) -> bool:
@@ -150,13 +178,16 @@ def turn(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return x * cos + rotate_half(x) * sin
 
 
-def attend_eager(q, k, v, allowed, scale):
+def attend_eager(q, k, v, allowed, scale, add=None):
     """Reference attention with log-sum-exp.
 
-    q: [B, H, S, D]; k, v: [B, H, T, D]; allowed: bool [B, 1|H, S, T].
+    q: [B, H, S, D]; k, v: [B, H, T, D]; allowed: bool [B, 1|H, S, T]; ``add``: float added to the
+    scaled scores, broadcast like ``allowed``.
     Returns out [B, H, S, D] (0 for rows with no allowed key) and lse [B, H, S] (-inf there).
     """
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    if add is not None:
+        scores = scores + add.float()
     if allowed is not None:
         scores = scores.masked_fill(~allowed, NEG_INF)
     lse = torch.logsumexp(scores, dim=-1)
@@ -190,8 +221,10 @@ class PairMask:
         return bias
 
 
-def _attend_fused(q, k, v, pairs: PairMask | None, scale):
+def _attend_fused(q, k, v, pairs: PairMask | None, scale, add=None):
     mask = None if pairs is None else pairs.bias(q.dtype)
+    if add is not None:
+        mask = add.to(q.dtype) if mask is None else mask + add.to(q.dtype)
     if q.device.type == "cpu":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=mask, scale=scale)[:2]
     elif q.device.type == "cuda":
@@ -206,21 +239,22 @@ def _attend_fused(q, k, v, pairs: PairMask | None, scale):
     return out, lse.float()
 
 
-def attend(q, k, v, pairs: PairMask | None, scale):
+def attend(q, k, v, pairs: PairMask | None, scale, add=None):
     """Attention with log-sum-exp over the allowed pairs; rows with none give lse=-inf, out=0.
 
-    ``pairs=None`` means every pair is allowed (no mask is built)."""
+    ``pairs=None`` means every pair is allowed (no mask is built); ``add`` (float ``[B, 1, S, T]``)
+    is added to the scaled scores."""
     device = q.device.type
     allowed = None if pairs is None else pairs.allowed
     if device not in _fused_disabled:
         try:
-            out, lse = _attend_fused(q, k, v, pairs, scale)
+            out, lse = _attend_fused(q, k, v, pairs, scale, add)
         except (RuntimeError, NotImplementedError) as err:  # kernel missing for this device/dtype
             log.warning("fused attention with log-sum-exp unavailable on %s (%s); using the eager path", device, err)
             _fused_disabled.add(device)
-            out, lse = attend_eager(q, k, v, allowed, scale)
+            out, lse = attend_eager(q, k, v, allowed, scale, add)
     else:
-        out, lse = attend_eager(q, k, v, allowed, scale)
+        out, lse = attend_eager(q, k, v, allowed, scale, add)
     if pairs is not None and pairs.empty_rows is not None:
         lse = lse.masked_fill(pairs.empty_rows, NEG_INF)
         out = out.masked_fill(pairs.empty_rows.unsqueeze(-1), 0.0)
@@ -393,16 +427,20 @@ def contiguous(blocks: list[KeyBlock]) -> bool:
 
 
 def attend_tiles(near_q, far_q, key, far_key, value, blocks: list[KeyBlock], scale: float,
-                 far_bias: "float | torch.Tensor | None" = None, masks: "list[PairMask | None] | None" = None):
+                 far_bias: "float | torch.Tensor | None" = None, masks: "list[PairMask | None] | None" = None,
+                 pair_biases: "list[torch.Tensor | None] | None" = None):
     """Attention over all blocks with one softmax, for a few query rows: the scores of each block
     against its own keys side by side (masked where ``masks`` say), one weighted sum of the values;
-    ``far_bias`` (a number, or ``[B, 1, rows]``) is taken from the far blocks' scaled scores."""
+    ``far_bias`` (a number, or ``[B, 1, rows]``) is taken from the far blocks' scaled scores, and
+    ``pair_biases`` (one per block, ``[B, 1, rows, keys]`` or None) from each pair's."""
     parts = []
     for k, b in enumerate(blocks):
         part = torch.matmul((far_q if b.far else near_q).float(),
                             (far_key if b.far else key)[:, :, b.lo : b.hi].float().transpose(-1, -2)) * scale
         if b.far and far_bias is not None:
             part = part - (far_bias.unsqueeze(-1) if isinstance(far_bias, torch.Tensor) else far_bias)
+        if pair_biases is not None and pair_biases[k] is not None:
+            part = part - pair_biases[k]
         mask = masks[k] if masks is not None else None
         if mask is not None:
             part = part.masked_fill(~mask.allowed, NEG_INF)
@@ -451,16 +489,17 @@ def windowed_attention(query, key, value, plan: AttentionPlan, scale: float, lay
         far_q = None if far_query is None else far_query[:, :, a:b].reshape(B, Hkv, G * C, D)
         blocks = chunk_blocks(plan, a, b)
         far_bias = plan.far_row_bias(a, b, layer, G) if any(block.far for block in blocks) else None
+        pair_biases = [plan.far_pair_bias(a, b, block, layer, G) if block.far else None for block in blocks]
         if G * C <= FEW_ROWS and blocks:
             masks = [block.pair_mask(G, plan.masks) for block in blocks]
             out[:, :, a:b] = attend_tiles(near_q, far_q, key, far_key, value, blocks, scale, far_bias,
-                                          masks).reshape(B, Hq, C, D)
+                                          masks, pair_biases).reshape(B, Hq, C, D)
             continue
         parts = []
-        for block in blocks:
+        for block, pair_bias in zip(blocks, pair_biases):
             q, k = (far_q, far_key) if block.far else (near_q, key)
             o, lse = attend(q, k[:, :, block.lo : block.hi], value[:, :, block.lo : block.hi],
-                            block.pair_mask(G, plan.masks), scale)
+                            block.pair_mask(G, plan.masks), scale, None if pair_bias is None else -pair_bias)
             if block.far and far_bias is not None:
                 lse = lse - far_bias  # every far key's score lowered by the row's bias: its log-sum-exp by the same
             parts.append((o, lse))

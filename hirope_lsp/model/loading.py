@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from .rope import FAR_BIAS_MODES
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default"
@@ -123,7 +125,7 @@ def recommended_far_bias(lm) -> tuple[float | tuple[float, ...], str] | None:
     """``(far_bias, far_bias_mode)`` chosen for this model on held-out code, where its ``training.json``
     records one (``far_bias``, written by ``hirope-lsp calibrate far-bias --write``; a list is one value per
     layer, given as a tuple); None for any other model, or where the record is unreadable, not numbers
-    >= 0 with mode constant or log, or a list whose length is not the model's number of layers."""
+    >= 0 with one of ``FAR_BIAS_MODES``, or a list whose length is not the model's number of layers."""
     card, record = _card_entry(lm, "far_bias", "far bias")
     if record is None:
         return None
@@ -131,7 +133,7 @@ def recommended_far_bias(lm) -> tuple[float | tuple[float, ...], str] | None:
     mode = record.get("mode", "constant") if isinstance(record, dict) else None
     values = value if isinstance(value, list) and value else [value]
     if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf") for v in values) \
-            or mode not in ("constant", "log"):
+            or mode not in FAR_BIAS_MODES:
         log.warning("ignoring the far bias recorded in %s: %r", card, record)
         return None
     layers = getattr(lm.config, "num_hidden_layers", None)

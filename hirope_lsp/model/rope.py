@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 TOKEN_INDEX_MODES = ("global", "restart")
-FAR_BIAS_MODES = ("constant", "log")
+FAR_BIAS_MODES = ("constant", "log", "distance")
 # The prior against far keys when none is configured: the one place to change the shipped default.
 # 0.0 is HiRoPE as published (no prior); docs/hirope.md measures what a prior does to a small model.
 DEFAULT_FAR_BIAS = 0.0
@@ -53,7 +53,9 @@ class RopeMethodConfig:
       HiRoPE exactly.  ``far_bias_mode="constant"``: ``b = far_bias``;
       ``"log"``: ``b = far_bias * log(max(1, n_far / window))`` with ``n_far``
       the number of far keys the query sees, growing with the context and 0
-      while ``n_far <= window``.  A list gives one value per layer (a
+      while ``n_far <= window``; ``"distance"``: ``b = far_bias * log(1 + d / window)``
+      for the key at token distance ``d``, so a key's prior does not change
+      with the context beyond it.  A list gives one value per layer (a
       constant, or the log mode's factor), checked against the model's layer
       count at attach time.  Window methods only (the others have no far keys).
     """
@@ -70,7 +72,7 @@ class RopeMethodConfig:
     query_chunk: int = 256  # rows of queries per pass: memory bound, and the masked band at the window edge
     # prior against far keys (see above); a list: one per layer; None: the model's own (its card), else 0
     far_bias: float | list[float] | None = None
-    far_bias_mode: str = "constant"  # "constant" or "log" (grows with the number of far keys)
+    far_bias_mode: str = "constant"  # "constant", "log" (grows with the number of far keys) or "distance"
     extra: dict = field(default_factory=dict)
 
     def validate(self, num_layers: int | None = None) -> None:

@@ -63,7 +63,7 @@ DEFAULT_LAYER_FACTORS = (0.0, 0.5, 1.5, 2.0)
 @dataclass(frozen=True)
 class Setting:
     value: float | tuple[float, ...]  # a tuple: one value per layer
-    mode: str = "constant"  # constant or log
+    mode: str = "constant"  # constant, log or distance
 
     def __post_init__(self):
         value = tuple(float(v) for v in self.value) if isinstance(self.value, (list, tuple)) else float(self.value)
@@ -192,9 +192,10 @@ def refine_per_layer(measure, start: Setting, start_ppl: float, layers: int,
 def calibrate_far_bias(loaded, files: list[Path], *, multiples=DEFAULT_MULTIPLES, windows: int = DEFAULT_WINDOWS,
                        grid=None, seed: int = 0, corpus_name: str | None = None, root: Path | None = None,
                        train_length: int | None = None, tolerance: float = 1e-9, per_layer: bool = False,
-                       layer_factors=DEFAULT_LAYER_FACTORS) -> dict:
+                       layer_factors=DEFAULT_LAYER_FACTORS, nested: bool = False) -> dict:
     """Perplexity of every (mode, b) of ``grid`` and of truncation on the same windows of ``files``, at
-    each context multiple of the trained length; the setting chosen.  ``loaded``: ``load_model``'s
+    each context multiple of the trained length (``nested``: every length's windows end on the same
+    text, the longest one's last tokens); the setting chosen.  ``loaded``: ``load_model``'s
     (model, tokenizer, fim).  JSON-serialisable (NaN where a split has no token: see ``far_eval._finite``)."""
     from ..model.patch import trained_length
     from ..model.rope import default_window
@@ -218,7 +219,7 @@ def calibrate_far_bias(loaded, files: list[Path], *, multiples=DEFAULT_MULTIPLES
     started = time.time()
     specs = [MethodSpec(TRUNCATE, TRUNCATE)] + [MethodSpec(s.label, "hirope", s.value, s.mode) for s in settings]
     corpus = Corpus("tune", name, root, files)
-    rows = perplexity_rows(corpus, loaded, specs, multiples, windows, seed)
+    rows = perplexity_rows(corpus, loaded, specs, multiples, windows, seed, nested=nested)
     if not rows:
         raise ValueError(f"{name}: no window of {int(min(multiples) * L)} tokens in {len(files)} files")
     measured = sorted({r["x"] for r in rows})
@@ -228,7 +229,7 @@ def calibrate_far_bias(loaded, files: list[Path], *, multiples=DEFAULT_MULTIPLES
 
         def measure(candidates: list[Setting]) -> list[dict]:
             more = perplexity_rows(corpus, loaded, [MethodSpec(c.label, "hirope", c.value, c.mode) for c in candidates],
-                                   multiples, windows, seed)
+                                   multiples, windows, seed, nested=nested)
             return [_setting_row(c, more) for c in candidates]
 
         table += refine_per_layer(measure, Setting(uniform["value"], uniform["mode"]), uniform["ppl"],
@@ -242,7 +243,8 @@ def calibrate_far_bias(loaded, files: list[Path], *, multiples=DEFAULT_MULTIPLES
             "corpus": name, "root": str(root), "files": len(files), "train_length": L, "window": default_window(L),
             "multiples": [_number(x) for x in multiples if x in measured],
             "missing_multiples": [_number(x) for x in multiples if x not in measured],
-            "windows": windows, "seed": seed, "measure": f"ppl of the last {L} tokens of each window",
+            "windows": windows, "seed": seed, "nested": nested,
+            "measure": f"ppl of the last {L} tokens of each window" + (", the same tokens at every length" if nested else ""),
             "grid": [{"mode": s.mode, "value": s.recorded} for s in settings],
             "table": table, "truncate": truncate,
             "chosen": {"value": chosen["value"], "mode": chosen["mode"], "setting": chosen["setting"],
@@ -383,7 +385,10 @@ def register_cli(subparsers) -> None:
     p.add_argument("--multiples", type=float, nargs="+", default=list(DEFAULT_MULTIPLES),
                    help="context lengths as multiples of the trained length")
     p.add_argument("--windows", type=int, default=DEFAULT_WINDOWS, help="windows per length")
-    p.add_argument("--grid", default=DEFAULT_GRID, help="settings: numbers (constant mode) and log:b, comma-separated")
+    p.add_argument("--grid", default=DEFAULT_GRID,
+                   help="settings: numbers (constant mode), log:b and distance:b, comma-separated")
+    p.add_argument("--nested", action="store_true",
+                   help="every length scores the same last tokens with more context before them")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu, cuda, auto")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -433,7 +438,7 @@ def run_cli(args) -> int:
     try:
         result = calibrate_far_bias(loaded, files, multiples=args.multiples, windows=args.windows,
                                     grid=[(s.value, s.mode) for s in settings], seed=args.seed, corpus_name=name,
-                                    root=root, per_layer=args.per_layer,
+                                    root=root, per_layer=args.per_layer, nested=args.nested,
                                     layer_factors=tuple(float(f) for f in args.layer_factors.split(",") if f.strip()))
     except ValueError as err:
         print(f"hirope-lsp: {err}", file=sys.stderr)

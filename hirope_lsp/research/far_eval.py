@@ -36,7 +36,7 @@ Methods, on the same cases, with the prompt the server builds (``PromptBuilder``
 workspace index, ``CompletionService`` for the stop rules and the clean-up):
 ``hirope`` (the prompt budget, hierarchical positions, no far bias), ``truncate`` (budget = the
 trained length less ``TRUNCATE_MARGIN``, plain positions: what shipping tools do) and
-``hirope+b`` / ``hirope+log:b`` (HiRoPE with ``far_bias=b``, constant or log mode).
+``hirope+b`` / ``hirope+log:b`` / ``hirope+distance:b`` (HiRoPE with ``far_bias=b``, in that mode).
 
 Perplexity: windows of 1x..32x the trained length (``evaluate.make_windows``), NLL of the last
 ``train_length`` tokens, over all of them and over the *far-copy* tokens apart (a token whose
@@ -475,8 +475,8 @@ def bias_text(value) -> str:
 
 
 def parse_biases(text: str | list | tuple | None) -> list[tuple[float | tuple[float, ...], str]]:
-    """``"2,4,log:1"`` -> [(2.0, "constant"), (4.0, "constant"), (1.0, "log")]; empty or ``none``: [].
-    ``log:0/0.75/1.5`` is one value per layer (a tuple)."""
+    """``"2,4,log:1,distance:1"`` -> [(2.0, "constant"), (4.0, "constant"), (1.0, "log"), (1.0, "distance")];
+    empty or ``none``: [].  ``log:0/0.75/1.5`` is one value per layer (a tuple)."""
     if text is None:
         return []
     items = text if isinstance(text, (list, tuple)) else str(text).split(",")
@@ -490,8 +490,8 @@ def parse_biases(text: str | list | tuple | None) -> list[tuple[float | tuple[fl
             continue
         mode, _, value = item.rpartition(":")
         mode = mode or "constant"
-        if mode not in ("constant", "log"):
-            raise ValueError(f"far bias {item!r}: the mode is constant or log (log:1.5)")
+        if mode not in ("constant", "log", "distance"):
+            raise ValueError(f"far bias {item!r}: the mode is constant, log or distance (log:1.5)")
         numbers = [float(v) for v in value.split("/")]
         if any(not math.isfinite(n) or n < 0 for n in numbers):
             raise ValueError(f"far bias {item!r} must be a finite number >= 0 (or one per layer, 0/1/2)")
@@ -526,7 +526,7 @@ def method_specs(biases: list[tuple], methods=("hirope",), prompts=("raw",), cop
         base.append(MethodSpec(method, method))
         if position_method(method).windowed:
             for value, mode in biases:
-                label = f"{method}+{bias_text(value)}" if mode == "constant" else f"{method}+log:{bias_text(value)}"
+                label = f"{method}+{bias_text(value)}" if mode == "constant" else f"{method}+{mode}:{bias_text(value)}"
                 base.append(MethodSpec(label, method, value, mode))
     base.insert(1, MethodSpec(TRUNCATE, TRUNCATE))
     prompted = [spec if variant == "raw" else MethodSpec(f"{spec.name}+{variant}", spec.method, spec.far_bias,
@@ -795,10 +795,11 @@ def far_copy_mask(ids: list[int], targets_from: int, distance: int) -> list[bool
 
 
 def perplexity_rows(corpus: Corpus, loaded, specs: list[MethodSpec], lengths_x, windows: int, seed: int,
-                    far_distance: int | None = None) -> list[dict]:
+                    far_distance: int | None = None, nested: bool = False) -> list[dict]:
+    """``nested``: every length's windows end on the same text (``evaluate.windows_by_length``)."""
     import torch
 
-    from .evaluate import copied_nll, make_windows, positions_for, token_nll, tokenize_files, truncated_nll
+    from .evaluate import copied_nll, positions_for, token_nll, tokenize_files, truncated_nll, windows_by_length
     from ..model.copying import CopySettings
     from ..model.loading import recommended_copy
     from ..model.patch import attach, trained_length
@@ -823,9 +824,10 @@ def perplexity_rows(corpus: Corpus, loaded, specs: list[MethodSpec], lengths_x, 
     chosen.sort(key=lambda f: str(f.path))  # make_windows reads repositories in path order
     sep = tokenizer.convert_tokens_to_ids(fim.file_separator) if fim.file_separator else tokenizer.eos_token_id
     rows = []
+    by_length = windows_by_length(chosen, [int(x * L) for x in lengths_x], windows, seed, sep, nested)
     for x in lengths_x:
         length = int(x * L)
-        wins = make_windows(chosen, length, windows, seed, sep)
+        wins = by_length[length]
         if not wins:
             log.warning("%s: no window of %d tokens", corpus.name, length)
             continue
