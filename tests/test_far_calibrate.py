@@ -121,7 +121,8 @@ def test_grid_parsing():
     assert [s.label for s in fc.parse_grid("2, log:0, log:1.5, 2")] == ["constant:0", "constant:2", "log:1.5"]
     assert [s.label for s in fc.parse_grid(fc.DEFAULT_GRID)] == ["constant:0", "constant:1", "constant:2",
                                                                  "constant:4", "constant:8", "log:0.5", "log:1",
-                                                                 "log:1.5"]
+                                                                 "log:1.5", "distance:0.75", "distance:1",
+                                                                 "distance:1.25"]
     with pytest.raises(ValueError):
         fc.parse_grid("-1")
     with pytest.raises(ValueError):

@@ -49,7 +49,10 @@ log = logging.getLogger(__name__)
 DEFAULT_CONSTANT = (0.0, 1.0, 2.0, 4.0, 8.0)
 # log mode: b x log(n_far / W); at 16x-32x of the trained length log(n_far / W) is about 3.4-4.1
 DEFAULT_LOG = (0.5, 1.0, 1.5)
-DEFAULT_GRID = ",".join([f"{b:g}" for b in DEFAULT_CONSTANT] + [f"log:{b:g}" for b in DEFAULT_LOG])
+# distance mode: b x log(1 + d / W) for each far key; the default model's choice was 1
+DEFAULT_DISTANCE = (0.75, 1.0, 1.25)
+DEFAULT_GRID = ",".join([f"{b:g}" for b in DEFAULT_CONSTANT] + [f"log:{b:g}" for b in DEFAULT_LOG]
+                        + [f"distance:{b:g}" for b in DEFAULT_DISTANCE])
 DEFAULT_MULTIPLES = (16.0, 32.0)
 DEFAULT_WINDOWS = 6
 CARD = "training.json"
