@@ -7,6 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hirope_lsp.research import evaluate
+from hirope_lsp.model.loading import DEFAULT_MODEL_DIR
+from hirope_lsp.model.rope import RopeMethodConfig
 from hirope_lsp.research.train import TrainConfig, learning_rate, train
 from tiny_models import TINY_RECIPE as TINY
 
@@ -100,11 +102,16 @@ def test_perplexity_evaluation_smoke(tmp_path):
     assert abs(by[("rope", 1)] - by[("truncate", 1)]) < 1e-3, "within the trained length truncation changes nothing"
     evaluate.plot(report, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 1000
+    card = json.loads((DEFAULT_MODEL_DIR / "training.json").read_text())["far_bias"]
+    assert (report["settings"]["far_bias"], report["settings"]["far_bias_mode"]) == (card["value"], card["mode"]), \
+        "the report names the far bias it ran with: the card's where none was given"
 
 
 def test_completion_evaluation_smoke():
-    report = evaluate.eval_completion(None, None, ("hirope", "truncate"), prompt_x=2, count=2)
+    report = evaluate.eval_completion(None, None, ("hirope", "truncate"), prompt_x=2, count=2,
+                                      base=RopeMethodConfig(far_bias=0.5, far_bias_mode="log"))
     assert [r["method"] for r in report["results"]] == ["hirope", "truncate"]
+    assert (report["settings"]["far_bias"], report["settings"]["far_bias_mode"]) == (0.5, "log")
     assert all(0 <= r["edit_similarity"] <= 100 for r in report["results"])
     from hirope_lsp.research.confidence_calibrate import gate_table
     for r in report["results"]:  # the gate as the calibrator sees it: one definition of "useful"

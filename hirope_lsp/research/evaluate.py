@@ -23,7 +23,7 @@ from ..hierarchy.languages import language_for_path
 from ..hierarchy.positions import positions_from_unit_keys, token_unit_keys
 from ..model.copying import CopyModel, CopySettings, mix_probability
 from ..model.loading import load_model
-from ..model.patch import attach, trained_length
+from ..model.patch import attach, trained_length, with_model_far_bias
 from ..model.methods import method_names, position_method
 from ..model.rope import RopeMethodConfig, plain_positions
 from ..completion.postprocess import PHRASE_LOOP, repeats_line_above
@@ -238,9 +238,15 @@ def eval_perplexity(data: list[Path] | None = None, model: str | None = None, me
                          row["seconds"])
     return {"train_length": train_len, "model": model or "default", "data": [str(d) for d in (data or default_eval_data())],
             "settings": {"window": base.window, "split": base.split, "token_index": base.token_index,
-                         "far_bias": base.far_bias, "far_bias_mode": base.far_bias_mode, "units": units,
+                         **far_bias_used(lm, base), "units": units,
                          "nested": nested},
             "seconds": time.time() - started, "results": results}
+
+
+def far_bias_used(lm, base: RopeMethodConfig) -> dict:
+    """The far bias the hierarchical methods ran with: the one given, else the model card's (else 0)."""
+    used = with_model_far_bias(lm, base)
+    return {"far_bias": used.far_bias, "far_bias_mode": used.far_bias_mode}
 
 
 def print_table(report: dict, key: str = "ppl") -> None:
@@ -435,7 +441,7 @@ def eval_completion(data: list[Path] | None = None, model: str | None = None, me
         log.info("%-12s EM %.3f ES %.1f (far-only names: ES %.1f over %d)", method, row["exact_match"],
                  row["edit_similarity"], row["edit_similarity_far"], row["far_samples"])
     return {"train_length": train_len, "prompt_tokens": prompt_tokens,
-            "settings": {"far_bias": base.far_bias, "far_bias_mode": base.far_bias_mode,
+            "settings": {**far_bias_used(lm, base),
                          "copy_document": ContextSettings().copy_document if copy_document is None else copy_document,
                          "workspace": workspace, "indented": indented,
                          "copy_workspace": ContextSettings().copy_workspace if copy_workspace is None else copy_workspace},
