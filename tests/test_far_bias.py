@@ -57,6 +57,17 @@ def test_distance_bias_is_the_same_kept_for_every_layer_or_built_for_each():
         assert torch.equal(forward_logits(model, cfg, ids, random_units(56)), kept)
 
 
+def test_distance_prior_of_consecutive_positions_is_the_pair_by_pair_one_laid_out_along_diagonals():
+    model = tiny_model("qwen2")
+    handle = attach(model, RopeMethodConfig(window=6, far_bias=1.0, far_bias_mode="distance"))
+    plan = handle.plan(random_units(300), 120)
+    assert plan.consecutive
+    general = handle.plan(random_units(300), 120)
+    general.__dict__["consecutive"] = False  # the pair-by-pair path
+    for a, b, lo, hi in [(0, 120, 0, 300), (17, 41, 3, 250), (100, 101, 0, 187), (5, 6, 0, 1)]:
+        assert torch.equal(plan._distance_prior(a, b, lo, hi), general._distance_prior(a, b, lo, hi))
+
+
 @pytest.mark.parametrize("mode", ["constant", "log", "distance"])
 def test_biased_decoding_rows_match_reference(mode):
     """A decoding step puts far and near scores into one softmax (attend_tiles): the bias is taken there."""

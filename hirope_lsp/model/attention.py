@@ -60,7 +60,7 @@ class AttentionPlan:
     far_bias_mode: str = "constant"  # "constant": b = far_bias; "log": b = far_bias * log(max(1, n_far / window));
     # "distance": b = far_bias * log(1 + d / window) for the key at distance d (one per query-key pair)
     far_growth: dict = field(default_factory=dict)  # (a, b) -> log(max(1, n_far / window)) [B, b - a], "log" mode
-    pair_growth: dict = field(default_factory=dict)  # (a, b, lo, hi) -> the "distance" mode's growth, while it fits
+    pair_growth: dict = field(default_factory=dict)  # (a, b, lo, hi, bias) -> the "distance" mode's scores added, while they fit
     reach: int | None = None  # the layer's sliding window: keys at distance >= reach are masked
     first_key: int = 0  # where the layer's keys start among the plan's tokens (a rolling sliding-window cache)
     views: dict = field(default_factory=dict)  # (reach, first_key) -> the plan as such a layer sees it
@@ -131,24 +131,37 @@ class AttentionPlan:
 
     def far_pair_bias(self, a: int, b: int, block: "KeyBlock", layer: int | None,
                       groups: int) -> "torch.Tensor | None":
-        """In "distance" mode, what each far score of queries ``[a, b)`` against the keys of ``block``
-        loses, ``[B, 1, groups * (b - a), hi - lo]`` float (rows laid out as in ``far_row_bias``);
-        None otherwise.  Pairs the block masks get the bias of distance ``window``."""
+        """In "distance" mode, what is added to each far score of queries ``[a, b)`` against the keys of
+        ``block`` (minus the layer's bias x log(1 + distance / window)), ``[B, 1, groups * (b - a), hi - lo]``
+        float (rows laid out as in ``far_row_bias``); None otherwise.  Pairs the block masks get the bias of
+        distance ``window``.  Kept scaled for the forward's other layers, so a layer adds it as it is."""
         if self.far_bias_mode != "distance":
             return None
         scale = self.layer_far_bias(layer)
         if scale == 0.0:
             return None
-        key = (a, b, block.lo, block.hi)
-        growth = self.pair_growth.get(key)
-        if growth is None:
-            dist = self.query_pos[:, a:b, None] - self.key_pos[:, None, block.lo : block.hi]
-            growth = torch.log1p(torch.clamp(dist.to(torch.float32) / self.window, min=1.0))
+        key = (a, b, block.lo, block.hi, scale)
+        added = self.pair_growth.get(key)
+        if added is None:
+            added = self._distance_prior(a, b, block.lo, block.hi).mul_(-scale)
             kept = sum(g.numel() for g in self.pair_growth.values())
-            if (kept + growth.numel()) * growth.element_size() <= PAIR_GROWTH_BYTES:  # every layer reuses it
-                self.pair_growth[key] = growth
-        B, C, T = growth.shape
-        return (growth[:, None] * scale).expand(B, groups, C, T).reshape(B, 1, groups * C, T)
+            if (kept + added.numel()) * added.element_size() <= PAIR_GROWTH_BYTES:  # every layer reuses it
+                self.pair_growth[key] = added
+        B, C, T = added.shape
+        return added[:, None] if groups == 1 else added[:, None].expand(B, groups, C, T).reshape(B, 1, groups * C, T)
+
+    def _distance_prior(self, a: int, b: int, lo: int, hi: int) -> torch.Tensor:
+        """log(1 + max(distance, window) / window) for the queries ``[a, b)`` against the keys ``[lo, hi)``,
+        ``[B, b - a, hi - lo]`` float.  With consecutive positions the distances along a diagonal are equal,
+        so it is one row of ``b - a + hi - lo - 1`` values laid out as a Toeplitz matrix (the same numbers)."""
+        C, T = b - a, hi - lo
+        if self.consecutive and C > 0 and T > 0:
+            first = self.query_pos[0, a] - self.key_pos[0, lo] - (T - 1)  # the distance of query a to key hi - 1
+            dist = torch.arange(C + T - 1, device=self.query_pos.device, dtype=self.query_pos.dtype) + first
+            row = torch.log1p(torch.clamp(dist.to(torch.float32) / self.window, min=1.0))
+            return row.as_strided((C, T), (1, 1)).flip(-1)[None]
+        dist = self.query_pos[:, a:b, None] - self.key_pos[:, None, lo:hi]
+        return torch.log1p(torch.clamp(dist.to(torch.float32) / self.window, min=1.0))
 
     @functools.cached_property
     def keys_sorted(self) -> bool:
@@ -432,7 +445,7 @@ def attend_tiles(near_q, far_q, key, far_key, value, blocks: list[KeyBlock], sca
     """Attention over all blocks with one softmax, for a few query rows: the scores of each block
     against its own keys side by side (masked where ``masks`` say), one weighted sum of the values;
     ``far_bias`` (a number, or ``[B, 1, rows]``) is taken from the far blocks' scaled scores, and
-    ``pair_biases`` (one per block, ``[B, 1, rows, keys]`` or None) from each pair's."""
+    ``pair_biases`` (one per block, ``[B, 1, rows, keys]`` or None) added to each pair's."""
     parts = []
     for k, b in enumerate(blocks):
         part = torch.matmul((far_q if b.far else near_q).float(),
@@ -440,7 +453,7 @@ def attend_tiles(near_q, far_q, key, far_key, value, blocks: list[KeyBlock], sca
         if b.far and far_bias is not None:
             part = part - (far_bias.unsqueeze(-1) if isinstance(far_bias, torch.Tensor) else far_bias)
         if pair_biases is not None and pair_biases[k] is not None:
-            part = part - pair_biases[k]
+            part = part + pair_biases[k]
         mask = masks[k] if masks is not None else None
         if mask is not None:
             part = part.masked_fill(~mask.allowed, NEG_INF)
@@ -499,7 +512,7 @@ def windowed_attention(query, key, value, plan: AttentionPlan, scale: float, lay
         for block, pair_bias in zip(blocks, pair_biases):
             q, k = (far_q, far_key) if block.far else (near_q, key)
             o, lse = attend(q, k[:, :, block.lo : block.hi], value[:, :, block.lo : block.hi],
-                            block.pair_mask(G, plan.masks), scale, None if pair_bias is None else -pair_bias)
+                            block.pair_mask(G, plan.masks), scale, pair_bias)
             if block.far and far_bias is not None:
                 lse = lse - far_bias  # every far key's score lowered by the row's bias: its log-sum-exp by the same
             parts.append((o, lse))
