@@ -60,7 +60,7 @@ class AttentionPlan:
     far_bias_mode: str = "constant"  # "constant": b = far_bias; "log": b = far_bias * log(max(1, n_far / window));
     # "distance": b = far_bias * log(1 + d / window) for the key at distance d (one per query-key pair)
     far_growth: dict = field(default_factory=dict)  # (a, b) -> log(max(1, n_far / window)) [B, b - a], "log" mode
-    pair_growth: dict = field(default_factory=dict)  # (a, b, lo, hi, bias) -> the "distance" mode's scores added, while they fit
+    pair_added: dict = field(default_factory=dict)  # (a, b, lo, hi, bias) -> what "distance" adds to scores, while it fits
     reach: int | None = None  # the layer's sliding window: keys at distance >= reach are masked
     first_key: int = 0  # where the layer's keys start among the plan's tokens (a rolling sliding-window cache)
     views: dict = field(default_factory=dict)  # (reach, first_key) -> the plan as such a layer sees it
@@ -80,7 +80,7 @@ class AttentionPlan:
             skip = first - self.key_offset if first else 0
             view = dataclasses.replace(
                 self, key_pos=self.key_pos[:, first:], key_cos=self.key_cos[:, skip:], key_sin=self.key_sin[:, skip:],
-                key_offset=self.key_offset if not first else 0, blocks={}, masks={}, far_growth={}, pair_growth={},
+                key_offset=self.key_offset if not first else 0, blocks={}, masks={}, far_growth={}, pair_added={},
                 views={},
                 reach=int(sliding_window), first_key=first)
             self.views[(sliding_window, first)] = view
@@ -141,12 +141,12 @@ class AttentionPlan:
         if scale == 0.0:
             return None
         key = (a, b, block.lo, block.hi, scale)
-        added = self.pair_growth.get(key)
+        added = self.pair_added.get(key)
         if added is None:
             added = self._distance_prior(a, b, block.lo, block.hi).mul_(-scale)
-            kept = sum(g.numel() for g in self.pair_growth.values())
+            kept = sum(g.numel() for g in self.pair_added.values())
             if (kept + added.numel()) * added.element_size() <= PAIR_GROWTH_BYTES:  # every layer reuses it
-                self.pair_growth[key] = added
+                self.pair_added[key] = added
         B, C, T = added.shape
         return added[:, None] if groups == 1 else added[:, None].expand(B, groups, C, T).reshape(B, 1, groups * C, T)
 
@@ -155,13 +155,14 @@ class AttentionPlan:
         ``[B, b - a, hi - lo]`` float.  With consecutive positions the distances along a diagonal are equal,
         so it is one row of ``b - a + hi - lo - 1`` values laid out as a Toeplitz matrix (the same numbers)."""
         C, T = b - a, hi - lo
-        if self.consecutive and C > 0 and T > 0:
+        diagonal = self.consecutive and C > 0 and T > 0
+        if diagonal:
             first = self.query_pos[0, a] - self.key_pos[0, lo] - (T - 1)  # the distance of query a to key hi - 1
             dist = torch.arange(C + T - 1, device=self.query_pos.device, dtype=self.query_pos.dtype) + first
-            row = torch.log1p(torch.clamp(dist.to(torch.float32) / self.window, min=1.0))
-            return row.as_strided((C, T), (1, 1)).flip(-1)[None]
-        dist = self.query_pos[:, a:b, None] - self.key_pos[:, None, lo:hi]
-        return torch.log1p(torch.clamp(dist.to(torch.float32) / self.window, min=1.0))
+        else:
+            dist = self.query_pos[:, a:b, None] - self.key_pos[:, None, lo:hi]
+        prior = torch.log1p(torch.clamp(dist.to(torch.float32) / self.window, min=1.0))
+        return prior.as_strided((C, T), (1, 1)).flip(-1)[None] if diagonal else prior
 
     @functools.cached_property
     def keys_sorted(self) -> bool:
