@@ -72,14 +72,45 @@ def pick_device(device: str | None) -> str:
     return device
 
 
-def pick_dtype(dtype: str | None, device: str) -> torch.dtype:
+# on a CPU with bfloat16 instructions, a model this large runs its prompt ~1.7x faster in bfloat16 (0.5B
+# shape, 4,096 tokens: 6.5 against 10.8 ms/token, one thread); the embedded model (5.9 M) gains little
+# there and keeps float32, the precision every quality figure in the README was measured at
+CPU_BF16_MIN_PARAMETERS = 100_000_000
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX-512 BF16 or AMX), not by converting to float32."""
+    return any(getattr(torch.cpu, probe, lambda: False)()
+               for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+def pick_dtype(dtype: str | None, device: str, parameters: int | None = None) -> torch.dtype:
+    """The weights' precision; ``parameters``: the model's size where known (auto on a CPU depends on it)."""
     if dtype in (None, "", "auto"):
         if device == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float16 if device == "mps" else torch.float32
+        if device == "mps":
+            return torch.float16
+        if parameters is not None and parameters >= CPU_BF16_MIN_PARAMETERS and cpu_has_bf16():
+            return torch.bfloat16
+        return torch.float32
     if dtype not in DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {', '.join(sorted(DTYPES))} or auto")
     return DTYPES[dtype]
+
+
+def parameter_count(source: str, **kwargs) -> int | None:
+    """The model's parameters, counted on an empty shell built from its config (no weights read);
+    None where the config cannot be read or built so (then loading says why, or auto stays float32)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(source, **kwargs)
+        with torch.device("meta"):
+            shell = AutoModelForCausalLM.from_config(config, trust_remote_code=kwargs.get("trust_remote_code", False))
+    except (OSError, ValueError, KeyError, RuntimeError, NotImplementedError):
+        return None
+    return sum(p.numel() for p in shell.parameters())
 
 
 # "org/name" or a bare name, as the hub spells ids: dots are part of names (Qwen2.5-Coder-1.5B)
@@ -222,8 +253,9 @@ def load_model(model: str | None = None, *, device: str | None = "auto", dtype: 
     if not local and not HUB_ID.match(source):
         raise ModelLoadError(f"model directory {source} does not exist")
     device = pick_device(device)
-    torch_dtype = pick_dtype(dtype, device)
     kwargs = dict(trust_remote_code=trust_remote_code, local_files_only=local or not allow_download)
+    sized = device == "cpu" and dtype in (None, "", "auto")
+    torch_dtype = pick_dtype(dtype, device, parameter_count(str(path) if local else source, **kwargs) if sized else None)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path) if local else source, **kwargs)
         lm = AutoModelForCausalLM.from_pretrained(str(path) if local else source, dtype=torch_dtype,
