@@ -5,7 +5,8 @@ warmed cursor and the one after an accept).  No LSP types here: the adapter in `
 
 Threads: everything here runs on the event loop except what is handed to the single inference
 worker (model calls) or the default executor (scanning folders).  A request waiting for the worker
-preempts warming between two layers of a prefill chunk.
+preempts warming between two layers of a prefill chunk; so does the warming of the document the user
+is in, another document's.
 """
 
 from __future__ import annotations
@@ -480,6 +481,12 @@ class Session:
         waits for the worker, or waits for other work ahead."""
         return self.waiting > 0 or any(joined is not work for joined in self.joined)
 
+    def _yield_to_active(self, uri: str) -> bool:
+        """Whether warming ``uri`` should stop for the document the user is in now: its prompt waits to be
+        warmed (opened, switched to).  The other document's warming goes on once that one's is done."""
+        active = self.active
+        return active is not None and active != uri and active in self.warm_tokens
+
     def _answer_without_model(self, doc: Document, cursor: Cursor) -> Suggestion | None:
         found = self.shown.answer(doc, cursor.byte) if self.settings.type_along else None
         source = "typed-along"
@@ -579,9 +586,9 @@ class Session:
         return token
 
     async def _warm(self, uri: str, token: RequestToken) -> None:
-        preempted, computed = [False], None
+        preempted, computed, for_active = [False], None, [False]
         try:
-            computed = await self._warm_once(uri, token, preempted)
+            computed = await self._warm_once(uri, token, preempted, for_active)
         except Exception:
             log.exception("warming %s failed", uri)
         finally:
@@ -601,11 +608,13 @@ class Session:
             return
         if resumes:
             self.warm_counters.preempted += 1
-            self.warming_stopped.add(uri)
+            if not for_active[0]:  # requests keep coming: small chunks
+                self.warming_stopped.add(uri)
             self._spawn(self._warm_when_idle(uri, token))  # the document stays in ``warming`` meanwhile
         log.info("warmed %s: %d tokens", uri, computed)
 
-    async def _warm_once(self, uri: str, token: RequestToken, preempted: list[bool]) -> int | None:
+    async def _warm_once(self, uri: str, token: RequestToken, preempted: list[bool],
+                         for_active: list[bool]) -> int | None:
         service, doc = self.service, self.documents.get(uri)
         if service is None or doc is None or token.cancelled():
             return None
@@ -619,9 +628,11 @@ class Session:
             return None
         engine = service.engine
 
-        def stop() -> bool:  # called on the worker between chunks
+        def stop() -> bool:  # called on the worker between chunks and layers
             if self._yield_to_requests():
                 preempted[0] = True
+            elif self._yield_to_active(uri):
+                preempted[0] = for_active[0] = True
             return token.cancelled() or preempted[0]
 
         self.warm_counters.jobs += 1
@@ -654,9 +665,14 @@ class Session:
 
     async def _warm_when_idle(self, uri: str, token: RequestToken) -> None:
         """Warm ``uri`` again once no request came for ``IDLE_SECONDS``: while the user types, warming
-        chunks would only stand between the keystrokes' requests and the worker. ``token`` holds the
-        document's place in ``warming`` meanwhile; other work ahead claiming it ends the wait."""
-        paused = await self._until_user_pauses(lambda: self.warming.get(uri) is token and not token.cancelled())
+        chunks would only stand between the keystrokes' requests and the worker; and, for a document the
+        user left, once the one they are in has warmed. ``token`` holds the document's place in
+        ``warming`` meanwhile; other work ahead claiming it ends the wait."""
+        wanted = lambda: self.warming.get(uri) is token and not token.cancelled()  # noqa: E731
+        paused = await self._until_user_pauses(wanted)
+        while paused and self._yield_to_active(uri):  # the document the user is in warms first
+            await asyncio.sleep(IDLE_SECONDS)
+            paused = await self._until_user_pauses(wanted)
         self._release_work_ahead(uri, token)
         if paused:
             self.warm(uri)

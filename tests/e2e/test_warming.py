@@ -136,6 +136,30 @@ async def test_a_request_during_warming_is_answered_first(client: LanguageClient
     assert done["warmedTokens"] > answered["warmedTokens"]  # warming went on after the request
 
 
+async def test_the_document_the_user_switches_to_warms_before_the_one_they_left(client: LanguageClient):
+    client.workspace_did_change_configuration(
+        types.DidChangeConfigurationParams(settings={"hirope": {"promptBudget": 6144}}))
+    left, entered = ((client.workspace_root / name).as_uri() for name in ("left.py", "entered.py"))
+    open_doc(client, left, LONG)
+    open_doc(client, entered, LONG)
+    warm(client, left, *cursor_in(LONG, 2600))
+    for _ in range(200):  # the left document's warming is under way
+        if (await status(client))["warmedTokens"] > 0:
+            break
+        await asyncio.sleep(0.01)
+    warm(client, entered, *cursor_in(LONG, 2600))  # the user switches documents
+    deadline = time.monotonic() + 120
+    while entered in (state := await status(client))["warming"]:
+        assert time.monotonic() < deadline, "the entered document never warmed"
+        await asyncio.sleep(0.02)
+    assert left in state["warming"], "the document the user left finished warming first"
+    assert state["warmPreempted"] >= 1
+    done = await until_idle(client)
+    assert done["warmJobs"] >= 3 and done["warmedTokens"] > state["warmedTokens"]  # then the left one went on
+    await inline(client, left, *cursor_in(LONG, 2600))
+    assert (await status(client))["computedTokens"] <= 2  # both warm: the request reuses the left one's
+
+
 async def test_warming_stops_when_the_document_closes(client: LanguageClient):
     client.workspace_did_change_configuration(
         types.DidChangeConfigurationParams(settings={"hirope": {"promptBudget": 6144}}))
