@@ -60,6 +60,14 @@ async def until_idle(client, timeout=120.0) -> dict:
     raise AssertionError("warming never ended")
 
 
+async def until_warming_starts(client) -> None:
+    """Once the server has computed the first chunk of some warming."""
+    for _ in range(200):
+        if (await status(client))["warmedTokens"] > 0:
+            return
+        await asyncio.sleep(0.01)
+
+
 def cursor_in(text: str, line: int) -> tuple[int, int]:
     return line, len(text.split("\n")[line])
 
@@ -124,10 +132,7 @@ async def test_a_request_during_warming_is_answered_first(client: LanguageClient
     small = (client.workspace_root / "geometry.py").read_text()
     open_doc(client, small_uri, small)
     warm(client, long_uri, *cursor_in(LONG, 2600))
-    for _ in range(200):  # the long prompt's warming is under way
-        if (await status(client))["warmedTokens"] > 0:
-            break
-        await asyncio.sleep(0.01)
+    await until_warming_starts(client)
     await inline(client, small_uri, *cursor_in(small, 5))
     answered = await status(client)
     assert long_uri in answered["warming"], "the request waited for the whole warming"
@@ -143,10 +148,7 @@ async def test_the_document_the_user_switches_to_warms_before_the_one_they_left(
     open_doc(client, left, LONG)
     open_doc(client, entered, LONG)
     warm(client, left, *cursor_in(LONG, 2600))
-    for _ in range(200):  # the left document's warming is under way
-        if (await status(client))["warmedTokens"] > 0:
-            break
-        await asyncio.sleep(0.01)
+    await until_warming_starts(client)
     warm(client, entered, *cursor_in(LONG, 2600))  # the user switches documents
     deadline = time.monotonic() + 120
     while entered in (state := await status(client))["warming"]:
@@ -166,10 +168,7 @@ async def test_warming_stops_when_the_document_closes(client: LanguageClient):
     uri = (client.workspace_root / "long.py").as_uri()
     open_doc(client, uri, LONG)
     warm(client, uri, *cursor_in(LONG, 2600))
-    for _ in range(200):
-        if (await status(client))["warmedTokens"] > 0:
-            break
-        await asyncio.sleep(0.01)
+    await until_warming_starts(client)
     client.text_document_did_close(types.DidCloseTextDocumentParams(types.TextDocumentIdentifier(uri=uri)))
     stopped = await until_idle(client, timeout=5)
     await asyncio.sleep(0.3)
