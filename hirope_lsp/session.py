@@ -15,6 +15,7 @@ import asyncio
 import dataclasses
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,6 +100,7 @@ class AheadWork:
     source: bytes
     cursor: int  # byte offset
     done: asyncio.Future  # the text ("" where the model has nothing to say); None: stopped before the end
+    answer_by: float | None = None  # time.perf_counter() by which its decoding ends: a request waits for it
 
 
 @dataclass
@@ -457,6 +459,9 @@ class Session:
         token = RequestToken()
         self.supersede(doc.uri, token)
         version = doc.version
+        # the request is answered within the latency target, with what the suggestion has by then
+        answer_by = time.perf_counter() + self.settings.latency_target_ms / 1000
+        work.answer_by = answer_by if work.answer_by is None else min(work.answer_by, answer_by)
         self.joined.append(work)
         try:
             while not work.done.done() and not token.cancelled():
@@ -777,7 +782,8 @@ class Session:
         text = None
         try:
             result = await loop.run_in_executor(
-                self.worker, lambda: service.run(job, stop, self._decode_seconds(), chunk, ahead=True))
+                self.worker, lambda: service.run(job, stop, self._decode_seconds(), chunk, ahead=True,
+                                                 answer_by=lambda: work.answer_by))
             text = result.text
         except Cancelled:
             return

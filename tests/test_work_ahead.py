@@ -2,6 +2,8 @@
 and a request reuses it, generated tokens take the cursor's unit, the measured speed, the deadline,
 and the suggestion prefetched for after an accept."""
 
+import time
+
 import pytest
 import torch
 
@@ -121,6 +123,21 @@ def test_decoding_stops_after_its_time_with_the_tokens_in_hand(engine):
     built = built_at(engine, SOURCE, *cursor_line(SOURCE))
     gen = engine.generate(Prompt("doc", built.token_ids, built.positions), 32, decode_seconds=0.0)
     assert gen.stopped_by in ("time", "eos") and len(gen.token_ids) <= 1
+
+
+def test_decoding_stops_once_a_deadline_set_while_it_runs_has_passed(engine):
+    """A request that joins a suggestion being made ahead sets its deadline then: it is read at every step."""
+    built = built_at(engine, SOURCE, *cursor_line(SOURCE))
+    asked = []
+
+    def answer_by():
+        asked.append(1)
+        return None if len(asked) < 3 else time.perf_counter() - 1  # set while the third token was decoded
+
+    gen = engine.generate(Prompt("doc", built.token_ids, built.positions), 32, suppress_eos=True, answer_by=answer_by)
+    assert gen.stopped_by == "time" and len(gen.token_ids) == 3
+    free = engine.generate(Prompt("doc", built.token_ids, built.positions), 32, suppress_eos=True)
+    assert free.token_ids[:3] == gen.token_ids and len(free.token_ids) > 3
 
 
 def test_a_prefetched_suggestion_answers_once_the_document_reaches_its_state():

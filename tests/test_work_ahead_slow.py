@@ -4,6 +4,7 @@ speed a 0.5B model measures on two cores, and a prefix-suffix-middle prompt (as 
 import argparse
 import asyncio
 import dataclasses
+import time
 from pathlib import Path
 
 import pytest
@@ -125,6 +126,19 @@ async def test_a_request_for_the_state_a_suggestion_is_being_made_for_waits_for_
     report = slow.report()
     assert suggestion.source == "prefetched" and report["prefetchedAnswers"] == 1
     assert report["computedTokens"] == 0 and report["warmPreempted"] == 0, "the request did not start over"
+
+
+async def test_a_request_that_waits_for_a_suggestion_being_made_cuts_its_decoding_at_the_latency_target(slow: Session):
+    line, character = end_of(LINE)
+    slow.point(URI, line, character)
+    await until(lambda: URI in slow.ahead)
+    work = slow.ahead[URI]
+    assert work.answer_by is None, "alone, it decodes for as long as work ahead may"
+    asked = time.perf_counter()
+    suggestion = await slow.complete(URI, line, character)
+    target = slow.settings.latency_target_ms / 1000
+    assert suggestion.source == "prefetched"
+    assert asked + target <= work.answer_by <= time.perf_counter() + target
 
 
 async def test_a_request_for_another_state_stops_the_suggestion_being_made(slow: Session):

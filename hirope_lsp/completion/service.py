@@ -97,7 +97,8 @@ class CompletionService:
                              knows_language(self.languages, doc.language))
 
     def run(self, job: CompletionJob, cancelled: Callable[[], bool] | None = None, decode_seconds: float | None = None,
-            chunk: int | None = None, ahead: bool = False) -> CompletionResult:
+            chunk: int | None = None, ahead: bool = False,
+            answer_by: Callable[[], float | None] | None = None) -> CompletionResult:
         if not job.known_language:
             log.info("completion %s v%d: the model was not trained on this language; nothing suggested",
                      job.uri, job.version)
@@ -105,7 +106,8 @@ class CompletionService:
         prompt = job.prompt
         try:
             generation = self.engine.generate(prompt, self.max_new_tokens, job.policy.should_stop, cancelled,
-                                              decode_seconds=decode_seconds, chunk=chunk, ahead=ahead)
+                                              decode_seconds=decode_seconds, chunk=chunk, ahead=ahead,
+                                              answer_by=answer_by)
         except torch.OutOfMemoryError:
             # degrade instead of failing: drop the kept KV state and retry with the last half of the prompt
             log.warning("out of memory for a %d-token prompt: cache cleared, retrying with half the context",
@@ -121,7 +123,7 @@ class CompletionService:
             # the model's line was the line above again: its likeliest other line, from the least sure token on
             second = self.engine.generate(prompt, self.max_new_tokens, job.policy.should_stop, cancelled,
                                           decode_seconds=decode_seconds, chunk=chunk, ahead=ahead,
-                                          forced=generation.token_ids[:branch], banned=(generation.token_ids[branch],))
+                                          answer_by=answer_by, forced=generation.token_ids[:branch], banned=(generation.token_ids[branch],))
             generation = replace(second, seconds=generation.seconds + second.seconds)
             text = finish(job.policy, generation.text, final=True) or ""
         if generation.stopped_by in ("length", "time") and job.policy.multiline:

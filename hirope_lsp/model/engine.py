@@ -337,10 +337,12 @@ class Engine:
                  should_stop: Callable[[str], bool] | None = None,
                  cancelled: Callable[[], bool] | None = None, heal: bool = True,
                  decode_seconds: float | None = None, suppress_eos: bool = False, chunk: int | None = None,
-                 ahead: bool = False, forced: Sequence[int] = (), banned: Collection[int] = ()) -> Generation:
+                 ahead: bool = False, forced: Sequence[int] = (), banned: Collection[int] = (),
+                 answer_by: Callable[[], float | None] | None = None) -> Generation:
         """Greedy continuation of ``prompt``; ``should_stop(text)`` ends it early, ``cancelled()`` aborts
-        (raising Cancelled) between any two model steps; after ``decode_seconds`` of decoding it stops
-        with the tokens in hand.  ``ahead``: a suggestion computed before it is asked
+        (raising Cancelled) between any two model steps; after ``decode_seconds`` of decoding, or once
+        ``time.perf_counter()`` passes ``answer_by()`` (read at every step: a request waiting for the
+        suggestion sets it), it stops with the tokens in hand.  ``ahead``: a suggestion computed before it is asked
         for (its prompt counts as warmed, not as a request's).  ``forced``: the first tokens generated,
         whatever the model would choose (fed at once, as a draft), then greedy without the ``banned`` ones
         at the step after them: another branch of an earlier continuation."""
@@ -421,7 +423,7 @@ class Engine:
                             stopped_by = "rule"
                         elif len(out) == max_new_tokens:
                             stopped_by = "length"
-                        elif decode_seconds is not None and time.perf_counter() - decode_start > decode_seconds:
+                        elif _past(decode_start, decode_seconds, answer_by):
                             stopped_by = "time"
                         if stopped_by is not None or i >= len(draft) or draft[i] != next_id:
                             break  # the rows after a wrong draft token score a text that is not there
@@ -448,3 +450,12 @@ class Engine:
                     self.pool.record_warmed(slot, reused, min(len(slot.token_ids), len(ids) - 1))
         text = self.tokenizer.decode(out, skip_special_tokens=True)[len(healed):]
         return Generation(out, text, reused, len(ids) - reused, time.perf_counter() - start, stopped_by, logprobs)
+
+
+def _past(decode_start: float, decode_seconds: float | None, answer_by: Callable[[], float | None] | None) -> bool:
+    """Whether decoding is out of time: ``decode_seconds`` after it started, or past the moving deadline."""
+    now = time.perf_counter()
+    if decode_seconds is not None and now - decode_start > decode_seconds:
+        return True
+    deadline = answer_by() if answer_by is not None else None
+    return deadline is not None and now > deadline
