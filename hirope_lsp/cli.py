@@ -147,6 +147,8 @@ def _add_bench(sub) -> None:
     k.add_argument("--requests", type=int, default=10000)
     k.add_argument("--report-every", type=int, default=500)
     k.add_argument("--cache-budget-mb", type=int, default=64)
+    k.add_argument("--warm-ahead", choices=("on", "off"), default="on",
+                   help="off: no work ahead, to see what it costs the same session")
     k.add_argument("--json", type=Path, default=None)
     _add_far_bias(k)
     r = bsub.add_parser("replay", help="open, type, accept, jump and switch with editor pauses: time from the "
@@ -175,7 +177,8 @@ def _run_bench(args) -> int:
     elif args.bench == "soak":
         from .research.bench import bench_soak
 
-        result = bench_soak(args.requests, args.report_every, args.cache_budget_mb, **_far_bias_options(args))
+        result = bench_soak(args.requests, args.report_every, args.cache_budget_mb,
+                            warm_ahead=args.warm_ahead == "on", **_far_bias_options(args))
     elif args.bench == "typing":
         from .research.bench import bench_typing
 

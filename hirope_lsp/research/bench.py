@@ -372,7 +372,7 @@ def _type_along(client, uri: str, line: int, col: int, version: int, keystrokes:
 
 
 def bench_soak(requests: int = 10000, report_every: int = 500, cache_budget_mb: int = 64, far_bias=None,
-               far_bias_mode=None) -> dict:
+               far_bias_mode=None, warm_ahead: bool = True) -> dict:
     """One long session through the real server: edits and a completion request after each, with
     RSS, KV-cache bytes and latency reported every ``report_every`` requests."""
     import random
@@ -387,7 +387,8 @@ def bench_soak(requests: int = 10000, report_every: int = 500, cache_budget_mb: 
     rows = []
     try:
         client.initialize(None, {"promptBudget": 1024, "maxNewTokens": 4, "crossFile": False, "watchFiles": False,
-                                 "cacheBudgetMb": cache_budget_mb, **_position_options(far_bias, far_bias_mode)})
+                                 "cacheBudgetMb": cache_budget_mb, "warmAhead": warm_ahead,
+                                 **_position_options(far_bias, far_bias_mode)})
         # four documents, typed into at a cursor each; the budget holds the KV state of about three
         uris = [f"file:///soak/doc{k}.py" for k in range(4)]
         versions, cursors, indents = {}, {}, {}
@@ -427,7 +428,7 @@ def bench_soak(requests: int = 10000, report_every: int = 500, cache_budget_mb: 
                 rss = _rss_mib(client.proc.pid)
                 window = latencies[-report_every:]
                 row = {"requests": k, "rss_mib": rss, "cache_mib": status["cacheBytes"] / 2**20,
-                       "p50_ms": statistics.median(window) * 1000,
+                       "warmed_tokens": status["warmedTokens"], "p50_ms": statistics.median(window) * 1000,
                        "p95_ms": _p95(window) * 1000, "elapsed_s": time.time() - started}
                 rows.append(row)
                 print(f"{k:>6} requests: RSS {rss:7.1f} MiB, KV cache {row['cache_mib']:6.1f} MiB "
