@@ -122,6 +122,18 @@ def test_cache_budget_evicts_least_recently_used(loaded):
     assert list(engine.pool.slots) == ["b"] and engine.pool.counters.evictions == 1
 
 
+def test_a_slot_over_budget_only_by_its_spare_capacity_is_compacted_not_cut(loaded):
+    engine = engine_for(loaded)
+    a = prompt_for(engine, SOURCE, 18, 20)
+    engine.generate(Prompt("a", a.token_ids, a.positions), max_new_tokens=1)
+    slot = engine.pool.slots["a"]
+    kept, with_spare = len(slot.token_ids), slot.nbytes()
+    engine.pool.budget_bytes = with_spare - 1
+    engine.pool.evict()
+    assert slot.nbytes() < with_spare - 1, "the growing buffers kept spare capacity"
+    assert engine.pool.slots["a"] is slot and len(slot.token_ids) == kept, "it fits once compacted: nothing cut"
+
+
 def test_a_document_closed_while_its_slot_is_acquired(loaded, monkeypatch):
     """The event loop drops a closed document's slot while the inference thread acquires it: the
     drop waits for the pool instead of pulling the slot from under it (a fuzzed session found this)."""

@@ -94,9 +94,11 @@ def test_warming_stops_at_the_cache_budget(loaded):
     engine = Engine(EngineSettings(rope=RopeMethodConfig(window=64), cache_budget_mb=0), loaded=loaded)
     engine.pool.budget_bytes = 200_000  # a few hundred tokens of this model's KV state
     built = built_at(engine, SOURCE, *cursor_line(SOURCE))
-    computed = engine.prefill(Prompt("doc", built.token_ids, built.positions), chunk=64)
+    prompt = Prompt("doc", built.token_ids, built.positions)
+    computed = engine.prefill(prompt, chunk=64)
     assert 0 < computed < len(built.token_ids) - 1
     assert engine.pool.total_bytes() <= engine.pool.budget_bytes
+    assert engine.reusable_tokens(prompt) == computed, "it computed only what the budget keeps"
 
 
 def test_generated_tokens_take_the_cursors_unit_not_the_middle_tokens(engine):

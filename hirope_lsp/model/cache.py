@@ -100,6 +100,7 @@ class KVCachePool:
         self.enabled = enabled
         self.slots: OrderedDict[str, CacheSlot] = OrderedDict()
         self.counters = CacheCounters()
+        self.bytes_per_token: float | None = None  # as the last slot kept showed it (capacity included)
         # the inference thread acquires and releases; the event loop drops closed documents and reports
         self._lock = threading.RLock()
 
@@ -141,6 +142,8 @@ class KVCachePool:
             slot.truncate(len(token_ids))
             slot.token_ids = list(token_ids)
             slot.positions = positions.clone()
+            if token_ids:
+                self.bytes_per_token = slot.nbytes() / len(token_ids)
             self.evict()
 
     def record_warmed(self, slot: CacheSlot, start: int, end: int) -> None:
@@ -160,6 +163,12 @@ class KVCachePool:
         with self._lock:
             self.slots.clear()
 
+    def room_tokens(self) -> int | None:
+        """How many more tokens the budget holds, at the bytes per token of the last slot kept; None before any."""
+        if self.bytes_per_token is None:
+            return None
+        return max(0, int((self.budget_bytes - self.total_bytes()) // max(self.bytes_per_token, 1.0)))
+
     def total_bytes(self) -> int:
         with self._lock:
             return sum(s.nbytes() for s in self.slots.values())
@@ -171,9 +180,10 @@ class KVCachePool:
                 if len(self.slots) == 1:
                     slot = next(iter(self.slots.values()))
                     slot.compact()
-                    per_token = slot.nbytes() / max(1, len(slot.token_ids))
-                    slot.truncate(int(self.budget_bytes // max(per_token, 1)))
-                    slot.compact()
+                    if slot.nbytes() > self.budget_bytes:  # without its spare capacity it may fit
+                        per_token = slot.nbytes() / max(1, len(slot.token_ids))
+                        slot.truncate(min(len(slot.token_ids), int(self.budget_bytes // max(per_token, 1))))
+                        slot.compact()
                     break
                 key, _ = self.slots.popitem(last=False)
                 self.counters.evictions += 1

@@ -177,6 +177,22 @@ async def test_warming_stops_when_the_document_closes(client: LanguageClient):
     assert later["cacheBytes"] == 0  # the closed document's KV state is gone
 
 
+async def test_warming_stops_at_the_kv_budget_and_requests_are_still_answered(client: LanguageClient):
+    client.workspace_did_change_configuration(
+        types.DidChangeConfigurationParams(settings={"hirope": {"cacheBudgetMb": 1}}))  # ~80 tokens of KV state
+    await wait_ready(client)
+    text, line, character = mid_statement()
+    uri = (client.workspace_root / "long.py").as_uri()
+    open_doc(client, uri, text)
+    warm(client, uri, line, character)
+    stopped = await until_idle(client, timeout=60)
+    assert 0 < stopped["warmedTokens"] < 256 and stopped["cacheBytes"] <= 2**20  # of a ~2,000-token prompt
+    await asyncio.sleep(0.5)
+    assert (await status(client))["warmedTokens"] == stopped["warmedTokens"], "nothing warms past the budget"
+    await inline(client, uri, line, character)  # answered (an error would raise), the budget kept
+    assert (await status(client))["cacheBytes"] <= 2**20
+
+
 async def test_the_suggestion_after_an_accept_is_ready_before_it_is_asked_for(client: LanguageClient):
     # suggestions cut after a few tokens end mid-statement: there is more to say after accepting one
     client.workspace_did_change_configuration(types.DidChangeConfigurationParams(settings={"hirope": {"maxNewTokens": 3}}))
