@@ -211,6 +211,7 @@ def _add_eval(sub) -> None:
         e.add_argument("--window", type=int, default=None)
         e.add_argument("--split", type=float, default=None)
         e.add_argument("--token-index", default="global", choices=["global", "restart"])
+        e.add_argument("--unit-size", type=int, default=128, help="hirope-fixed: a unit every this many tokens")
         _add_far_bias(e)
         e.add_argument("--quick", action="store_true", help="a smoke-test setting (seconds)")
     perplexity = esub.choices["perplexity"]
@@ -262,7 +263,8 @@ def _run_eval(args) -> int:
     from .research import evaluate
     from .model.rope import RopeMethodConfig
 
-    base = RopeMethodConfig(window=args.window, split=args.split, token_index=args.token_index, **_far_bias_options(args))
+    base = RopeMethodConfig(window=args.window, split=args.split, token_index=args.token_index,
+                            unit_size=args.unit_size, **_far_bias_options(args))
     try:
         base.validate()
     except ValueError as err:

@@ -107,6 +107,14 @@ def test_perplexity_evaluation_smoke(tmp_path):
         "the report names the far bias it ran with: the card's where none was given"
 
 
+def test_fixed_units_take_the_unit_size_given():
+    data = evaluate.default_eval_data()[0]
+    runs = {size: evaluate.eval_perplexity([data], None, ("hirope-fixed",), (2,), max_windows=1,
+                                           base=RopeMethodConfig(unit_size=size)) for size in (64, 512)}
+    assert [runs[size]["settings"]["unit_size"] for size in (64, 512)] == [64, 512]
+    assert runs[64]["results"][0]["ppl"] != runs[512]["results"][0]["ppl"], "beyond the window the units differ"
+
+
 def test_completion_evaluation_smoke():
     report = evaluate.eval_completion(None, None, ("hirope", "truncate"), prompt_x=2, count=2,
                                       base=RopeMethodConfig(far_bias=0.5, far_bias_mode="log"))

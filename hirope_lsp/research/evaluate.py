@@ -238,7 +238,7 @@ def eval_perplexity(data: list[Path] | None = None, model: str | None = None, me
                          row["seconds"])
     return {"train_length": train_len, "model": model or "default", "data": [str(d) for d in (data or default_eval_data())],
             "settings": {"window": base.window, "split": base.split, "token_index": base.token_index,
-                         **far_bias_used(lm, base), "units": units,
+                         **far_bias_used(lm, base), "units": units, "unit_size": base.unit_size,
                          "nested": nested},
             "seconds": time.time() - started, "results": results}
 
