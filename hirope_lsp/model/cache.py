@@ -23,6 +23,8 @@ from .patch import truncate_cache
 
 log = logging.getLogger(__name__)
 
+ESTIMATE_MIN_TOKENS = 256  # bytes per token are read off slots this long or longer (spare capacity <= 1/4)
+
 
 @dataclass
 class CacheSlot:
@@ -142,7 +144,7 @@ class KVCachePool:
             slot.truncate(len(token_ids))
             slot.token_ids = list(token_ids)
             slot.positions = positions.clone()
-            if token_ids:
+            if len(token_ids) >= ESTIMATE_MIN_TOKENS:  # a short slot's spare capacity would inflate it
                 self.bytes_per_token = slot.nbytes() / len(token_ids)
             self.evict()
 
