@@ -123,7 +123,8 @@ class CompletionService:
             # the model's line was the line above again: its likeliest other line, from the least sure token on
             second = self.engine.generate(prompt, self.max_new_tokens, job.policy.should_stop, cancelled,
                                           decode_seconds=decode_seconds, chunk=chunk, ahead=ahead,
-                                          answer_by=answer_by, forced=generation.token_ids[:branch], banned=(generation.token_ids[branch],))
+                                          answer_by=answer_by, forced=generation.token_ids[:branch],
+                                          banned=(generation.token_ids[branch],))
             generation = replace(second, seconds=generation.seconds + second.seconds)
             text = finish(job.policy, generation.text, final=True) or ""
         if generation.stopped_by in ("length", "time") and job.policy.multiline:
