@@ -10,6 +10,7 @@ cut back there, and only the rest is computed.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -165,11 +166,15 @@ class KVCachePool:
         with self._lock:
             self.slots.clear()
 
-    def room_tokens(self) -> int | None:
-        """How many more tokens the budget holds, at the bytes per token of the last slot kept; None before any."""
+    def room_tokens(self) -> int:
+        """How many more tokens the budget holds, at the bytes per token of the last slot kept; before any was
+        kept, no bound while under budget (0 once it is full)."""
+        left = self.budget_bytes - self.total_bytes()
+        if left <= 0:
+            return 0
         if self.bytes_per_token is None:
-            return None
-        return max(0, int((self.budget_bytes - self.total_bytes()) // max(self.bytes_per_token, 1.0)))
+            return sys.maxsize
+        return int(left // max(self.bytes_per_token, 1.0))
 
     def total_bytes(self) -> int:
         with self._lock:

@@ -305,11 +305,11 @@ class Engine:
             hooks = self._stop_before_layers(cancelled)
             try:
                 pos_all = positions.unsqueeze(0).to(self.device)
-                while done < target and not cancelled() and self.pool.total_bytes() < self.pool.budget_bytes:
+                while done < target and not cancelled():
                     room = self.pool.room_tokens()  # never compute what the budget cannot keep
                     if room == 0:
                         break
-                    b = min(target, done + chunk, done + room if room is not None else target)
+                    b = min(target, done + chunk, done + room)
                     t0 = time.perf_counter()
                     try:
                         self.handle.forward(torch.tensor([ids[done:b]], device=self.device), pos_all[:, :b],
