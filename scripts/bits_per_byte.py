@@ -1,7 +1,10 @@
 """Held-out bits per byte of several models on the same held-out packages (the model card's figures).
 
     .venv/bin/python scripts/bits_per_byte.py --model v0.1=DIR --model v0.3=default \
-        --corpus transformers=DIR --corpus networkx=DIR [--windows 150] [--json FILE]
+        --corpus transformers=DIR --corpus networkx=DIR [--windows 150] [--context N] [--json FILE]
+
+Windows are each model's trained length unless --context gives one length for all (models trained at
+different lengths compare at the same context only).
 """
 import argparse
 import json
@@ -21,6 +24,7 @@ def main():
     p.add_argument("--model", action="append", required=True, help="NAME=DIR (DIR 'default': the embedded model)")
     p.add_argument("--corpus", action="append", required=True, help="NAME=DIR of held-out sources (*.py)")
     p.add_argument("--windows", type=int, default=150)
+    p.add_argument("--context", type=int, default=None, help="window length for every model (default: its own)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -28,7 +32,8 @@ def main():
     for cname, root in pairs(args.corpus):
         files = sorted(Path(root).rglob("*.py"))
         for mname, model in pairs(args.model):
-            r = bits_per_byte(None if model == "default" else model, files, max_windows=args.windows)
+            r = bits_per_byte(None if model == "default" else model, files, context=args.context,
+                              max_windows=args.windows)
             out[f"{cname} {mname}"] = r
             print(f"{cname:<14} {mname:<8} {r['bits_per_byte']:.4f} bits/byte ({r['windows']} windows of {r['context']})",
                   flush=True)
