@@ -16,6 +16,7 @@ same run; the inference phase runs as the server does (two threads), the trainin
 
 import argparse
 import dataclasses
+import functools
 import json
 import shutil
 import statistics
@@ -37,16 +38,20 @@ def parse_shape(text: str) -> tuple[int, int]:
     return layers, width
 
 
-def llama_config(layers: int, width: int, context: int = 512):
-    from transformers import LlamaConfig
+@functools.cache
+def shipped_tokenizer():
+    from transformers import AutoTokenizer
 
-    shipped = json.loads((DEFAULT_DIR / "config.json").read_text())
-    shipped.update(num_hidden_layers=layers, hidden_size=width, num_attention_heads=width // 64,
-                   num_key_value_heads=width // 64, intermediate_size=round(2.75 * width / 64) * 64,
-                   max_position_embeddings=context, dtype="float32")
-    for key in ("architectures", "transformers_version", "model_type"):
-        shipped.pop(key, None)
-    return LlamaConfig(**shipped)
+    return AutoTokenizer.from_pretrained(DEFAULT_DIR)
+
+
+def llama_config(layers: int, width: int, context: int = 512):
+    """The recipe's model configuration (``train.model_config``) at this shape, for the shipped tokenizer."""
+    from hirope_lsp.research.train import TrainConfig, model_config
+
+    recipe = TrainConfig(layers=layers, hidden_size=width, heads=width // 64,
+                         intermediate_size=round(2.75 * width / 64) * 64, context=context)
+    return model_config(recipe, shipped_tokenizer())
 
 
 def random_model_dir(layers: int, width: int, root: Path, context: int = 512) -> Path:
@@ -82,8 +87,8 @@ def inference_row(model_dir: Path, budget: int, rounds: int) -> dict:
     settings = Settings(context=ContextSettings(budget_tokens=budget, cross_file=False), max_new_tokens=8)
     engine = Engine(dataclasses.replace(settings.engine, model=str(model_dir), measure_speed=False))
     service = CompletionService.from_settings(engine, None, settings)
-    text, line = _typing_file(budget)
-    line = 1200
+    text, _ = _typing_file(budget)
+    line = 1200  # the line scripts/cold_prompt.py times: a ~4,000-token prompt at the default budget
     character = len(text.split("\n")[line])
     cold, keystroke, prompt_tokens = [], [], 0
     for round_ in range(rounds + 1):  # the first round warms torch up and is not counted
