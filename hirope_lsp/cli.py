@@ -41,14 +41,23 @@ def _add_corpus(sub) -> None:
     b.add_argument("--manifest-copy", type=Path, default=None, help="also copy the manifest here (docs/)")
     b.add_argument("--held-out-only", action="store_true",
                    help="fetch only the held-out packages into OUT/held_out/ (for evaluations; no training data)")
+    b.add_argument("--allow-missing", action="store_true",
+                   help="build without the sources this machine cannot read (a Debian source package not installed, "
+                        "a package not served) instead of stopping; the manifest lists them")
 
 
 def _run_corpus(args) -> int:
     import shutil
 
-    from .research.corpus import build_corpus
+    from .research.corpus import MissingSources, build_corpus
 
-    manifest = build_corpus(args.out, held_out_only=args.held_out_only)
+    try:
+        manifest = build_corpus(args.out, held_out_only=args.held_out_only, allow_missing=args.allow_missing)
+    except MissingSources as e:
+        print(f"hirope-lsp corpus build: {e}", file=sys.stderr)
+        return 2
+    for what in manifest["missing"]:
+        print(f"left out: {what}", file=sys.stderr)
     if args.held_out_only:
         for entry in manifest["held_out_packages"]:
             print(f"{entry['language']}:{entry['package']} {entry['version']}: {entry['files']} files")

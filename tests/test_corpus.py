@@ -83,8 +83,8 @@ def test_held_out_only_writes_the_held_out_trees_and_leaves_training_data_alone(
     monkeypatch.setattr(corpus, "fetch_pypi", lambda name, downloads: fetched.append(name))
     monkeypatch.setattr(corpus, "fetch_npm", lambda name, downloads: fetched.append(name))
     (tmp_path / "documents.jsonl").write_text("earlier\n")
-    train, held = corpus.gather(sources, tmp_path / "downloads", training=False)
-    assert train == [] and fetched == [] and [f.package for f in held] == ["heldpkg"]
+    train, held, missing = corpus.gather(sources, tmp_path / "downloads", training=False)
+    assert train == [] and fetched == [] and [f.package for f in held] == ["heldpkg"] and missing == []
     manifest = write_corpus(tmp_path, sources, None, held)
     assert (tmp_path / "documents.jsonl").read_text() == "earlier\n"
     assert (tmp_path / "held_out" / "python" / "heldpkg" / "heldpkg" / "core.py").read_text() == held_text
@@ -143,3 +143,43 @@ def test_npm_packs_into_its_folder_when_the_output_folder_is_relative(tmp_path, 
     monkeypatch.chdir(tmp_path)
     tarball = corpus.fetch_npm("koa", Path("corpus") / "downloads")
     assert tarball == Path("corpus/downloads/npm/koa/koa-1.0.0.tgz") and tarball.exists()
+
+
+def _sources_missing_go(tmp_path) -> dict:
+    return {"held_out": {"go": {"tune": ["go/net/http"], "report": [], "other": []}},
+            "python_stdlib": False, "pypi": [], "npm": [], "debian": {"go": str(tmp_path / "no-go-1.19" / "src")}}
+
+
+def test_a_missing_debian_source_stops_the_build_before_anything_is_fetched_or_written(tmp_path, monkeypatch, capsys):
+    from hirope_lsp import cli
+
+    monkeypatch.setattr(corpus, "load_sources", lambda path=None: _sources_missing_go(tmp_path))
+    fetched = []
+    monkeypatch.setattr(corpus, "fetch_pypi", lambda name, downloads: fetched.append(name))
+    out = tmp_path / "corpus"
+    for held_out_only in ([], ["--held-out-only"]):  # the held-out Go packages need the tree too
+        assert cli.main(["corpus", "build", "--out", str(out), *held_out_only]) == 2
+        error = capsys.readouterr().err
+        assert "no-go-1.19" in error and "apt-get install golang-src" in error and "--allow-missing" in error
+        assert not out.exists() and fetched == []
+
+
+def test_a_package_not_served_stops_the_build_unless_a_smaller_corpus_is_allowed(tmp_path, monkeypatch, capsys):
+    from hirope_lsp import cli
+
+    sources = {"held_out": {"python": {"tune": [], "report": [], "other": []}},
+               "python_stdlib": False, "pypi": ["servedpkg", "gonepkg"], "npm": [], "debian": {}}
+    monkeypatch.setattr(corpus, "load_sources", lambda path=None: sources)
+    wheel = tmp_path / "servedpkg-1.0-py3-none-any.whl"
+    import zipfile
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr("servedpkg/core.py", _code(3))
+    monkeypatch.setattr(corpus, "fetch_pypi", lambda name, downloads: wheel if name == "servedpkg" else None)
+    out = tmp_path / "corpus"
+    assert cli.main(["corpus", "build", "--out", str(out)]) == 2
+    assert "pypi gonepkg" in capsys.readouterr().err and not (out / "manifest.json").exists()
+    assert cli.main(["corpus", "build", "--out", str(out), "--allow-missing"]) == 0
+    assert "left out: pypi gonepkg" in capsys.readouterr().err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [p["package"] for p in manifest["train_packages"]] == ["servedpkg"]
+    assert manifest["missing"] == ["pypi gonepkg: not downloaded (see the warning above)"]

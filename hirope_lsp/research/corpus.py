@@ -9,6 +9,9 @@ are (near) copies of a held-out file are dropped, so a vendored copy cannot leak
 ``build_corpus(out_dir)`` writes ``out_dir/documents.jsonl`` (one training file a line:
 source, package, version, language, path, text) and ``out_dir/manifest.json``; both can
 be rebuilt with ``hirope-lsp corpus build``. Downloads are cached in ``out_dir/downloads``.
+A source that cannot be read (a Debian package not installed, a package the index or npm did not
+serve) stops the build before anything is written, unless a smaller corpus is asked for
+(``allow_missing``; the manifest then lists what is missing).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import NamedTuple
 
 import numpy as np
 
@@ -45,6 +49,16 @@ MIN_BYTES, MAX_BYTES = 200, 256 * 1024
 NEAR_DUPLICATE_JACCARD = 0.8
 MINHASH_PERMUTATIONS = 64
 LSH_BANDS = 16
+DEBIAN_PACKAGES = {"go": "golang-src", "rust": "rust-src", "java": "openjdk-17-source"}
+
+
+class MissingSources(RuntimeError):
+    """Sources the corpus lists that this machine cannot read: the corpus would be smaller than its recipe."""
+
+    def __init__(self, missing: list[str]):
+        self.missing = missing
+        super().__init__("the corpus cannot be built as listed; missing:\n  " + "\n  ".join(missing)
+                         + "\n(downloads already fetched are kept; pass --allow-missing to build without these)")
 
 
 @dataclass
@@ -174,12 +188,20 @@ def stdlib_files() -> list[SourceFile]:
     return _files_of("stdlib", "python-stdlib", platform.python_version(), members)
 
 
+def missing_debian(sources: dict, training: bool = True) -> list[str]:
+    """The Debian source trees the build needs and this machine lacks (all of them for training; only
+    those of languages with held-out packages otherwise), each with the package that installs it."""
+    held = held_out_names(sources)
+    return [f"debian {language}: {location} (apt-get install {DEBIAN_PACKAGES.get(language, language + '-src')})"
+            for language, location in sources.get("debian", {}).items()
+            if (training or held.get(language)) and not Path(location).exists()]
+
+
 def debian_files(language: str, location: str) -> list[SourceFile]:
     """Go and Rust from their source trees (one package per top-level directory), Java from src.zip
     (one package per module)."""
     path = Path(location)
     if not path.exists():
-        log.warning("debian %s: %s is missing (apt-get install golang-src rust-src openjdk-17-source)", language, path)
         return []
     version = re.search(r"(\d+[.\d]*)", str(path))
     version = version.group(1) if version else "?"
@@ -262,13 +284,19 @@ def _held_out_python(name: str, downloads: Path) -> list[SourceFile]:
     return _files_of("pypi", name, _version_from_archive(wheel, name), _archive_members(wheel))
 
 
-def gather(sources: dict, downloads: Path, workers: int = 4,
-           training: bool = True) -> tuple[list[SourceFile], list[SourceFile]]:
-    """(training candidates, held-out files), before filtering and deduplication; with
-    ``training=False`` only the held-out files are fetched (the candidates come back empty)."""
+class Gathered(NamedTuple):
+    train: list[SourceFile]  # training candidates, before filtering and deduplication
+    held: list[SourceFile]  # held-out files
+    missing: list[str]  # the sources that could not be read, and why
+
+
+def gather(sources: dict, downloads: Path, workers: int = 4, training: bool = True) -> Gathered:
+    """Every file the sources list; with ``training=False`` only the held-out files are fetched (the
+    candidates come back empty)."""
     held = held_out_names(sources)
     train: list[SourceFile] = []
     held_files: list[SourceFile] = []
+    missing = missing_debian(sources, training)
     if sources.get("python_stdlib") and training:
         train += stdlib_files()
     pypi = [n for n in sources["pypi"] if n not in held.get("python", set())] if training else []
@@ -278,10 +306,14 @@ def gather(sources: dict, downloads: Path, workers: int = 4,
         tarballs = list(pool.map(lambda n: fetch_npm(n, downloads), npm))
         held_tarballs = {n: pool.submit(fetch_npm, n, downloads) for n in held.get("javascript", ())}
     for name, wheel in zip(pypi, wheels):
-        if wheel is not None:
+        if wheel is None:
+            missing.append(f"pypi {name}: not downloaded (see the warning above)")
+        else:
             train += _files_of("pypi", name, _version_from_archive(wheel, name), _archive_members(wheel))
     for name, tgz in zip(npm, tarballs):
-        if tgz is not None:
+        if tgz is None:
+            missing.append(f"npm {name}: not packed (see the warning above)")
+        else:
             train += _files_of("npm", name, _version_from_archive(tgz, name), _archive_members(tgz))
     for language, location in sources.get("debian", {}).items():
         if not training and not held.get(language):
@@ -292,27 +324,43 @@ def gather(sources: dict, downloads: Path, workers: int = 4,
             elif training:
                 train.append(f)
     for name in held.get("python", ()):
-        held_files += _held_out_python(name, downloads)
+        files = _held_out_python(name, downloads)
+        if not files:
+            missing.append(f"held-out pypi {name}: neither installed nor downloaded")
+        held_files += files
     for name, future in held_tarballs.items():
         tgz = future.result()
-        if tgz is not None:
+        if tgz is None:
+            missing.append(f"held-out npm {name}: not packed (see the warning above)")
+        else:
             held_files += _files_of("npm", name, _version_from_archive(tgz, name), _archive_members(tgz))
-    return train, held_files
+    return Gathered(train, held_files, missing)
 
 
-def build_corpus(out_dir: Path, sources_path: Path = SOURCES, held_out_only: bool = False) -> dict:
+def build_corpus(out_dir: Path, sources_path: Path = SOURCES, held_out_only: bool = False,
+                 allow_missing: bool = False) -> dict:
     """Fetch, filter and deduplicate; write documents.jsonl, held_out/ and manifest.json
-    (``held_out_only``: only held_out/ and its manifest, for evaluating a model already trained)."""
+    (``held_out_only``: only held_out/ and its manifest, for evaluating a model already trained).
+    Raises MissingSources before writing anything when a listed source cannot be read, unless
+    ``allow_missing`` (then the manifest lists them)."""
     sources = load_sources(sources_path)
+    training = not held_out_only
+    missing = missing_debian(sources, training)
+    if missing and not allow_missing:  # before minutes of fetching
+        raise MissingSources(missing)
     out_dir.mkdir(parents=True, exist_ok=True)
-    train, held_files = gather(sources, out_dir / "downloads", training=not held_out_only)
-    return write_corpus(out_dir, sources, None if held_out_only else train, held_files)
+    gathered = gather(sources, out_dir / "downloads", training=training)
+    if gathered.missing and not allow_missing:
+        raise MissingSources(gathered.missing)
+    return write_corpus(out_dir, sources, gathered.train if training else None, gathered.held, gathered.missing)
 
 
-def write_corpus(out_dir: Path, sources: dict, train: list[SourceFile] | None, held_files: list[SourceFile]) -> dict:
+def write_corpus(out_dir: Path, sources: dict, train: list[SourceFile] | None, held_files: list[SourceFile],
+                 missing: list[str] = ()) -> dict:
     """Held-out files first (as file trees), then every training candidate that is not rejected,
     held out by name, or a (near) duplicate of a file kept before it or of a held-out file
-    (``train`` None: the held-out trees and their manifest only, documents.jsonl left as it is)."""
+    (``train`` None: the held-out trees and their manifest only, documents.jsonl left as it is);
+    ``missing``: the sources left out, recorded in the manifest."""
     held_names = set().union(*held_out_names(sources).values())
     excluded = set(sources.get("exclude_packages", ()))  # generated data that passes the file rules
     dedup = Deduplicator()
@@ -332,7 +380,8 @@ def write_corpus(out_dir: Path, sources: dict, train: list[SourceFile] | None, h
     packages: dict[str, dict] = {}
     if train is None:
         manifest = {"held_out": sources["held_out"],
-                    "held_out_packages": sorted(held_packages.values(), key=lambda e: (e["language"], e["package"]))}
+                    "held_out_packages": sorted(held_packages.values(), key=lambda e: (e["language"], e["package"])),
+                    "missing": list(missing)}
         (out_dir / "held_out_manifest.json").write_text(json.dumps(manifest, indent=1))
         return manifest
     with (out_dir / "documents.jsonl").open("w") as out:
@@ -360,6 +409,7 @@ def write_corpus(out_dir: Path, sources: dict, train: list[SourceFile] | None, h
         "train_packages": sorted(packages.values(), key=lambda e: e["package"]),
         "totals": {"files": sum(e["files"] for e in packages.values()),
                    "bytes": sum(e["bytes"] for e in packages.values())},
+        "missing": list(missing),
     }
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return manifest
