@@ -116,20 +116,18 @@ def inference_row(model_dir: Path, budget: int, rounds: int) -> dict:
 def training_row(layers: int, width: int, context: int, steps: int) -> dict:
     from transformers import LlamaForCausalLM
 
+    from hirope_lsp.research.train import TrainConfig, make_optimizer, train_step
+
     torch.manual_seed(0)
     model = LlamaForCausalLM(llama_config(layers, width, context))
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    optimizer = make_optimizer(model, TrainConfig(lr=1e-4))
     batch_size = max(1, 16 * 513 // (context + 1))
     batch = torch.randint(0, model.config.vocab_size, (batch_size, context + 1))
     times = []
     for i in range(steps + 2):  # two warm-up steps not counted
         start = time.perf_counter()
-        out = model(batch[:, :-1], labels=batch[:, :-1].clone())
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        train_step(model, optimizer, batch)
         if i >= 2:
             times.append(time.perf_counter() - start)
     step_s = statistics.median(times)

@@ -442,6 +442,28 @@ def _same_setting(name: str, a, b) -> bool:
     return a == b
 
 
+def make_optimizer(model, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW at the recipe's learning rate, weight decay on matrices only."""
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(0.9, 0.95),
+    )
+
+
+def train_step(model, optimizer, batch: torch.Tensor, autocast=contextlib.nullcontext()) -> torch.Tensor:
+    """One optimizer step on ``batch`` ([B, context + 1] tokens); returns the loss (detached)."""
+    with autocast:
+        out = model(batch[:, :-1], labels=batch[:, :-1].clone())
+    # labels are shifted inside the model: predict token t+1 from tokens <= t
+    optimizer.zero_grad(set_to_none=True)
+    out.loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    return out.loss.detach()
+
+
 def train(run_dir: Path, cfg: TrainConfig, export: Path | None = None, init_from: Path | None = None,
           given: Iterable[str] = ()) -> dict:
     """Train (or resume) in ``run_dir``; returns the final summary. ``init_from``: fp16 weights
@@ -461,12 +483,7 @@ def train(run_dir: Path, cfg: TrainConfig, export: Path | None = None, init_from
     special = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     model = LlamaForCausalLM(model_config(cfg, tokenizer))
     device = training_device(cfg.device)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=(0.9, 0.95),
-    )
+    optimizer = make_optimizer(model, cfg)
     rng = random.Random(cfg.seed)
     step = 0
     optimizer_fresh_at = 0
@@ -537,16 +554,10 @@ def train(run_dir: Path, cfg: TrainConfig, export: Path | None = None, init_from
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(cfg, step, optimizer_fresh_at)
         batch = samples.batch(rng).to(device, non_blocking=True)
-        with autocast:
-            out = model(batch[:, :-1], labels=batch[:, :-1].clone())
-        # labels are shifted inside the model: predict token t+1 from tokens <= t
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        loss = train_step(model, optimizer, batch, autocast)
         step += 1
         tokens_seen += batch.numel()
-        record = {"step": step, "loss": round(out.loss.item(), 4), "lr": learning_rate(cfg, step - 1, optimizer_fresh_at),
+        record = {"step": step, "loss": round(loss.item(), 4), "lr": learning_rate(cfg, step - 1, optimizer_fresh_at),
                   "tokens": step * cfg.batch_size * (cfg.context + 1), "s": round(time.time() - started, 3)}
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             loss, bpb = measure_and_keep()
