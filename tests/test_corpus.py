@@ -183,3 +183,16 @@ def test_a_package_not_served_stops_the_build_unless_a_smaller_corpus_is_allowed
     manifest = json.loads((out / "manifest.json").read_text())
     assert [p["package"] for p in manifest["train_packages"]] == ["servedpkg"]
     assert manifest["missing"] == ["pypi gonepkg: not downloaded (see the warning above)"]
+
+
+def test_npm_not_installed_stops_the_build_with_what_to_install(tmp_path, monkeypatch, capsys):
+    from hirope_lsp import cli
+
+    sources = {"held_out": {"python": {"tune": [], "report": [], "other": []}},
+               "python_stdlib": False, "pypi": [], "npm": ["express"], "debian": {}}
+    monkeypatch.setattr(corpus, "load_sources", lambda path=None: sources)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no npm on it
+    out = tmp_path / "corpus"
+    assert cli.main(["corpus", "build", "--out", str(out)]) == 2
+    assert "npm: not on PATH (apt-get install npm)" in capsys.readouterr().err and not out.exists()
+    assert corpus.fetch_npm("express", tmp_path / "downloads") is None  # a failed fetch, not a crash

@@ -21,6 +21,7 @@ import io
 import json
 import logging
 import re
+import shutil
 import subprocess
 import sysconfig
 import tarfile
@@ -132,7 +133,10 @@ def _tree_members(root: Path):
 
 
 def _run(cmd: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600)
+    try:
+        return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600)
+    except FileNotFoundError:  # the tool is not installed: a failed fetch, not a crash in the fetching thread
+        return subprocess.CompletedProcess(cmd, 127, "", f"{cmd[0]}: not found")
 
 
 def fetch_pypi(name: str, downloads: Path) -> Path | None:
@@ -188,13 +192,18 @@ def stdlib_files() -> list[SourceFile]:
     return _files_of("stdlib", "python-stdlib", platform.python_version(), members)
 
 
-def missing_debian(sources: dict, training: bool = True) -> list[str]:
-    """The Debian source trees the build needs and this machine lacks (all of them for training; only
-    those of languages with held-out packages otherwise), each with the package that installs it."""
+def missing_upfront(sources: dict, training: bool = True) -> list[str]:
+    """What the build needs and this machine lacks, known before fetching: the Debian source trees (all
+    of them for training; only those of languages with held-out packages otherwise), each with the
+    package that installs it, and npm where npm packages are listed."""
     held = held_out_names(sources)
-    return [f"debian {language}: {location} (apt-get install {DEBIAN_PACKAGES.get(language, language + '-src')})"
-            for language, location in sources.get("debian", {}).items()
-            if (training or held.get(language)) and not Path(location).exists()]
+    missing = [f"debian {language}: {location} (apt-get install {DEBIAN_PACKAGES.get(language, language + '-src')})"
+               for language, location in sources.get("debian", {}).items()
+               if (training or held.get(language)) and not Path(location).exists()]
+    wants_npm = (training and sources.get("npm")) or held.get("javascript")
+    if wants_npm and shutil.which("npm") is None:
+        missing.append("npm: not on PATH (apt-get install npm), needed for the JavaScript and TypeScript packages")
+    return missing
 
 
 def debian_files(language: str, location: str) -> list[SourceFile]:
@@ -296,7 +305,7 @@ def gather(sources: dict, downloads: Path, workers: int = 4, training: bool = Tr
     held = held_out_names(sources)
     train: list[SourceFile] = []
     held_files: list[SourceFile] = []
-    missing = missing_debian(sources, training)
+    missing = missing_upfront(sources, training)
     if sources.get("python_stdlib") and training:
         train += stdlib_files()
     pypi = [n for n in sources["pypi"] if n not in held.get("python", set())] if training else []
@@ -345,7 +354,7 @@ def build_corpus(out_dir: Path, sources_path: Path = SOURCES, held_out_only: boo
     ``allow_missing`` (then the manifest lists them)."""
     sources = load_sources(sources_path)
     training = not held_out_only
-    missing = missing_debian(sources, training)
+    missing = missing_upfront(sources, training)
     if missing and not allow_missing:  # before minutes of fetching
         raise MissingSources(missing)
     out_dir.mkdir(parents=True, exist_ok=True)
