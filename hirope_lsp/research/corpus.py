@@ -296,16 +296,17 @@ def _held_out_python(name: str, downloads: Path) -> list[SourceFile]:
 class Gathered(NamedTuple):
     train: list[SourceFile]  # training candidates, before filtering and deduplication
     held: list[SourceFile]  # held-out files
-    missing: list[str]  # the sources that could not be read, and why
+    missing: list[str]  # the packages that could not be fetched, and why
 
 
 def gather(sources: dict, downloads: Path, workers: int = 4, training: bool = True) -> Gathered:
     """Every file the sources list; with ``training=False`` only the held-out files are fetched (the
-    candidates come back empty)."""
+    candidates come back empty).  What ``missing_upfront`` finds is not repeated in ``missing``: a
+    missing Debian tree gives no files."""
     held = held_out_names(sources)
     train: list[SourceFile] = []
     held_files: list[SourceFile] = []
-    missing = missing_upfront(sources, training)
+    missing: list[str] = []
     if sources.get("python_stdlib") and training:
         train += stdlib_files()
     pypi = [n for n in sources["pypi"] if n not in held.get("python", set())] if training else []
@@ -359,9 +360,10 @@ def build_corpus(out_dir: Path, sources_path: Path = SOURCES, held_out_only: boo
         raise MissingSources(missing)
     out_dir.mkdir(parents=True, exist_ok=True)
     gathered = gather(sources, out_dir / "downloads", training=training)
-    if gathered.missing and not allow_missing:
-        raise MissingSources(gathered.missing)
-    return write_corpus(out_dir, sources, gathered.train if training else None, gathered.held, gathered.missing)
+    missing += gathered.missing
+    if missing and not allow_missing:
+        raise MissingSources(missing)
+    return write_corpus(out_dir, sources, gathered.train if training else None, gathered.held, missing)
 
 
 def write_corpus(out_dir: Path, sources: dict, train: list[SourceFile] | None, held_files: list[SourceFile],
