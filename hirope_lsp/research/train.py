@@ -554,10 +554,10 @@ def train(run_dir: Path, cfg: TrainConfig, export: Path | None = None, init_from
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(cfg, step, optimizer_fresh_at)
         batch = samples.batch(rng).to(device, non_blocking=True)
-        loss = train_step(model, optimizer, batch, autocast)
+        step_loss = train_step(model, optimizer, batch, autocast)
         step += 1
         tokens_seen += batch.numel()
-        record = {"step": step, "loss": round(loss.item(), 4), "lr": learning_rate(cfg, step - 1, optimizer_fresh_at),
+        record = {"step": step, "loss": round(step_loss.item(), 4), "lr": learning_rate(cfg, step - 1, optimizer_fresh_at),
                   "tokens": step * cfg.batch_size * (cfg.context + 1), "s": round(time.time() - started, 3)}
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             loss, bpb = measure_and_keep()
