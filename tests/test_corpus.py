@@ -161,6 +161,7 @@ def test_a_missing_debian_source_stops_the_build_before_anything_is_fetched_or_w
         assert cli.main(["corpus", "build", "--out", str(out), *held_out_only]) == 2
         error = capsys.readouterr().err
         assert "no-go-1.19" in error and "apt-get install golang-src" in error and "--allow-missing" in error
+        assert "nothing was fetched or written" in error
         assert not out.exists() and fetched == []
 
 
@@ -177,7 +178,9 @@ def test_a_package_not_served_stops_the_build_unless_a_smaller_corpus_is_allowed
     monkeypatch.setattr(corpus, "fetch_pypi", lambda name, downloads: wheel if name == "servedpkg" else None)
     out = tmp_path / "corpus"
     assert cli.main(["corpus", "build", "--out", str(out)]) == 2
-    assert "pypi gonepkg" in capsys.readouterr().err and not (out / "manifest.json").exists()
+    error = capsys.readouterr().err
+    assert "pypi gonepkg" in error and "downloads already fetched are kept" in error
+    assert not (out / "manifest.json").exists()
     assert cli.main(["corpus", "build", "--out", str(out), "--allow-missing"]) == 0
     assert "left out: pypi gonepkg" in capsys.readouterr().err
     manifest = json.loads((out / "manifest.json").read_text())
@@ -196,3 +199,9 @@ def test_npm_not_installed_stops_the_build_with_what_to_install(tmp_path, monkey
     assert cli.main(["corpus", "build", "--out", str(out)]) == 2
     assert "npm: not on PATH (apt-get install npm)" in capsys.readouterr().err and not out.exists()
     assert corpus.fetch_npm("express", tmp_path / "downloads") is None  # a failed fetch, not a crash
+    tried = []
+    monkeypatch.setattr(corpus, "fetch_npm", lambda name, downloads: tried.append(name))
+    assert cli.main(["corpus", "build", "--out", str(out), "--allow-missing"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert tried == [] and manifest["missing"] == [  # said once, not again for every package npm would pack
+        "npm: not on PATH (apt-get install npm), needed for the JavaScript and TypeScript packages"]

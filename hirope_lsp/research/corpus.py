@@ -56,10 +56,11 @@ DEBIAN_PACKAGES = {"go": "golang-src", "rust": "rust-src", "java": "openjdk-17-s
 class MissingSources(RuntimeError):
     """Sources the corpus lists that this machine cannot read: the corpus would be smaller than its recipe."""
 
-    def __init__(self, missing: list[str]):
+    def __init__(self, missing: list[str], fetched: bool = False):
         self.missing = missing
+        done = "downloads already fetched are kept" if fetched else "nothing was fetched or written"
         super().__init__("the corpus cannot be built as listed; missing:\n  " + "\n  ".join(missing)
-                         + "\n(downloads already fetched are kept; pass --allow-missing to build without these)")
+                         + f"\n({done}; pass --allow-missing to build without these)")
 
 
 @dataclass
@@ -302,7 +303,7 @@ class Gathered(NamedTuple):
 def gather(sources: dict, downloads: Path, workers: int = 4, training: bool = True) -> Gathered:
     """Every file the sources list; with ``training=False`` only the held-out files are fetched (the
     candidates come back empty).  What ``missing_upfront`` finds is not repeated in ``missing``: a
-    missing Debian tree gives no files."""
+    missing Debian tree gives no files, and without npm on PATH no npm package is tried."""
     held = held_out_names(sources)
     train: list[SourceFile] = []
     held_files: list[SourceFile] = []
@@ -310,11 +311,12 @@ def gather(sources: dict, downloads: Path, workers: int = 4, training: bool = Tr
     if sources.get("python_stdlib") and training:
         train += stdlib_files()
     pypi = [n for n in sources["pypi"] if n not in held.get("python", set())] if training else []
-    npm = [n for n in sources["npm"] if n not in held.get("javascript", set())] if training else []
+    has_npm = shutil.which("npm") is not None
+    npm = [n for n in sources["npm"] if n not in held.get("javascript", set())] if training and has_npm else []
     with ThreadPoolExecutor(workers) as pool:
         wheels = list(pool.map(lambda n: fetch_pypi(n, downloads), pypi))
         tarballs = list(pool.map(lambda n: fetch_npm(n, downloads), npm))
-        held_tarballs = {n: pool.submit(fetch_npm, n, downloads) for n in held.get("javascript", ())}
+        held_tarballs = {n: pool.submit(fetch_npm, n, downloads) for n in held.get("javascript", ()) if has_npm}
     for name, wheel in zip(pypi, wheels):
         if wheel is None:
             missing.append(f"pypi {name}: not downloaded (see the warning above)")
@@ -362,7 +364,7 @@ def build_corpus(out_dir: Path, sources_path: Path = SOURCES, held_out_only: boo
     gathered = gather(sources, out_dir / "downloads", training=training)
     missing += gathered.missing
     if missing and not allow_missing:
-        raise MissingSources(missing)
+        raise MissingSources(missing, fetched=True)
     return write_corpus(out_dir, sources, gathered.train if training else None, gathered.held, missing)
 
 
