@@ -158,6 +158,9 @@ def _add_bench(sub) -> None:
     k.add_argument("--cache-budget-mb", type=int, default=64)
     k.add_argument("--warm-ahead", choices=("on", "off"), default="on",
                    help="off: no work ahead, to see what it costs the same session")
+    k.add_argument("--pause-every", type=int, default=0,
+                   help="rest after every N requests (default: never), so that work ahead runs too")
+    k.add_argument("--pause-ms", type=float, default=500, help="how long each rest is")
     k.add_argument("--json", type=Path, default=None)
     _add_far_bias(k)
     r = bsub.add_parser("replay", help="open, type, accept, jump and switch with editor pauses: time from the "
@@ -187,7 +190,8 @@ def _run_bench(args) -> int:
         from .research.bench import bench_soak
 
         result = bench_soak(args.requests, args.report_every, args.cache_budget_mb,
-                            warm_ahead=args.warm_ahead == "on", **_far_bias_options(args))
+                            warm_ahead=args.warm_ahead == "on", pause_every=args.pause_every,
+                            pause_s=args.pause_ms / 1000, **_far_bias_options(args))
     elif args.bench == "typing":
         from .research.bench import bench_typing
 

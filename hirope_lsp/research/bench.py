@@ -372,9 +372,11 @@ def _type_along(client, uri: str, line: int, col: int, version: int, keystrokes:
 
 
 def bench_soak(requests: int = 10000, report_every: int = 500, cache_budget_mb: int = 64, far_bias=None,
-               far_bias_mode=None, warm_ahead: bool = True) -> dict:
+               far_bias_mode=None, warm_ahead: bool = True, pause_every: int = 0, pause_s: float = 0.5) -> dict:
     """One long session through the real server: edits and a completion request after each, with
-    RSS, KV-cache bytes and latency reported every ``report_every`` requests."""
+    RSS, KV-cache bytes and latency reported every ``report_every`` requests.  ``pause_every``: the user
+    rests ``pause_s`` after every that many requests, so that work ahead runs too (without pauses it
+    never starts: the next keystroke always comes first)."""
     import random
     import statistics
 
@@ -401,45 +403,62 @@ def bench_soak(requests: int = 10000, report_every: int = 500, cache_budget_mb: 
             cursors[uri] = [line, len(lines[line]), len(lines[line])]
             client.notify("textDocument/didOpen", {"textDocument": {"uri": uri, "languageId": "python", "version": 1,
                                                                     "text": "\n".join(lines)}})
-        latencies, unanswered, errors = [], 0, 0
+        latencies, unanswered, errors, accepted = [], 0, 0, 0
+        shown: dict[str, str] = {}  # each document's last suggestion, as the editor shows it
+        rested_in = None  # the document the user rested in, reading its suggestion
         started = time.time()
         for k in range(1, requests + 1):
-            uri = uris[0] if rng.random() < 0.7 else rng.choice(uris)  # mostly one buffer, sometimes another
+            accept = shown.get(rested_in, "").split("\n")[0] if rested_in else ""
+            uri = rested_in if accept else uris[0] if rng.random() < 0.7 else rng.choice(uris)  # mostly one buffer
             line, col, start = cursors[uri]
-            # words and operators, a new statement line (same indentation) every 40 characters
-            ch = "\n" + indents[uri] if col >= start + 40 else rng.choice("abcdefghij =+_")
+            # after a rest the suggestion's first line is accepted (as Tab inserts it); else words and operators,
+            # a new statement line (same indentation) every 40 characters
+            ch = accept or ("\n" + indents[uri] if col >= start + 40 else rng.choice("abcdefghij =+_"))
+            accepted += bool(accept)
             versions[uri] += 1
             _insert(client, uri, versions[uri], line, col, ch)
             if ch.startswith("\n"):
                 cursors[uri] = [line + 1, len(indents[uri]), len(indents[uri])]
             else:
-                cursors[uri] = [line, col + 1, start]
+                cursors[uri] = [line, col + len(ch.encode("utf-16-le")) // 2, start]
             line, col, _ = cursors[uri]
             t0 = time.perf_counter()
+            shown[uri] = ""
             try:
                 reply = client.call("textDocument/inlineCompletion", {"textDocument": {"uri": uri},
                                     "position": {"line": line, "character": col}, "context": {"triggerKind": 2}}, 120)
                 errors += "error" in reply
+                items = (reply.get("result") or {}).get("items") or []
+                shown[uri] = items[0]["insertText"] if items else ""
             except TimeoutError:
                 unanswered += 1
             latencies.append(time.perf_counter() - t0)
+            rested_in = None
+            if pause_every and k % pause_every == 0:
+                time.sleep(pause_s)
+                rested_in = uri
             if k % report_every == 0:
                 status = client.call("hirope/status", {})["result"]
                 rss = _rss_mib(client.proc.pid)
                 window = latencies[-report_every:]
                 row = {"requests": k, "rss_mib": rss, "cache_mib": status["cacheBytes"] / 2**20,
-                       "warmed_tokens": status["warmedTokens"], "p50_ms": statistics.median(window) * 1000,
+                       "warmed_tokens": status["warmedTokens"], "warmed_used_tokens": status["warmedUsedTokens"],
+                       "prefetched_answers": status["prefetchedAnswers"], "p50_ms": statistics.median(window) * 1000,
                        "p95_ms": _p95(window) * 1000, "elapsed_s": time.time() - started}
                 rows.append(row)
                 print(f"{k:>6} requests: RSS {rss:7.1f} MiB, KV cache {row['cache_mib']:6.1f} MiB "
-                      f"(budget {cache_budget_mb}), p50 {row['p50_ms']:6.1f} ms, p95 {row['p95_ms']:6.1f} ms", flush=True)
+                      f"(budget {cache_budget_mb}), p50 {row['p50_ms']:6.1f} ms, p95 {row['p95_ms']:6.1f} ms, "
+                      f"warmed {row['warmed_tokens']} tokens ({row['warmed_used_tokens']} used), "
+                      f"{row['prefetched_answers']} prefetched answers", flush=True)
         alive = client.proc.poll() is None
     finally:
         client.close()
     result = {"requests": requests, "unanswered": unanswered, "errors": errors, "server_alive": alive,
-              "cache_budget_mib": cache_budget_mb, "rows": rows,
+              "cache_budget_mib": cache_budget_mb, "warm_ahead": warm_ahead, "pause_every": pause_every,
+              "pause_s": pause_s if pause_every else 0, "accepted": accepted, "rows": rows,
               "cache_within_budget": all(r["cache_mib"] <= cache_budget_mb for r in rows)}
-    print(f"{requests} requests: {unanswered} unanswered, {errors} errors, server alive: {alive}, "
+    print(f"{requests} requests ({accepted} after accepting a suggestion): {unanswered} unanswered, {errors} errors, "
+          f"server alive: {alive}, "
           f"KV cache within budget: {result['cache_within_budget']}; RSS {rows[0]['rss_mib']:.0f} -> "
           f"{rows[-1]['rss_mib']:.0f} MiB; p50 {rows[0]['p50_ms']:.0f} -> {rows[-1]['p50_ms']:.0f} ms")
     return result
