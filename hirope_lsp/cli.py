@@ -161,6 +161,7 @@ def _add_bench(sub) -> None:
     k.add_argument("--pause-every", type=int, default=0,
                    help="rest after every N requests (default: never), so that work ahead runs too")
     k.add_argument("--pause-ms", type=float, default=500, help="how long each rest is")
+    k.add_argument("--gate", choices=("on", "off"), default="on", help="off: every suggestion is shown")
     k.add_argument("--json", type=Path, default=None)
     _add_far_bias(k)
     r = bsub.add_parser("replay", help="open, type, accept, jump and switch with editor pauses: time from the "
@@ -191,7 +192,7 @@ def _run_bench(args) -> int:
 
         result = bench_soak(args.requests, args.report_every, args.cache_budget_mb,
                             warm_ahead=args.warm_ahead == "on", pause_every=args.pause_every,
-                            pause_s=args.pause_ms / 1000, **_far_bias_options(args))
+                            pause_s=args.pause_ms / 1000, gate=args.gate == "on", **_far_bias_options(args))
     elif args.bench == "typing":
         from .research.bench import bench_typing
 

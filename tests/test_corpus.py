@@ -1,6 +1,8 @@
+import io
 import json
 import random
 import subprocess
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -191,17 +193,26 @@ def test_a_package_not_served_stops_the_build_unless_a_smaller_corpus_is_allowed
 def test_npm_not_installed_stops_the_build_with_what_to_install(tmp_path, monkeypatch, capsys):
     from hirope_lsp import cli
 
-    sources = {"held_out": {"python": {"tune": [], "report": [], "other": []}},
-               "python_stdlib": False, "pypi": [], "npm": ["express"], "debian": {}}
+    sources = {"held_out": {"javascript": {"tune": ["koa"], "report": [], "other": []}},
+               "python_stdlib": False, "pypi": [], "npm": ["express", "lodash"], "debian": {}}
     monkeypatch.setattr(corpus, "load_sources", lambda path=None: sources)
     monkeypatch.setenv("PATH", str(tmp_path))  # no npm on it
     out = tmp_path / "corpus"
     assert cli.main(["corpus", "build", "--out", str(out)]) == 2
     assert "npm: not on PATH (apt-get install npm)" in capsys.readouterr().err and not out.exists()
     assert corpus.fetch_npm("express", tmp_path / "downloads") is None  # a failed fetch, not a crash
-    tried = []
-    monkeypatch.setattr(corpus, "fetch_npm", lambda name, downloads: tried.append(name))
+    # a tarball an earlier build packed is still read; the others are not tried
+    packed = out / "downloads" / "npm" / "lodash"
+    packed.mkdir(parents=True)
+    with tarfile.open(packed / "lodash-4.0.0.tgz", "w:gz") as tgz:
+        data = _code(3).replace("def", "function").encode()
+        member = tarfile.TarInfo("package/lodash.js")
+        member.size = len(data)
+        tgz.addfile(member, io.BytesIO(data))
+    monkeypatch.setattr(corpus, "_run", lambda *a, **k: pytest.fail("npm run without npm"))
     assert cli.main(["corpus", "build", "--out", str(out), "--allow-missing"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
-    assert tried == [] and manifest["missing"] == [  # said once, not again for every package npm would pack
-        "npm: not on PATH (apt-get install npm), needed for the JavaScript and TypeScript packages"]
+    assert [p["package"] for p in manifest["train_packages"]] == ["lodash"]
+    assert manifest["missing"] == [  # npm said once, not again for every package npm would pack
+        "npm: not on PATH (apt-get install npm), needed for the JavaScript and TypeScript packages",
+        "held-out npm koa: npm not on PATH and no tarball packed before"]

@@ -7,6 +7,7 @@ memory (max RSS on CPU, max allocated on CUDA) belongs to it alone.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -372,11 +373,12 @@ def _type_along(client, uri: str, line: int, col: int, version: int, keystrokes:
 
 
 def bench_soak(requests: int = 10000, report_every: int = 500, cache_budget_mb: int = 64, far_bias=None,
-               far_bias_mode=None, warm_ahead: bool = True, pause_every: int = 0, pause_s: float = 0.5) -> dict:
+               far_bias_mode=None, warm_ahead: bool = True, pause_every: int = 0, pause_s: float = 0.5,
+               gate: bool = True) -> dict:
     """One long session through the real server: edits and a completion request after each, with
     RSS, KV-cache bytes and latency reported every ``report_every`` requests.  ``pause_every``: the user
     rests ``pause_s`` after every that many requests, so that work ahead runs too (without pauses it
-    never starts: the next keystroke always comes first)."""
+    never starts: the next keystroke always comes first).  ``gate`` False: every suggestion is shown."""
     import random
     import statistics
 
@@ -390,6 +392,7 @@ def bench_soak(requests: int = 10000, report_every: int = 500, cache_budget_mb: 
     try:
         client.initialize(None, {"promptBudget": 1024, "maxNewTokens": 4, "crossFile": False, "watchFiles": False,
                                  "cacheBudgetMb": cache_budget_mb, "warmAhead": warm_ahead,
+                                 **({} if gate else {"minConfidence": GATE_OFF}),
                                  **_position_options(far_bias, far_bias_mode)})
         # four documents, typed into at a cursor each; the budget holds the KV state of about three
         uris = [f"file:///soak/doc{k}.py" for k in range(4)]
@@ -408,7 +411,7 @@ def bench_soak(requests: int = 10000, report_every: int = 500, cache_budget_mb: 
         rested_in = None  # the document the user rested in, reading its suggestion
         started = time.time()
         for k in range(1, requests + 1):
-            accept = shown.get(rested_in, "").split("\n")[0] if rested_in else ""
+            accept = re.split(r"\r\n|\r|\n", shown.get(rested_in, ""), maxsplit=1)[0] if rested_in else ""
             uri = rested_in if accept else uris[0] if rng.random() < 0.7 else rng.choice(uris)  # mostly one buffer
             line, col, start = cursors[uri]
             # after a rest the suggestion's first line is accepted (as Tab inserts it); else words and operators,
@@ -428,7 +431,8 @@ def bench_soak(requests: int = 10000, report_every: int = 500, cache_budget_mb: 
                 reply = client.call("textDocument/inlineCompletion", {"textDocument": {"uri": uri},
                                     "position": {"line": line, "character": col}, "context": {"triggerKind": 2}}, 120)
                 errors += "error" in reply
-                items = (reply.get("result") or {}).get("items") or []
+                result = reply.get("result") or []
+                items = result if isinstance(result, list) else result.get("items") or []  # both are LSP's
                 shown[uri] = items[0]["insertText"] if items else ""
             except TimeoutError:
                 unanswered += 1

@@ -154,18 +154,25 @@ def fetch_pypi(name: str, downloads: Path) -> Path | None:
     return found[0] if found else None
 
 
-def fetch_npm(name: str, downloads: Path) -> Path | None:
+def cached_npm(name: str, downloads: Path) -> Path | None:
+    """The tarball an earlier build packed for ``name``, if any."""
     target = downloads / "npm" / name.replace("/", "__")
     found = sorted(target.glob("*.tgz")) if target.exists() else []
-    if not found:
-        target.mkdir(parents=True, exist_ok=True)
-        # npm runs in target, so a relative --out must not be repeated in the destination
-        r = _run(["npm", "pack", "--silent", name, "--pack-destination", "."], cwd=target)
-        if r.returncode != 0:
-            log.warning("npm %s: %s", name, r.stderr.strip().splitlines()[-1:] or r.returncode)
-            return None
-        found = sorted(target.glob("*.tgz"))
     return found[0] if found else None
+
+
+def fetch_npm(name: str, downloads: Path) -> Path | None:
+    cached = cached_npm(name, downloads)
+    if cached is not None:
+        return cached
+    target = downloads / "npm" / name.replace("/", "__")
+    target.mkdir(parents=True, exist_ok=True)
+    # npm runs in target, so a relative --out must not be repeated in the destination
+    r = _run(["npm", "pack", "--silent", name, "--pack-destination", "."], cwd=target)
+    if r.returncode != 0:
+        log.warning("npm %s: %s", name, r.stderr.strip().splitlines()[-1:] or r.returncode)
+        return None
+    return cached_npm(name, downloads)
 
 
 def _version_from_archive(archive: Path, name: str) -> str:
@@ -303,7 +310,8 @@ class Gathered(NamedTuple):
 def gather(sources: dict, downloads: Path, workers: int = 4, training: bool = True) -> Gathered:
     """Every file the sources list; with ``training=False`` only the held-out files are fetched (the
     candidates come back empty).  What ``missing_upfront`` finds is not repeated in ``missing``: a
-    missing Debian tree gives no files, and without npm on PATH no npm package is tried."""
+    missing Debian tree gives no files, and without npm on PATH only tarballs packed before are read
+    (the held-out packages without one are named, the training ones are the upfront line's)."""
     held = held_out_names(sources)
     train: list[SourceFile] = []
     held_files: list[SourceFile] = []
@@ -312,21 +320,22 @@ def gather(sources: dict, downloads: Path, workers: int = 4, training: bool = Tr
         train += stdlib_files()
     pypi = [n for n in sources["pypi"] if n not in held.get("python", set())] if training else []
     has_npm = shutil.which("npm") is not None
-    npm = [n for n in sources["npm"] if n not in held.get("javascript", set())] if training and has_npm else []
+    get_npm = fetch_npm if has_npm else cached_npm
+    npm = [n for n in sources["npm"] if n not in held.get("javascript", set())] if training else []
     with ThreadPoolExecutor(workers) as pool:
         wheels = list(pool.map(lambda n: fetch_pypi(n, downloads), pypi))
-        tarballs = list(pool.map(lambda n: fetch_npm(n, downloads), npm))
-        held_tarballs = {n: pool.submit(fetch_npm, n, downloads) for n in held.get("javascript", ()) if has_npm}
+        tarballs = list(pool.map(lambda n: get_npm(n, downloads), npm))
+        held_tarballs = {n: pool.submit(get_npm, n, downloads) for n in held.get("javascript", ())}
     for name, wheel in zip(pypi, wheels):
         if wheel is None:
             missing.append(f"pypi {name}: not downloaded (see the warning above)")
         else:
             train += _files_of("pypi", name, _version_from_archive(wheel, name), _archive_members(wheel))
     for name, tgz in zip(npm, tarballs):
-        if tgz is None:
-            missing.append(f"npm {name}: not packed (see the warning above)")
-        else:
+        if tgz is not None:
             train += _files_of("npm", name, _version_from_archive(tgz, name), _archive_members(tgz))
+        elif has_npm:  # else the upfront line (npm not on PATH) says it once
+            missing.append(f"npm {name}: not packed (see the warning above)")
     for language, location in sources.get("debian", {}).items():
         if not training and not held.get(language):
             continue
@@ -343,7 +352,8 @@ def gather(sources: dict, downloads: Path, workers: int = 4, training: bool = Tr
     for name, future in held_tarballs.items():
         tgz = future.result()
         if tgz is None:
-            missing.append(f"held-out npm {name}: not packed (see the warning above)")
+            why = "not packed (see the warning above)" if has_npm else "npm not on PATH and no tarball packed before"
+            missing.append(f"held-out npm {name}: {why}")
         else:
             held_files += _files_of("npm", name, _version_from_archive(tgz, name), _archive_members(tgz))
     return Gathered(train, held_files, missing)
