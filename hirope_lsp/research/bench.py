@@ -7,7 +7,6 @@ memory (max RSS on CPU, max allocated on CUDA) belongs to it alone.
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 import time
@@ -382,6 +381,7 @@ def bench_soak(requests: int = 10000, report_every: int = 500, cache_budget_mb: 
     import random
     import statistics
 
+    from ..hierarchy.document import LINE_BREAK
     from .rawclient import RawClient
 
     text, _ = _typing_file(2000)
@@ -411,7 +411,7 @@ def bench_soak(requests: int = 10000, report_every: int = 500, cache_budget_mb: 
         rested_in = None  # the document the user rested in, reading its suggestion
         started = time.time()
         for k in range(1, requests + 1):
-            accept = re.split(r"\r\n|\r|\n", shown.get(rested_in, ""), maxsplit=1)[0] if rested_in else ""
+            accept = LINE_BREAK.split(shown.get(rested_in, ""), maxsplit=1)[0] if rested_in else ""
             uri = rested_in if accept else uris[0] if rng.random() < 0.7 else rng.choice(uris)  # mostly one buffer
             line, col, start = cursors[uri]
             # after a rest the suggestion's first line is accepted (as Tab inserts it); else words and operators,

@@ -143,29 +143,41 @@ def _run(cmd: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess
 def fetch_pypi(name: str, downloads: Path) -> Path | None:
     """The newest wheel of ``name`` for this interpreter (no dependencies, no pre-release)."""
     target = downloads / "pypi" / name
-    found = sorted(target.glob("*.whl")) if target.exists() else []
-    if not found:
+    found = _downloaded(target, "*.whl")
+    if found is None:
         target.mkdir(parents=True, exist_ok=True)
         r = _run(["python3", "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:", "-d", str(target), name])
         if r.returncode != 0:
             log.warning("pypi %s: %s", name, r.stderr.strip().splitlines()[-1:] or r.returncode)
             return None
-        found = sorted(target.glob("*.whl"))
+        found = _downloaded(target, "*.whl")
+    return found
+
+
+def _downloaded(target: Path, pattern: str) -> Path | None:
+    """The first archive in ``target`` matching ``pattern`` (an earlier fetch's), if any."""
+    found = sorted(target.glob(pattern)) if target.exists() else []
     return found[0] if found else None
+
+
+def _npm_folder(name: str, downloads: Path) -> Path:
+    return downloads / "npm" / name.replace("/", "__")
+
+
+def npm_installed() -> bool:
+    return shutil.which("npm") is not None
 
 
 def cached_npm(name: str, downloads: Path) -> Path | None:
     """The tarball an earlier build packed for ``name``, if any."""
-    target = downloads / "npm" / name.replace("/", "__")
-    found = sorted(target.glob("*.tgz")) if target.exists() else []
-    return found[0] if found else None
+    return _downloaded(_npm_folder(name, downloads), "*.tgz")
 
 
 def fetch_npm(name: str, downloads: Path) -> Path | None:
     cached = cached_npm(name, downloads)
     if cached is not None:
         return cached
-    target = downloads / "npm" / name.replace("/", "__")
+    target = _npm_folder(name, downloads)
     target.mkdir(parents=True, exist_ok=True)
     # npm runs in target, so a relative --out must not be repeated in the destination
     r = _run(["npm", "pack", "--silent", name, "--pack-destination", "."], cwd=target)
@@ -209,7 +221,7 @@ def missing_upfront(sources: dict, training: bool = True) -> list[str]:
                for language, location in sources.get("debian", {}).items()
                if (training or held.get(language)) and not Path(location).exists()]
     wants_npm = (training and sources.get("npm")) or held.get("javascript")
-    if wants_npm and shutil.which("npm") is None:
+    if wants_npm and not npm_installed():
         missing.append("npm: not on PATH (apt-get install npm), needed for the JavaScript and TypeScript packages")
     return missing
 
@@ -319,7 +331,7 @@ def gather(sources: dict, downloads: Path, workers: int = 4, training: bool = Tr
     if sources.get("python_stdlib") and training:
         train += stdlib_files()
     pypi = [n for n in sources["pypi"] if n not in held.get("python", set())] if training else []
-    has_npm = shutil.which("npm") is not None
+    has_npm = npm_installed()
     get_npm = fetch_npm if has_npm else cached_npm
     npm = [n for n in sources["npm"] if n not in held.get("javascript", set())] if training else []
     with ThreadPoolExecutor(workers) as pool:

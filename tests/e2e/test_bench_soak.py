@@ -1,8 +1,8 @@
 """`bench soak` through the real server, short: every request answered and the KV cache within its budget,
 with work ahead on (the user resting now and then and accepting the suggestion read meanwhile, so that
-work ahead runs; every suggestion shown) and off (nothing worked ahead).  How much is worked ahead depends on the machine and
-the suggestions, so it is not asserted: on a loaded machine (CI) even the server's own turnaround between
-two requests can pass the prefetch's 0.1 s pause."""
+work ahead runs; every suggestion shown) and off (nothing worked ahead).  How much is worked ahead
+depends on the machine and the suggestions, so it is not asserted: on a loaded machine (CI) even the
+server's own turnaround between two requests can pass the prefetch's 0.1 s pause."""
 
 from hirope_lsp.research.bench import bench_soak
 
