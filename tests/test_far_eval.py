@@ -177,6 +177,32 @@ def test_replay_debounce_and_suggestions_running_past_the_section():
     assert (stats.accepted, stats.typed, stats.shown, stats.wrong) == (2, 0, 1, 0)
 
 
+def test_replay_counts_what_the_gate_hid_apart_from_what_was_shown():
+    answers = iter(["", "", "zz", ""] + [""] * 20)
+    hidden_flags = iter([True, False, True] + [False] * 20)  # asked only after an empty answer
+    stats = fe.replay("file:///w/d.py", "", "a b c d", "", lambda doc, line, ch: next(answers), debounce=100,
+                      was_hidden=lambda: next(hidden_flags))
+    assert stats.requests == 4 and stats.shown == 1 and stats.wrong == 1 and stats.hidden == 2
+
+
+def test_the_replay_completer_uses_the_cards_gate_and_scoring_turns_it_off():
+    from hirope_lsp.config import GATE_OFF
+    from hirope_lsp.model.loading import load_model, recommended_min_confidence
+    from hirope_lsp.workspace.index import WorkspaceIndex
+
+    loaded = load_model(None, device="cpu", dtype="float32")
+    gates = {}
+    for gate in (False, True):
+        completer = fe.Completer(loaded, fe.MethodSpec("hirope", "hirope"), 1024, WorkspaceIndex([]), gate=gate)
+        try:
+            gates[gate] = completer.session.service.confidence_gate("python")
+        finally:
+            completer.close()
+    card = recommended_min_confidence(loaded[0], "python")
+    assert card is not None and card > GATE_OFF
+    assert gates == {False: GATE_OFF, True: card}
+
+
 def test_bias_lists_and_methods():
     assert fe.parse_biases("2, log:1.5,none,distance:1") == [(2.0, "constant"), (1.5, "log"), (1.0, "distance")]
     assert [m.name for m in fe.method_specs(fe.parse_biases("2,log:1,distance:1"))] == [
@@ -287,4 +313,5 @@ def test_quick_runs_end_to_end_on_the_default_model(tmp_path):
     assert set(replay) == methods
     for r in replay.values():
         assert r["typed"] + r["accepted"] == r["chars"] > 0 and r["wrong"] <= r["shown"] <= r["requests"]
+        assert r["gate"] and r["shown"] + r["hidden"] <= r["requests"]
     assert (tmp_path / "far.png").stat().st_size > 10_000

@@ -636,7 +636,7 @@ class Completer:
     work ahead, no typing along.  ``truncate`` is plain RoPE on a budget cut to the trained length."""
 
     def __init__(self, loaded, spec: MethodSpec, budget: int, index, max_new_tokens: int = 64,
-                 blocks: BlockCache | None = None, context: dict | None = None, base=None):
+                 blocks: BlockCache | None = None, context: dict | None = None, base=None, gate: bool = False):
         import asyncio
 
         from ..config import GATE_OFF, Settings
@@ -646,9 +646,10 @@ class Completer:
         self.train_length = trained_length(loaded[0].config)
         self.spec = spec
         self.budget = budget_of(spec, budget, self.train_length)
-        # the gate off: quality is measured on every suggestion (``calibrate confidence`` measures the gate)
+        # the gate off: quality is measured on every suggestion (``calibrate confidence`` measures the gate);
+        # on: the card's gate, what a user is shown (the replay)
         settings = Settings(max_new_tokens=max_new_tokens, watch_files=False, type_along=False, warm_ahead=False,
-                            min_confidence=GATE_OFF)
+                            min_confidence=None if gate else GATE_OFF)
         settings.engine.rope = rope_config(spec, self.train_length, max(self.budget, self.train_length), base)
         settings.engine.measure_speed = False
         if spec.copy is not None:
@@ -876,6 +877,7 @@ class ReplayStats:
     typed: int = 0
     accepted: int = 0  # characters inserted by accepted suggestions
     shown: int = 0  # suggestions shown (non-empty)
+    hidden: int = 0  # suggestions the confidence gate hid (never with the gate off)
     accepted_suggestions: int = 0
     wrong: int = 0  # shown, and the text to come does not start with them
     requests: int = 0
@@ -894,12 +896,14 @@ class ReplayStats:
 
 
 def replay(uri: str, before: str, section: str, after: str,
-           suggest: Callable[[object, int, int], str], debounce: int = 4) -> ReplayStats:
+           suggest: Callable[[object, int, int], str], debounce: int = 4,
+           was_hidden: Callable[[], bool] = lambda: False) -> ReplayStats:
     """Type ``section`` after ``before`` character by character into a Document, asking ``suggest(doc, line,
     character)`` for a suggestion after a word boundary (the last typed character is not a letter, digit
     or underscore), after every ``debounce`` characters typed since the last request, and again right
     after an accepted suggestion.  A suggestion is accepted whole when the file's true text from the
-    cursor (``section`` then ``after``) starts with it; else it counts as a wrong suggestion shown."""
+    cursor (``section`` then ``after``) starts with it; else it counts as a wrong suggestion shown.
+    ``was_hidden()``, asked after an empty one, says whether the confidence gate hid it."""
     from ..hierarchy.document import Change, Document
 
     doc = Document(uri, before, version=0, language_id="python")
@@ -922,7 +926,9 @@ def replay(uri: str, before: str, section: str, after: str,
             text = suggest(doc, line, character) or ""
             stats.seconds += time.perf_counter() - t0
             stats.requests += 1
-            if text.strip():
+            if not text.strip():
+                stats.hidden += was_hidden()
+            else:
                 stats.shown += 1
                 if to_come.startswith(text, i):
                     take = min(len(text), len(section) - i)
@@ -979,11 +985,13 @@ def replay_sections(corpus: Corpus, tokenizer, train_length: int, count: int, li
 
 
 def replay_rows(corpus: Corpus, loaded, index, specs: list[MethodSpec], budgets: list[int], sections,
-                debounce: int, max_new_tokens: int, blocks: BlockCache | None = None) -> list[dict]:
+                debounce: int, max_new_tokens: int, blocks: BlockCache | None = None, gate: bool = True) -> list[dict]:
+    """Each row's sections typed through the server's session; ``gate``: the card's confidence gate decides
+    what is shown, as for a user (off: every suggestion is shown)."""
     rows = []
     for spec in specs:
         for budget in (budgets[:1] if spec.method == TRUNCATE else budgets):
-            completer = Completer(loaded, spec, budget, index, max_new_tokens, blocks)
+            completer = Completer(loaded, spec, budget, index, max_new_tokens, blocks, gate=gate)
             total = ReplayStats()
             try:
                 for path, start, end, _ in sections:
@@ -992,16 +1000,19 @@ def replay_rows(corpus: Corpus, loaded, index, specs: list[MethodSpec], budgets:
                     completer.reset(uri)
 
                     try:
-                        total.add(replay(uri, text[:start], text[start:end], text[end:], completer.complete, debounce))
+                        total.add(replay(uri, text[:start], text[start:end], text[end:], completer.complete, debounce,
+                                         lambda: completer.last.hidden_by_gate))
                     finally:
                         completer.reset(uri)
             finally:
                 completer.close()
-            row = {"corpus": corpus.name, "method": spec.name, "budget": completer.budget, "sections": len(sections)}
+            row = {"corpus": corpus.name, "method": spec.name, "budget": completer.budget, "sections": len(sections),
+                   "gate": gate}
             row.update(total.summary())
             rows.append(row)
-            log.info("%s replay %s@%d: %.1f%% not typed, %.1f wrong / 100 chars, %d shown", corpus.name, spec.name,
-                     completer.budget, 100 * row["share_not_typed"], row["wrong_per_100_chars"], row["shown"])
+            log.info("%s replay %s@%d: %.1f%% not typed, %.1f wrong / 100 chars, %d shown, %d hidden", corpus.name,
+                     spec.name, completer.budget, 100 * row["share_not_typed"], row["wrong_per_100_chars"], row["shown"],
+                     row["hidden"])
     return rows
 
 
@@ -1025,6 +1036,7 @@ class FarEvalSettings:
     replay_lines: int = 12
     replay_max_new_tokens: int = 64  # the server's default
     debounce: int = 4
+    replay_gate: bool = True  # the replay shows what the card's confidence gate shows, as the server does
     groups: int = 5
     seed: int = 0
     model: str | None = None
@@ -1076,7 +1088,7 @@ def run(settings: FarEvalSettings) -> dict:
         sections = replay_sections(corpus, tokenizer, L, settings.replay_sections, settings.replay_lines,
                                    settings.seed)
         report["replay"] += replay_rows(corpus, loaded, index, specs, list(settings.budgets), sections,
-                                        settings.debounce, settings.replay_max_new_tokens, blocks)
+                                        settings.debounce, settings.replay_max_new_tokens, blocks, settings.replay_gate)
         entry = {"role": corpus.role, "package": corpus.package, "version": package_version(corpus.package),
                  "root": str(corpus.root), "files": len(corpus.files), "indexed_files": indexed,
                  "cases": {f"{t}/{s}": sum(1 for c in cases if c.task == t and c.split == s)
@@ -1188,10 +1200,11 @@ def print_report(report: dict) -> None:
     for r in report["perplexity"]:
         print(f"{r['corpus']:<13}{r['method']:<14}{r['length']:>7}{r['ppl']:>9.2f}{r['ppl_far_copy']:>10.2f}"
               f"{r['far_copy_tokens']:>6}{r['ppl_rest']:>9.2f}")
-    print(f"{'corpus':<13}{'method':<14}{'budget':>7}{'not typed':>11}{'wrong/100':>10}{'shown':>7}{'ms/req':>8}")
+    print(f"{'corpus':<13}{'method':<14}{'budget':>7}{'not typed':>11}{'wrong/100':>10}{'shown':>7}{'hidden':>7}"
+          f"{'ms/req':>8}")
     for r in report["replay"]:
         print(f"{r['corpus']:<13}{r['method']:<14}{r['budget']:>7}{100 * r['share_not_typed']:>10.1f}%"
-              f"{r['wrong_per_100_chars']:>10.1f}{r['shown']:>7}{r['ms_per_request']:>8.0f}")
+              f"{r['wrong_per_100_chars']:>10.1f}{r['shown']:>7}{r.get('hidden', 0):>7}{r['ms_per_request']:>8.0f}")
 
 
 # ---- command line ----
@@ -1236,6 +1249,9 @@ def register_cli(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--replay-sections", type=int, default=None, help="functions typed in the replay (default 4)")
     p.add_argument("--replay-lines", type=int, default=None, help="lines typed per function (default 12)")
     p.add_argument("--debounce", type=int, default=None, help="ask for a suggestion every N characters within a word")
+    p.add_argument("--replay-gate", choices=("on", "off"), default="on",
+                   help="on: the replay shows what the card's confidence gate lets through, as the server does; "
+                        "off: every suggestion (completion is always scored gate off)")
     p.add_argument("--groups", type=int, default=5, help="groups of files for the spread across windows")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default=None, help="model directory (default: the embedded model)")
@@ -1275,6 +1291,7 @@ def settings_from_args(args) -> FarEvalSettings:
         prompt_context(variant)  # raises ValueError on an unknown one
     common = dict(biases=biases, tasks=tasks, groups=args.groups, seed=args.seed, model=args.model,
                   device=args.device, keep_predictions=args.predictions, methods=methods, prompts=prompts,
+                  replay_gate=args.replay_gate == "on",
                   copies=parse_copies(args.copy), rows=tuple(r.strip() for r in args.rows.split(",") if r.strip()))
     # an unknown row raises here, before the model loads
     select_rows(method_specs(parse_biases(list(biases)), methods, prompts, common["copies"]), common["rows"])
