@@ -382,7 +382,7 @@ def bench_soak(requests: int = 10000, report_every: int = 500, cache_budget_mb: 
     import statistics
 
     from ..hierarchy.document import LINE_BREAK
-    from .rawclient import RawClient
+    from .rawclient import RawClient, first_suggestion
 
     text, _ = _typing_file(2000)
     lines = text.split("\n")[:1500]
@@ -431,9 +431,7 @@ def bench_soak(requests: int = 10000, report_every: int = 500, cache_budget_mb: 
                 reply = client.call("textDocument/inlineCompletion", {"textDocument": {"uri": uri},
                                     "position": {"line": line, "character": col}, "context": {"triggerKind": 2}}, 120)
                 errors += "error" in reply
-                result = reply.get("result") or []
-                items = result if isinstance(result, list) else result.get("items") or []  # both are LSP's
-                shown[uri] = items[0]["insertText"] if items else ""
+                shown[uri] = first_suggestion(reply)
             except TimeoutError:
                 unanswered += 1
             latencies.append(time.perf_counter() - t0)

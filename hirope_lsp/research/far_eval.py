@@ -1204,7 +1204,7 @@ def print_report(report: dict) -> None:
           f"{'ms/req':>8}")
     for r in report["replay"]:
         print(f"{r['corpus']:<13}{r['method']:<14}{r['budget']:>7}{100 * r['share_not_typed']:>10.1f}%"
-              f"{r['wrong_per_100_chars']:>10.1f}{r['shown']:>7}{r.get('hidden', 0):>7}{r['ms_per_request']:>8.0f}")
+              f"{r['wrong_per_100_chars']:>10.1f}{r['shown']:>7}{r['hidden']:>7}{r['ms_per_request']:>8.0f}")
 
 
 # ---- command line ----

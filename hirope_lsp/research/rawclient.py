@@ -12,6 +12,14 @@ import threading
 import time
 
 
+def first_suggestion(reply: dict) -> str:
+    """The first item's text of an ``inlineCompletion`` reply ("" for none); LSP allows a bare item list, an
+    ``InlineCompletionList`` or null as the result."""
+    result = reply.get("result") or []
+    items = result if isinstance(result, list) else result.get("items") or []
+    return items[0]["insertText"] if items else ""
+
+
 class RawClient:
     def __init__(self, args: list[str] | None = None, cwd: str | None = None):
         self.proc = subprocess.Popen([sys.executable, "-m", "hirope_lsp", "serve", *(args or [])],

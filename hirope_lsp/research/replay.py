@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from ..config import GATE_OFF
+from .rawclient import first_suggestion
 
 DEBOUNCE_S = 0.2  # Neovim's and our plugin's wait after a keystroke before asking
 KEY_S = 0.08  # between keystrokes of a word
@@ -88,8 +89,7 @@ class Replay:
             "textDocument": {"uri": uri}, "position": {"line": line, "character": character},
             "context": {"triggerKind": 2}}, timeout=600)
         ms = (time.perf_counter() - start) * 1000
-        items = (reply.get("result") or {}).get("items") or []
-        text = items[0]["insertText"] if items else ""
+        text = first_suggestion(reply)
         self.events.append({"kind": kind, "ms": ms, "chars": len(text)})
         return text
 
